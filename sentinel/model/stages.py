@@ -1,0 +1,136 @@
+"""Pipeline stages: stage k = embedding (if first) + blocks[a:b] + head (if last).
+
+A thin layer over decoder.py. Stage parameters come from the same per-group generators as the full
+model, so composing build_stage(cfg, k, S, seed) for k = 0..S-1 computes exactly what
+build_full_model(cfg, seed) computes, and every replica of stage k starts bit-identical.
+
+Backward across machines (what a worker does, statelessly):
+
+    x.requires_grad_()            # middle/last stages; stage 0's input is token ids
+    out = stage(x, targets)       # targets only on the last stage
+    out.backward(grad_out)        # grad_out = None on the last stage (out is the loss)
+    send(x.grad)                  # upstream; stage 0 has nothing to send
+
+`StageModule.recompute_backward` does exactly this.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sentinel.model.config import ModelConfig
+from sentinel.model.decoder import Decoder, language_model_loss, make_block, make_embedding, make_head
+
+
+class StageModule(nn.Module):
+    """One pipeline stage. Blocks are keyed by their global layer index, so state-dict keys match
+    the full model's ("blocks.3.attn.qkv.weight") and stage checkpoints merge without renaming."""
+
+    def __init__(self, config: ModelConfig, stage: int, num_stages: int, seed: int = 0) -> None:
+        super().__init__()
+        layers = config.stage_layers(num_stages)  # validates num_stages
+        if not 0 <= stage < num_stages:
+            raise ValueError(f"stage must be in [0, {num_stages}), got {stage}")
+        if config.tie_embeddings and num_stages > 1:
+            raise ValueError("tie_embeddings needs embedding and head on one stage; use num_stages=1 or untie")
+        self.config = config
+        self.stage = stage
+        self.num_stages = num_stages
+        self.is_first = stage == 0
+        self.is_last = stage == num_stages - 1
+        self.layers: range = layers[stage]
+        self.embed = make_embedding(config, seed) if self.is_first else None
+        self.blocks = nn.ModuleDict({str(i): make_block(config, i, seed) for i in self.layers})
+        self.head = make_head(config, seed) if self.is_last else None
+        if config.tie_embeddings:
+            self.head.proj.weight = self.embed.weight
+
+    def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
+        """First stage: token ids [B, T] int64; later stages: hidden [B, T, D] float32.
+        Last stage: mean cross-entropy (0-dim) if targets are given, else logits [B, T, V].
+        Other stages: hidden [B, T, D]."""
+        self._check_input(x)
+        if self.embed is not None:
+            x = self.embed(x)
+        for block in self.blocks.values():
+            x = block(x)
+        if self.head is None:
+            return x
+        logits = self.head(x)
+        return logits if targets is None else language_model_loss(logits, targets)
+
+    def recompute_backward(self, x: Tensor, grad_out: Tensor | None = None,
+                           targets: Tensor | None = None) -> Tensor | None:
+        """Stateless backward: recompute forward from the input, accumulate parameter gradients
+        (into .grad, on top of what is there), and return the gradient for the upstream stage
+        (None for the first stage, whose input is token ids). On the last stage grad_out may be None
+        (out is the scalar loss, d loss / d loss = 1)."""
+        x = x.detach()
+        if not self.is_first:
+            x.requires_grad_(True)
+        with torch.enable_grad():
+            out = self(x, targets)
+            out.backward(grad_out)
+        return None if self.is_first else x.grad
+
+    def input_spec(self, batch: int) -> tuple[str, tuple[int, ...]]:
+        """(dtype, shape) of what this stage accepts, for checking messages against the manifest."""
+        if self.is_first:
+            return ("int64", (batch, self.config.seq_len))
+        return ("float32", self.config.hidden_shape(batch))
+
+    def output_spec(self, batch: int) -> tuple[str, tuple[int, ...]]:
+        """(dtype, shape) of what this stage returns in training: the loss scalar for the last stage."""
+        if self.is_last:
+            return ("float32", ())
+        return ("float32", self.config.hidden_shape(batch))
+
+    def _check_input(self, x: Tensor) -> None:
+        cfg = self.config
+        if self.is_first:
+            ok = x.dtype == torch.int64 and x.dim() == 2
+            want = "int64 token ids [B, T]"
+        else:
+            ok = x.dtype == torch.float32 and x.dim() == 3 and x.size(-1) == cfg.d_model
+            want = f"float32 hidden states [B, T, {cfg.d_model}]"
+        if not ok or not 1 <= x.size(1) <= cfg.seq_len:
+            raise ValueError(f"stage {self.stage}/{self.num_stages} expects {want} with T <= {cfg.seq_len}, "
+                             f"got {x.dtype} {tuple(x.shape)}")
+
+    def extra_repr(self) -> str:
+        return f"stage={self.stage}/{self.num_stages}, layers={list(self.layers)}"
+
+
+def build_stage(config: ModelConfig, stage: int, num_stages: int, seed: int = 0) -> StageModule:
+    """Stage `stage` of `num_stages`, initialised deterministically from `seed`."""
+    return StageModule(config, stage, num_stages, seed)
+
+
+def build_full_model(config: ModelConfig, seed: int = 0) -> Decoder:
+    """The whole model in one module, with the same parameters as all stages composed."""
+    return Decoder(config, seed)
+
+
+def stage_parameters_count(config: ModelConfig, stage: int, num_stages: int) -> int:
+    """Parameters held by one stage, computed from the config without building anything."""
+    layers = config.stage_layers(num_stages)
+    if not 0 <= stage < num_stages:
+        raise ValueError(f"stage must be in [0, {num_stages}), got {stage}")
+    d, v = config.d_model, config.vocab_size
+    per_block = 2 * d + 4 * d * d + 3 * d * config.d_ff  # two norms, qkv + proj, gate/up/down
+    count = len(layers[stage]) * per_block
+    if stage == 0:
+        count += v * d
+    if stage == num_stages - 1:
+        count += d + (0 if config.tie_embeddings else v * d)
+    return count
+
+
+def merge_stage_states(stages: list[StageModule]) -> dict[str, Tensor]:
+    """Union of the stages' state dicts: load it into build_full_model(cfg) to evaluate the pipeline's
+    current parameters in one process."""
+    merged: dict[str, Tensor] = {}
+    for stage in stages:
+        merged.update(stage.state_dict())
+    return merged
