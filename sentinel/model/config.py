@@ -1,6 +1,6 @@
 """Model configuration: one dataclass, shared verbatim by every node through the run manifest.
 
-The defaults describe a small Llama-style byte-level decoder (~1.3M parameters) that a swarm of
+The defaults describe a small Llama-style byte-level decoder (1,252,992 parameters) that a swarm of
 2-core CPU volunteers can train: six layers, so it splits into up to six pipeline stages.
 """
 
