@@ -1,0 +1,157 @@
+"""The run manifest: everything every node of one training run must agree on.
+
+The bootstrap peer publishes it as a DHT record signed with the maintainer's identity; nodes
+accept only the manifest signed by the peer they bootstrapped from (the ``/p2p/<id>`` part of
+``--initial-peers``) or by a key they were told to trust. Because every field that shapes a
+tensor lives here (model config, micro-batch size), workers and verifiers can check incoming
+tensors' dtype and shape against it.
+
+Loading from YAML/JSON is strict: unknown keys are errors, so a typo in a maintainer's config
+file fails loudly instead of silently using a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sentinel.model.config import ModelConfig
+
+
+class ManifestError(ValueError):
+    """A run manifest or config file that cannot be used, with what to fix."""
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW settings each worker applies to its own stage."""
+
+    lr: float = 3e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # per-stage global-norm clip; stages cannot see each other's grads
+
+
+@dataclass
+class TrainingConfig:
+    """How micro-batches become optimizer steps and how replicas stay in sync."""
+
+    micro_batch_size: int = 8
+    micro_batches_per_step: int = 2  # per verifier; processed concurrently to fill the pipeline
+    accumulate: int = 1  # backward passes a worker accumulates before its optimizer step
+    average_every: int = 10  # a worker averages parameters with its stage's replicas every N optimizer steps
+    averaging: str = "mean"  # aggregation rule for within-stage averaging
+    eval_batches: int = 4  # validation micro-batches per evaluation
+    eval_every: int = 50  # verifier steps between validation evaluations
+    hop_timeout_min_s: float = 20.0  # floor of the adaptive per-hop timeout
+    hop_timeout_factor: float = 8.0  # timeout = max(floor, factor * latency EMA of that stage)
+    max_hop_retries: int = 50  # attempts per hop before a micro-batch is declared failed
+
+
+@dataclass
+class RunManifest:
+    """The signed description of one run. Defaults are sized for a 2-core CPU demo."""
+
+    run_id: str = "sentinel-demo"
+    num_stages: int = 3
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    corpus: str = "default"  # "default" (generated) or a path every verifier can read
+    corpus_fingerprint: str = ""  # pins the corpus content; empty = not checked
+    screening: dict[str, Any] = field(default_factory=dict)  # ScreeningConfig overrides
+    committee_size: int = 3
+    trusted_verifiers: list[str] = field(default_factory=list)  # pinned committee (trusted mode) if non-empty
+    max_message_bytes: int = 64 * 2**20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ManifestError with an actionable message for an impossible configuration."""
+        if not self.run_id or len(self.run_id) > 64 or "/" in self.run_id:
+            raise ManifestError(f"run_id must be 1-64 characters without '/': got {self.run_id!r}")
+        if self.num_stages < 1:
+            raise ManifestError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.num_stages > self.model.n_layers:
+            raise ManifestError(
+                f"num_stages={self.num_stages} exceeds model.n_layers={self.model.n_layers}: "
+                "each stage needs at least one layer"
+            )
+        t = self.training
+        for name in ("micro_batch_size", "micro_batches_per_step", "accumulate", "average_every"):
+            if getattr(t, name) < 1:
+                raise ManifestError(f"training.{name} must be >= 1, got {getattr(t, name)}")
+        if t.averaging not in ("mean", "centered-clip", "trimmed-mean"):
+            raise ManifestError(f"training.averaging must be mean|centered-clip|trimmed-mean, got {t.averaging!r}")
+        if self.committee_size < 1:
+            raise ManifestError(f"committee_size must be >= 1, got {self.committee_size}")
+        if self.optimizer.lr <= 0:
+            raise ManifestError(f"optimizer.lr must be > 0, got {self.optimizer.lr}")
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunManifest:
+        if not isinstance(d, dict):
+            raise ManifestError(f"a manifest must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ManifestError(f"unknown manifest keys {unknown}; known keys: {sorted(known)}")
+        kw = dict(d)
+        try:
+            if "model" in kw:
+                kw["model"] = ModelConfig.from_dict(kw["model"])
+            for key, sub in (("optimizer", OptimizerConfig), ("training", TrainingConfig)):
+                if key in kw:
+                    kw[key] = _sub_from_dict(sub, kw[key], key)
+            return cls(**kw)
+        except ManifestError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise ManifestError(f"invalid manifest: {e}") from e
+
+    def fingerprint(self) -> str:
+        """Short content hash: two nodes with the same fingerprint train the same run."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+
+def _sub_from_dict(cls: type, d: Any, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ManifestError(f"{where} must be a mapping, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ManifestError(f"unknown keys in {where}: {unknown}; known: {sorted(known)}")
+    return cls(**d)
+
+
+def load_manifest_file(path: str | Path) -> RunManifest:
+    """Read a YAML (or JSON) config file into a manifest, with a clear error for each failure."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ManifestError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ManifestError(f"cannot parse config file {p}: {e}") from e
+    return RunManifest.from_dict(data or {})
+
+
+def new_run_id(prefix: str = "run") -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"

@@ -1,0 +1,220 @@
+"""`sentinel-node`: join a run as a worker or a verifier.
+
+    sentinel-node join --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW... [--role worker|verifier]
+
+Heavy imports (torch, hivemind) happen only after the arguments are parsed, so `--help` and
+flag errors answer instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import Any
+
+EXIT_USAGE = 2
+EXIT_NETWORK = 3
+
+
+def add_network_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("network (hivemind-style)")
+    g.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
+                   help="multiaddrs of bootstrap peers, e.g. /ip4/127.0.0.1/tcp/31337/p2p/12D3KooW...")
+    g.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], metavar="MADDR",
+                   help="where to listen (default: %(default)s)")
+    g.add_argument("--announce-maddrs", nargs="*", default=None, metavar="MADDR",
+                   help="addresses other peers should dial (behind NAT / port forwarding)")
+    g.add_argument("--identity-path", default=None,
+                   help="Ed25519 identity file (libp2p format), created on first run with mode 0600; "
+                        "keeps the same peer id across restarts")
+    g.add_argument("--startup-timeout", type=float, default=60.0, help="seconds to wait for p2pd (default 60)")
+    g.add_argument("--heartbeat", type=float, default=3.0, help="DHT re-announce period, seconds")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def network_config(args: argparse.Namespace) -> Any:
+    from sentinel.node.runtime import NetworkConfig
+
+    return NetworkConfig(initial_peers=list(args.initial_peers), host_maddrs=list(args.host_maddrs),
+                         announce_maddrs=args.announce_maddrs, identity_path=args.identity_path,
+                         startup_timeout=args.startup_timeout, heartbeat_s=args.heartbeat,
+                         record_ttl_s=max(5 * args.heartbeat, 10.0))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sentinel-node", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    j = sub.add_parser("join", help="join a run as a worker or verifier",
+                       description="Join a Sentinel run through its bootstrap peer(s).")
+    add_network_args(j)
+    j.add_argument("--role", choices=["worker", "verifier"], default="worker")
+    j.add_argument("--stage", default="auto", help="worker: 'auto' (least-served stage) or a stage index")
+    j.add_argument("--trusted-signers", nargs="*", default=None, metavar="PEER_ID",
+                   help="peer ids whose run manifest to accept (default: the peers in --initial-peers)")
+    j.add_argument("--attack", default=None,
+                   help="testing only: make this worker malicious, e.g. 'sign_flip', 'gaussian,sigma=1', "
+                        "or 'path/to/file.py:MyAttack'")
+    j.add_argument("--attack-direction", choices=["forward", "backward", "both"], default=None)
+    j.add_argument("--attack-start", type=int, default=None, help="first step at which the attack is active")
+    j.add_argument("--steps", type=int, default=0, help="verifier: training steps to drive, then exit (0 = forever)")
+    j.add_argument("--data", default=None, help="verifier: UTF-8 text corpus path (default: the manifest's)")
+    j.add_argument("--data-shard", default="0/1", help="verifier: data shard 'K/N'")
+    j.add_argument("--no-screening", action="store_true", help="verifier: drive the pipeline without screening")
+    j.add_argument("--frame", default=None, metavar="PEER_ID",
+                   help="testing only: a byzantine verifier that votes to ban this honest worker")
+    j.add_argument("--report", default=None, help="write a JSON report here on exit")
+    j.add_argument("--progress", default=None, help="verifier: keep a JSON progress file here")
+    return p
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"sentinel-node: error: --data-shard must look like K/N, got {text!r}") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise SystemExit(f"sentinel-node: error: --data-shard {text}: need 0 <= K < N")
+    return k, n
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "join":
+        if args.stage != "auto":
+            try:
+                int(args.stage)
+            except ValueError:
+                print(f"sentinel-node: error: --stage must be 'auto' or an integer, got {args.stage!r}", file=sys.stderr)
+                return EXIT_USAGE
+        args.shard = _parse_shard(args.data_shard)
+        if not args.initial_peers:
+            print("sentinel-node: error: --initial-peers is required to join a run "
+                  "(the bootstrap peer prints it when it starts)", file=sys.stderr)
+            return EXIT_USAGE
+        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("hivemind").setLevel(logging.WARNING)
+        return asyncio.run(_join(args))
+    return EXIT_USAGE
+
+
+async def fetch_manifest(runtime: Any, trusted: list[str], timeout: float = 120.0) -> Any:
+    """The run manifest signed by a trusted peer (the record validator already checked the signature)."""
+    import time
+
+    from sentinel.bootstrap.manifest import RunManifest
+    from sentinel.bootstrap.peer import MANIFEST_KEY
+
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = await runtime.get(MANIFEST_KEY)
+        for signer in trusted:
+            if signer in recs:
+                return RunManifest.from_dict(recs[signer]["manifest"])
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no run manifest signed by {[t[-8:] for t in trusted]} found in the DHT "
+                               f"after {timeout:.0f}s; is the bootstrap peer running?")
+        await asyncio.sleep(0.5)
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def _join(args: argparse.Namespace) -> int:
+    import torch
+
+    from sentinel.node.runtime import BootstrapUnreachableError, SwarmRuntime, peer_id_of_maddr
+    from sentinel.protocol.errors import IdentityError
+
+    torch.set_num_threads(1)
+    log = logging.getLogger("sentinel-node")
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    try:
+        trusted = args.trusted_signers or [peer_id_of_maddr(m) for m in args.initial_peers]
+        runtime = await SwarmRuntime.create(network_config(args))
+    except (BootstrapUnreachableError, IdentityError, ValueError) as e:
+        print(f"sentinel-node: error: {e}", file=sys.stderr)
+        return EXIT_NETWORK
+    except Exception as e:  # noqa: BLE001 - p2pd start failures
+        print(f"sentinel-node: error: cannot start networking: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_NETWORK
+    node = None
+    try:
+        manifest = await fetch_manifest(runtime, trusted)
+        log.info("joined run %s as %s (peer %s)", manifest.run_id, args.role, runtime.peer_id)
+        if args.role == "worker":
+            node = await _start_worker(args, runtime, manifest)
+            await stop.wait()
+            return 0
+        node = await _start_verifier(args, runtime, manifest)
+        train = asyncio.create_task(node.train() if args.steps > 0 else asyncio.Event().wait())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({train, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if train.done():
+            train.result()
+        else:
+            train.cancel()
+        return 0
+    except (TimeoutError, ValueError) as e:
+        print(f"sentinel-node: error: {e}", file=sys.stderr)
+        return EXIT_NETWORK
+    finally:
+        if node is not None:
+            _write_node_report(args, node)
+            await node.shutdown()
+        else:
+            await runtime.shutdown()
+
+
+async def _start_worker(args: argparse.Namespace, runtime: Any, manifest: Any) -> Any:
+    from sentinel.node.worker import WorkerNode
+
+    attack = None
+    if args.attack:
+        from sentinel.attacks.loader import load_attack
+
+        attack = load_attack(args.attack, directions=args.attack_direction)
+        if args.attack_start is not None and hasattr(attack, "start_step"):
+            attack.start_step = args.attack_start
+    stage = None if args.stage == "auto" else int(args.stage)
+    node = WorkerNode(runtime, manifest, stage=stage, attack=attack, attack_seed=hash(runtime.peer_id) % 2**31)
+    await node.start()
+    print(f"worker {runtime.peer_id} ONLINE on stage {node.stage}", flush=True)
+    return node
+
+
+async def _start_verifier(args: argparse.Namespace, runtime: Any, manifest: Any) -> Any:
+    from sentinel.model.corpus import load_corpus
+    from sentinel.verifier.node import VerifierNode
+
+    corpus = load_corpus(args.data or manifest.corpus)
+    node = VerifierNode(runtime, manifest, corpus, steps=args.steps, report_path=args.report,
+                        progress_path=args.progress, data_shard=args.shard, screening=not args.no_screening,
+                        frame_target=args.frame)
+    await node.start()
+    await node.wait_for_pipeline()
+    print(f"verifier {runtime.peer_id} ONLINE", flush=True)
+    return node
+
+
+def _write_node_report(args: argparse.Namespace, node: Any) -> None:
+    if not args.report or args.role == "verifier":
+        return  # the verifier writes its own full report when training ends
+    from sentinel.metrics import METRICS
+    from sentinel.verifier.node import write_json
+
+    with contextlib.suppress(Exception):
+        write_json(args.report, {"role": "worker", "peer": node.runtime.peer_id, **node.status(),
+                                 "attack": args.attack, "metrics": METRICS.snapshot()})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""One pipeline stage's compute on a worker: forward, backward, optimizer, parameter exchange.
+
+No networking here: the P2P servicer (``servicer.py``) and the in-process simulator both drive
+this class. All methods are synchronous and meant to run on one dedicated thread per worker,
+which serialises access to the parameters without locks.
+
+Backward is served from a bounded activation cache when the cached forward matches the input
+the verifier sends again and no optimizer step happened since; otherwise it recomputes the
+forward from that input (stateless, as SWARM and Petals do). Either way a worker that died
+between forward and backward loses nothing: the verifier re-sends the input to another replica.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from sentinel.bootstrap.manifest import RunManifest
+from sentinel.model.stages import StageModule, build_stage
+
+
+@dataclass
+class StageRunnerStats:
+    forwards: int = 0
+    backwards: int = 0
+    cache_hits: int = 0
+    recomputes: int = 0
+    optimizer_steps: int = 0
+    averaging_rounds: int = 0
+
+
+class StageRunner:
+    """Holds a stage's module and optimizer; applies gradients as backward passes arrive."""
+
+    def __init__(self, manifest: RunManifest, stage: int, cache_size: int = 64):
+        self.manifest = manifest
+        self.stage = stage
+        self.module: StageModule = build_stage(manifest.model, stage, manifest.num_stages, seed=manifest.seed)
+        opt = manifest.optimizer
+        self.optimizer = torch.optim.AdamW(
+            self.module.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay
+        )
+        self.version = 0  # optimizer steps applied; part of the activation-cache key
+        self.pending = 0  # backward passes accumulated since the last optimizer step
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]] = OrderedDict()
+        self.stats = StageRunnerStats()
+        self.last_loss: float | None = None
+
+    @property
+    def is_first(self) -> bool:
+        return self.module.is_first
+
+    @property
+    def is_last(self) -> bool:
+        return self.module.is_last
+
+    # -- compute ---------------------------------------------------------------------------------
+    def _run(self, x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.is_first:
+            leaf = x
+        else:
+            leaf = x.detach().requires_grad_(True)
+        out = self.module(leaf, targets if self.is_last else None)
+        return leaf, out
+
+    def forward(self, key: tuple, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Training forward: returns the stage output (the loss on the last stage), caches the graph."""
+        leaf, out = self._run(x, targets)
+        self.stats.forwards += 1
+        self._cache[key] = (leaf, out, targets, self.version)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        if self.is_last:
+            self.last_loss = float(out.detach())
+        return out.detach()
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward without graph or side effects, for validation."""
+        return self.module(x, targets if self.is_last else None).detach()
+
+    def backward(
+        self, key: tuple, x: torch.Tensor, grad_out: torch.Tensor | None, targets: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Accumulate parameter gradients; return the gradient w.r.t. the stage input (None on stage 0)."""
+        cached = self._cache.pop(key, None)
+        if cached is not None and cached[3] == self.version and torch.equal(cached[0].detach(), x):
+            leaf, out = cached[0], cached[1]
+            self.stats.cache_hits += 1
+        else:
+            leaf, out = self._run(x, targets)
+            self.stats.recomputes += 1
+        scale = 1.0 / self.manifest.training.accumulate
+        if self.is_last:
+            (out * scale).backward()
+        else:
+            if grad_out is None:
+                raise ValueError("backward on a non-last stage needs grad_out")
+            out.backward(grad_out * scale)
+        self.stats.backwards += 1
+        self.pending += 1
+        if self.pending >= self.manifest.training.accumulate:
+            self.step()
+        if self.is_first:
+            return None
+        return leaf.grad.detach()
+
+    def step(self) -> None:
+        clip = self.manifest.optimizer.grad_clip
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if params:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else None
+            if norm is None or math.isfinite(float(norm)):
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending = 0
+        self.version += 1
+        self.stats.optimizer_steps += 1
+        self._cache.clear()  # cached graphs refer to pre-step parameters
+
+    # -- parameter exchange (within-stage averaging, checkpoints) --------------------------------
+    def flat_parameters(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()]).clone()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def load_flat_parameters(self, flat: torch.Tensor) -> None:
+        if flat.numel() != self.num_parameters():
+            raise ValueError(f"expected {self.num_parameters()} parameters, got {flat.numel()}")
+        offset = 0
+        with torch.no_grad():
+            for p in self.module.parameters():
+                n = p.numel()
+                p.copy_(flat[offset : offset + n].view_as(p))
+                offset += n
+        self._cache.clear()
+        self.stats.averaging_rounds += 1

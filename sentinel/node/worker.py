@@ -1,0 +1,285 @@
+"""The worker role: claim a stage, serve forward/backward over P2P streams, average with replicas.
+
+A worker trusts nothing it receives: every request is checked (signature, sender == the
+authenticated libp2p peer, run id, replay window, dtype/shape from the manifest, finiteness)
+before any compute, and only announced verifiers may drive it. A rejected request costs the
+sender an error response and the worker one counter increment; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from sentinel import __version__
+from sentinel.bootstrap.manifest import RunManifest
+from sentinel.metrics import METRICS
+from sentinel.node.averaging import aggregate
+from sentinel.node.runtime import PeerCallError, SwarmRuntime
+from sentinel.node.stage_runner import StageRunner
+from sentinel.node.stage_selection import choose_stage, should_move
+from sentinel.protocol import pipeline as wire
+from sentinel.protocol.checks import MessageChecker, TensorSpec
+from sentinel.protocol.codec import Message
+from sentinel.protocol.errors import ProtocolError, WrongSenderError
+from sentinel.protocol.records import record_key
+from sentinel.protocol.signing import sign_message
+
+logger = logging.getLogger(__name__)
+
+
+class UnknownVerifierError(WrongSenderError):
+    reason = "unknown_verifier"
+
+
+def stage_key(run: str, stage: int) -> str:
+    return record_key(run, "stage", stage)
+
+
+def verifiers_key(run: str) -> str:
+    return record_key(run, "verifiers")
+
+
+async def read_stage_claims(runtime: SwarmRuntime, run: str, num_stages: int) -> dict[int, dict[str, dict]]:
+    """stage -> {peer id -> claim payload} for claims whose owner says they serve that stage."""
+    keys = [stage_key(run, s) for s in range(num_stages)]
+    found = await asyncio.gather(*(runtime.get(k) for k in keys))
+    claims: dict[int, dict[str, dict]] = {}
+    for s, recs in enumerate(found):
+        claims[s] = {p: v for p, v in recs.items() if v.get("stage") == s and v.get("run") == run}
+    return claims
+
+
+class WorkerNode:
+    """Serves one stage of the run; one thread does all compute so parameters need no locks."""
+
+    def __init__(
+        self,
+        runtime: SwarmRuntime,
+        manifest: RunManifest,
+        stage: int | None = None,
+        attack: Any | None = None,
+        attack_seed: int = 0,
+    ):
+        self.runtime = runtime
+        self.manifest = manifest
+        self.run = manifest.run_id
+        self.requested_stage = stage
+        self.stage: int = -1
+        self.state = "JOINING"
+        self.attack = attack
+        self.attack_seed = attack_seed
+        self.runner: StageRunner | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
+        self.checker = MessageChecker(manifest.run_id)
+        self.known_verifiers: set[str] = set(manifest.trusted_verifiers)
+        self._verifiers_checked_at = 0.0
+        self.max_step = 0
+        self.tokens = 0
+        self.started_at = time.time()
+        self._averaging_task: asyncio.Task | None = None
+        self._last_averaged_version = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        S = self.manifest.num_stages
+        if self.requested_stage is not None:
+            if not 0 <= self.requested_stage < S:
+                raise ValueError(f"--stage {self.requested_stage} out of range: this run has {S} stages (0..{S - 1})")
+            self.stage = self.requested_stage
+        else:
+            claims = await read_stage_claims(self.runtime, self.run, S)
+            live = {s: {p: float(v.get("throughput", 1.0)) for p, v in c.items() if v.get("state") != "OFFLINE"}
+                    for s, c in claims.items()}
+            self.stage = choose_stage(S, live, self.runtime.peer_id)
+        self.runner = await self._in_thread(StageRunner, self.manifest, self.stage)
+        self.runtime.announce(stage_key(self.run, self.stage), self._claim)
+        await self.runtime.announce_now()
+        await self._join_from_replica()
+        for name, fn in ((wire.FORWARD, self._on_forward), (wire.BACKWARD, self._on_backward),
+                         (wire.PARAMS, self._on_params), (wire.STATUS, self._on_status)):
+            await self.runtime.serve(name, fn)
+        self.state = "ONLINE"
+        await self.runtime.announce_now()
+        logger.info("worker %s serving stage %d", self.runtime.peer_id[-8:], self.stage)
+
+    async def shutdown(self) -> None:
+        self.state = "OFFLINE"
+        if self._averaging_task is not None:
+            self._averaging_task.cancel()
+        final = {stage_key(self.run, self.stage): self._claim()} if self.stage >= 0 else None
+        await self.runtime.shutdown(final_records=final)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _claim(self) -> dict[str, Any]:
+        runner = self.runner
+        return self.runtime.record_value(
+            "stage_claim", stage_key(self.run, self.stage), self.run,
+            stage=self.stage, state=self.state, throughput=1.0, step=int(self.max_step),
+            version=__version__, optimizer_steps=runner.version if runner else 0,
+        )
+
+    async def _in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def rebalance_once(self) -> bool:
+        """Move to a starved stage if this stage is over-served (Petals-style). True if moved."""
+        S = self.manifest.num_stages
+        claims = await read_stage_claims(self.runtime, self.run, S)
+        live = {s: {p: 1.0 for p, v in c.items() if v.get("state") == "ONLINE"} for s, c in claims.items()}
+        target = should_move(S, live, self.runtime.peer_id, self.stage)
+        if target is None:
+            return False
+        logger.info("stage %d over-served, moving to starved stage %d", self.stage, target)
+        old = self.stage
+        self.runtime.stop_announcing(stage_key(self.run, old))
+        self.state = "JOINING"
+        await self.runtime.store(stage_key(self.run, old), self.runtime.record_value(
+            "stage_claim", stage_key(self.run, old), self.run, stage=old, state="OFFLINE",
+            throughput=0.0, step=int(self.max_step), version=__version__))
+        self.stage = target
+        self.runner = await self._in_thread(StageRunner, self.manifest, target)
+        self.runtime.announce(stage_key(self.run, target), self._claim)
+        await self._join_from_replica()
+        self.state = "ONLINE"
+        await self.runtime.announce_now()
+        return True
+
+    # -- request checking ------------------------------------------------------------------------
+    async def _authorize(self, sender: str) -> None:
+        if sender in self.known_verifiers:
+            return
+        now = time.monotonic()
+        if now - self._verifiers_checked_at > 1.0:  # rate-limited refresh: a flood of strangers costs one lookup/s
+            self._verifiers_checked_at = now
+            recs = await self.runtime.get(verifiers_key(self.run))
+            self.known_verifiers |= {p for p, v in recs.items() if v.get("run") == self.run}
+        if sender not in self.known_verifiers:
+            raise UnknownVerifierError(f"{sender[-8:]} is not an announced verifier of run {self.run}")
+
+    async def _check(self, msg: Message, remote: str, handler: str) -> None:
+        self.checker.check(msg, expected_sender=remote, expected=wire.request_specs(self.manifest, self.stage, handler))
+        if msg.header.get("stage") != self.stage:
+            raise ProtocolError(f"request for stage {msg.header.get('stage')} sent to a worker of stage {self.stage}")
+        await self._authorize(remote)
+        METRICS.inc("sentinel_messages_total", kind="request", direction=handler.rsplit(".", 1)[-1])
+
+    def _attack_ctx(self, msg: Message, direction: str, x: torch.Tensor):
+        from sentinel.attacks.base import AttackContext
+
+        h = msg.header
+        seed = int.from_bytes(hashlib.blake2b(
+            f"{self.attack_seed}|{h['step']}|{h['micro_batch']}|{direction}".encode(), digest_size=8).digest(), "big")
+        gen = torch.Generator().manual_seed(seed % (2**63))
+        return AttackContext(step=int(h["step"]), stage=self.stage, worker=self.runtime.peer_id,
+                             micro_batch=int(h["micro_batch"]), direction=direction, generator=gen,
+                             stage_input=x, num_stages=self.manifest.num_stages)
+
+    # -- handlers ----------------------------------------------------------------------------------
+    async def _on_forward(self, msg: Message, remote: str) -> Message:
+        await self._check(msg, remote, wire.FORWARD)
+        h = msg.header
+        x, targets = msg.tensors["x"], msg.tensors.get("targets")
+        mode = h.get("mode", "train")
+        key = (remote, h["step"], h["micro_batch"])
+        if mode == "eval":
+            y = await self._in_thread(self.runner.evaluate, x, targets)
+        else:
+            y = await self._in_thread(self.runner.forward, key, x, targets)
+            self.max_step = max(self.max_step, int(h["step"]))
+            self.tokens += x.shape[0] * x.shape[1]
+        if self.attack is not None:
+            y = self.attack.forward(y, self._attack_ctx(msg, "forward", x))
+        return sign_message(wire.reply(msg, "forward_result", {"y": y.contiguous()}), self.runtime.identity)
+
+    async def _on_backward(self, msg: Message, remote: str) -> Message:
+        await self._check(msg, remote, wire.BACKWARD)
+        h = msg.header
+        x, grad, targets = msg.tensors["x"], msg.tensors.get("grad"), msg.tensors.get("targets")
+        key = (remote, h["step"], h["micro_batch"])
+        grad_x = await self._in_thread(self.runner.backward, key, x, grad, targets)
+        self._maybe_average()
+        tensors = {}
+        if grad_x is not None:
+            if self.attack is not None:
+                grad_x = self.attack.backward(grad_x, self._attack_ctx(msg, "backward", x))
+            tensors["grad_x"] = grad_x.contiguous()
+        return sign_message(wire.reply(msg, "backward_result", tensors), self.runtime.identity)
+
+    async def _on_params(self, msg: Message, remote: str) -> Message:
+        self.checker.check(msg, expected_sender=remote, expected={}, check_replay=False)
+        if msg.header.get("stage") != self.stage:
+            raise ProtocolError(f"params requested for stage {msg.header.get('stage')}, I serve {self.stage}")
+        flat = await self._in_thread(self.runner.flat_parameters)
+        return sign_message(wire.reply(msg, "params_result", {"params": flat}, version=self.runner.version),
+                            self.runtime.identity)
+
+    async def _on_status(self, msg: Message, remote: str) -> Message:
+        self.checker.check(msg, expected_sender=remote, expected={}, check_replay=False)
+        return sign_message(wire.reply(msg, "status_result", {}, **self.status()), self.runtime.identity)
+
+    def status(self) -> dict[str, Any]:
+        r = self.runner
+        return {
+            "role": "worker", "stage": self.stage, "state": self.state, "step": int(self.max_step),
+            "tokens": int(self.tokens), "optimizer_steps": r.version if r else 0,
+            "averaging_rounds": r.stats.averaging_rounds if r else 0,
+            "uptime_s": round(time.time() - self.started_at, 1),
+        }
+
+    # -- parameters from replicas ------------------------------------------------------------------
+    async def _fetch_replica_params(self, timeout: float = 20.0) -> list[torch.Tensor]:
+        claims = (await read_stage_claims(self.runtime, self.run, self.manifest.num_stages)).get(self.stage, {})
+        peers = [p for p, v in claims.items() if p != self.runtime.peer_id and v.get("state") == "ONLINE"]
+        n = self.runner.num_parameters()
+        spec = {"params": TensorSpec("float32", (n,))}
+
+        async def fetch(peer: str) -> torch.Tensor | None:
+            req = wire.request(self.run, self.max_step, 0, self.stage, "params", {})
+            try:
+                resp = await self.runtime.call(peer, wire.PARAMS, sign_message(req, self.runtime.identity), timeout)
+                self.checker.check(resp, expected_sender=peer, expected=spec, check_replay=False)
+            except (PeerCallError, ProtocolError) as e:
+                METRICS.inc("sentinel_averaging_failures_total", reason=getattr(e, "reason", "error"))
+                logger.debug("params from %s failed: %s", peer[-8:], e)
+                return None
+            return resp.tensors["params"]
+
+        got = await asyncio.gather(*(fetch(p) for p in peers))
+        return [g for g in got if g is not None]
+
+    async def _join_from_replica(self) -> None:
+        """A (re)joining worker adopts its live replicas' parameters instead of the initial ones."""
+        peers = await self._fetch_replica_params()
+        if peers:
+            agg = aggregate(peers, self.manifest.training.averaging)
+            await self._in_thread(self.runner.load_flat_parameters, agg)
+            logger.info("joined stage %d from %d live replica(s)", self.stage, len(peers))
+
+    def _maybe_average(self) -> None:
+        r = self.runner
+        every = self.manifest.training.average_every
+        if r.version - self._last_averaged_version < every:
+            return
+        if self._averaging_task is not None and not self._averaging_task.done():
+            return
+        self._last_averaged_version = r.version
+        self._averaging_task = asyncio.create_task(self._average())
+
+    async def _average(self) -> None:
+        try:
+            peers = await self._fetch_replica_params()
+            if not peers:
+                return
+            own = await self._in_thread(self.runner.flat_parameters)
+            agg = aggregate([own, *peers], self.manifest.training.averaging)
+            await self._in_thread(self.runner.load_flat_parameters, agg)
+            METRICS.inc("sentinel_averaging_rounds_total")
+        except Exception as e:  # noqa: BLE001 - averaging is best-effort; training goes on
+            logger.warning("averaging round failed: %s", e)

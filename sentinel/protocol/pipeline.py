@@ -1,0 +1,78 @@
+"""The pipeline's RPCs: handler names, header fields, and the tensors each message must carry.
+
+Every shape here follows from the run manifest, which is what lets a receiver reject a tensor
+of the wrong dtype or shape before it touches any compute.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sentinel.bootstrap.manifest import RunManifest
+from sentinel.protocol.checks import TensorSpec, new_nonce
+from sentinel.protocol.codec import Message
+
+FORWARD = "sentinel.forward"  # x (+ targets on the last stage) -> y (the loss on the last stage)
+BACKWARD = "sentinel.backward"  # x, grad (targets on the last stage) -> grad_x (nothing on stage 0)
+PARAMS = "sentinel.params"  # () -> flat parameters of the stage, for averaging and joining
+STATUS = "sentinel.status"  # () -> a node's status header, for `sentinel-node status`
+
+MODES = ("train", "eval")
+
+
+def request_specs(manifest: RunManifest, stage: int, handler: str) -> dict[str, TensorSpec]:
+    """Tensors a request to ``handler`` on ``stage`` must carry."""
+    b, t, d = manifest.training.micro_batch_size, manifest.model.seq_len, manifest.model.d_model
+    last = stage == manifest.num_stages - 1
+    ids = TensorSpec("int64", (b, t))
+    hidden = TensorSpec("float32", (b, t, d))
+    specs: dict[str, TensorSpec] = {}
+    if handler in (FORWARD, BACKWARD):
+        specs["x"] = ids if stage == 0 else hidden
+        if last:
+            specs["targets"] = ids
+        if handler == BACKWARD and not last:
+            specs["grad"] = hidden
+    return specs
+
+
+def response_specs(manifest: RunManifest, stage: int, handler: str) -> dict[str, TensorSpec]:
+    """Tensors a worker's response to ``handler`` on ``stage`` must carry."""
+    b, t, d = manifest.training.micro_batch_size, manifest.model.seq_len, manifest.model.d_model
+    last = stage == manifest.num_stages - 1
+    if handler == FORWARD:
+        return {"y": TensorSpec("float32", ()) if last else TensorSpec("float32", (b, t, d))}
+    if handler == BACKWARD:
+        return {} if stage == 0 else {"grad_x": TensorSpec("float32", (b, t, d))}
+    return {}
+
+
+def request(
+    run: str, step: int, micro_batch: int, stage: int, direction: str, tensors: dict, **extra: Any
+) -> Message:
+    header = {
+        "run": run,
+        "step": int(step),
+        "micro_batch": int(micro_batch),
+        "stage": int(stage),
+        "direction": direction,
+        "nonce": new_nonce(),
+        **extra,
+    }
+    return Message(header=header, tensors=tensors)
+
+
+def reply(req: Message, direction: str, tensors: dict, **extra: Any) -> Message:
+    """A response that echoes the request's coordinates and binds to it by digest."""
+    h = req.header
+    header = {
+        "run": h["run"],
+        "step": h["step"],
+        "micro_batch": h["micro_batch"],
+        "stage": h["stage"],
+        "direction": direction,
+        "nonce": new_nonce(),
+        "in_reply_to": h["digest"],
+        **extra,
+    }
+    return Message(header=header, tensors=tensors)

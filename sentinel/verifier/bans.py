@@ -1,0 +1,80 @@
+"""Committee membership and ban votes over the DHT (the network side of bans).
+
+- Verifier candidates announce themselves (``verifiers`` key, own subkey, signed). The committee
+  is elected deterministically from the announcements (rendezvous hashing of run, epoch and
+  peer id) unless the manifest pins it (trusted mode).
+- A verifier whose own strike ledger bans a worker publishes a signed ``ban_vote`` record under
+  ``ban/<worker>`` carrying the evidence: the worker-signed digests and signatures of the flagged
+  messages, the flagged tensors' statistics and the fences used.
+- Other members re-score that evidence against their OWN reference and fences; they endorse
+  (vote too) only if it is anomalous to them as well and they have seen the worker flagged
+  themselves. A ban takes effect with a strict majority of the committee, so a malicious
+  minority can neither ban an honest worker nor, by withholding votes, shield an attacker.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from sentinel.protocol.records import record_key
+from sentinel.verifier.committee import ban_quorum, elect_committee
+
+logger = logging.getLogger(__name__)
+
+MAX_EVIDENCE = 4  # flagged messages carried per vote
+
+
+def ban_key(run: str, target: str) -> str:
+    return record_key(run, "ban", target)
+
+
+@dataclass
+class BanRecord:
+    peer: str
+    stage: int
+    step: int
+    votes: list[str]
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BanBook:
+    """What this verifier knows and has said about bans."""
+
+    run: str
+    peer_id: str
+    committee_size: int
+    trusted: list[str] = field(default_factory=list)
+    committee: list[str] = field(default_factory=list)
+    my_votes: dict[str, dict[str, Any]] = field(default_factory=dict)  # target -> vote payload fields
+    effective: dict[str, BanRecord] = field(default_factory=dict)
+    accused: set[str] = field(default_factory=set)  # targets anyone in the committee voted against
+
+    def elect(self, candidates: list[str], epoch: int = 0) -> list[str]:
+        if self.trusted:
+            self.committee = list(self.trusted)
+        else:
+            self.committee = elect_committee(self.run, epoch, sorted(set(candidates)), self.committee_size)
+        return self.committee
+
+    def vote(self, target: str, stage: int, direction: str, step: int, evidence: list[dict[str, Any]]) -> None:
+        self.my_votes[target] = {"target": target, "stage": stage, "direction": direction, "step": step,
+                                 "evidence": evidence[-MAX_EVIDENCE:]}
+
+    def tally(self, target: str, votes: dict[str, dict[str, Any]], step: int) -> BanRecord | None:
+        """Record a ban once a committee majority's signed votes for ``target`` are in."""
+        yes = {v: True for v, p in votes.items() if p.get("target") == target and p.get("run") == self.run}
+        if target in self.effective:
+            return self.effective[target]
+        if not self.committee or not ban_quorum(yes, self.committee):
+            return None
+        voters = sorted(v for v in yes if v in self.committee)
+        first = next(iter(votes.values()))
+        rec = BanRecord(peer=target, stage=int(first.get("stage", -1)), step=step, votes=voters,
+                        reasons=sorted({r for p in votes.values() for e in p.get("evidence", [])
+                                        for r in e.get("reasons", [])}))
+        self.effective[target] = rec
+        logger.info("ban of %s effective at step %d with votes of %s", target[-8:], step, [v[-6:] for v in voters])
+        return rec

@@ -1,0 +1,261 @@
+"""The pipeline driver: one micro-batch forward through every stage and back, screening each hop.
+
+One driver loop, two transports: the live verifier plugs in P2P stubs (``transport.py``), the
+simulator plugs in in-process stages. The driver owns the decisions the architecture fixes:
+- pick a replica per stage by expected finish time, never a banned one;
+- screen every tensor a worker returns (forward activations, the loss, backward gradients);
+- a flagged tensor is never passed on: strike the worker, recompute the hop on another replica;
+  only when no replica is left substitute the screen's reference and mark the micro-batch
+  tainted, so downstream workers are not struck for anomalies they did not cause;
+- a worker that fails or times out is routed around; the hop is retried, so a micro-batch is
+  either completed or reported failed, never silently lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from sentinel.verifier.routing import Router
+
+logger = logging.getLogger(__name__)
+
+
+class HopError(Exception):
+    """A hop that produced nothing usable.
+
+    ``integrity`` is True when the worker answered with something provably bad (forged or
+    malformed message, wrong shape, NaN): that earns a strike. Timeouts and unreachable peers
+    are availability faults: routed around, never struck.
+    """
+
+    def __init__(self, message: str, reason: str, integrity: bool):
+        super().__init__(message)
+        self.reason = reason
+        self.integrity = integrity
+
+
+@dataclass
+class HopResult:
+    tensor: torch.Tensor | None
+    meta: dict[str, Any] = field(default_factory=dict)  # signed header fields, kept as ban evidence
+
+
+class StageTransport(Protocol):
+    def replicas(self, stage: int) -> list[str]: ...
+
+    async def forward(
+        self, worker: str, stage: int, step: int, micro_batch: int, x: torch.Tensor,
+        targets: torch.Tensor | None, mode: str, timeout: float,
+    ) -> HopResult: ...
+
+    async def backward(
+        self, worker: str, stage: int, step: int, micro_batch: int, x: torch.Tensor,
+        grad: torch.Tensor | None, targets: torch.Tensor | None, timeout: float,
+    ) -> HopResult: ...
+
+
+@dataclass
+class FlagEvent:
+    step: int
+    micro_batch: int
+    stage: int
+    direction: str
+    worker: str
+    reasons: tuple[str, ...]
+    struck: bool  # False when the micro-batch was already tainted upstream
+    verdict: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensor: torch.Tensor | None = None  # the flagged tensor, for evidence statistics
+
+
+@dataclass
+class MicroBatchResult:
+    step: int
+    micro_batch: int
+    loss: float | None = None
+    completed: bool = False
+    attempts: int = 0  # hops tried, including retries
+    retries: int = 0  # hops retried after a failure or a flag
+    substituted: int = 0
+    tainted: bool = False
+    route: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class DriverConfig:
+    max_hop_attempts: int = 50  # per hop, before the micro-batch is declared failed
+    wait_for_replica_s: float = 120.0  # how long a hop waits for a stage with no usable replica
+    poll_s: float = 0.25
+
+
+class PipelineDriver:
+    """Drives micro-batches through the stages; the screening and strike logic plug in here."""
+
+    def __init__(
+        self,
+        num_stages: int,
+        transport: StageTransport,
+        router: Router | None = None,
+        screener: Any | None = None,
+        ledger: Any | None = None,
+        is_banned: Callable[[str], bool] = lambda w: False,
+        config: DriverConfig | None = None,
+        on_flag: Callable[[FlagEvent], None] | None = None,
+        on_clean: Callable[[int, str, str], None] | None = None,
+    ):
+        self.num_stages = num_stages
+        self.transport = transport
+        self.router = router or Router()
+        self.screener = screener
+        self.ledger = ledger
+        self.is_banned = is_banned
+        self.config = config or DriverConfig()
+        self.on_flag = on_flag
+        self.on_clean = on_clean
+        self.screen_seconds = 0.0
+        self.hop_failures: dict[str, int] = {}
+
+    # -- one hop ------------------------------------------------------------------------------
+    async def _hop(
+        self, stage: int, direction: str, call: Callable[[str, float], Any], result: MicroBatchResult,
+        prefer: str | None = None, screen_like: torch.Tensor | None = None, screen: bool = True,
+    ) -> tuple[HopResult, str | None]:
+        """Run one hop until a replica returns an unflagged tensor; returns (result, worker).
+
+        ``worker`` is None when the tensor is the screen's substitute (no clean replica left).
+        """
+        flagged: set[str] = set()
+        failed_here: set[str] = set()
+        deadline = time.monotonic() + self.config.wait_for_replica_s
+        for _ in range(self.config.max_hop_attempts):
+            candidates = [w for w in self.transport.replicas(stage) if not self.is_banned(w)]
+            usable = [w for w in candidates if w not in flagged]
+            if prefer in usable and self.router.available(prefer) and prefer not in failed_here:
+                worker = prefer
+            else:
+                worker = self.router.pick(usable, exclude=failed_here)
+                if worker is None and failed_here:  # every replica failed once: allow retrying them
+                    failed_here.clear()
+                    worker = self.router.pick(usable)
+            if worker is None:
+                if candidates and not usable:  # every live replica sent a flagged tensor
+                    return self._substitute(stage, direction, result, screen_like), None
+                if time.monotonic() > deadline:
+                    raise HopError(f"no usable replica of stage {stage} for {self.config.wait_for_replica_s:.0f}s",
+                                   "no_replica", integrity=False)
+                await asyncio.sleep(self.config.poll_s)
+                continue
+            result.attempts += 1
+            timeout = self.router.timeout_for(candidates)
+            self.router.started(worker)
+            t0 = time.perf_counter()
+            try:
+                hop = await call(worker, timeout)
+            except HopError as e:
+                self.router.failed(worker)
+                failed_here.add(worker)
+                result.retries += 1
+                self.hop_failures[e.reason] = self.hop_failures.get(e.reason, 0) + 1
+                if e.integrity:
+                    self._flag(stage, direction, worker, (e.reason,), result, None, {"error": str(e)})
+                    flagged.add(worker)
+                logger.debug("hop %s/%d on %s failed: %s", direction, stage, worker[-8:], e)
+                continue
+            self.router.finished(worker, time.perf_counter() - t0)
+            if hop.tensor is None or self.screener is None or not screen:
+                return hop, worker
+            t1 = time.perf_counter()
+            verdict = self.screener.screen(stage, direction, worker, hop.tensor)
+            self.screen_seconds += time.perf_counter() - t1
+            if verdict.flagged:
+                self._flag(stage, direction, worker, tuple(verdict.reasons), result, verdict, hop.meta, hop.tensor)
+                flagged.add(worker)
+                result.retries += 1
+                continue
+            if self.ledger is not None and not result.tainted:
+                self.ledger.record(worker, False)
+            if self.on_clean is not None:
+                self.on_clean(stage, direction, worker)
+            return hop, worker
+        raise HopError(f"stage {stage} {direction}: gave up after {self.config.max_hop_attempts} attempts",
+                       "exhausted", integrity=False)
+
+    def _flag(self, stage: int, direction: str, worker: str, reasons: tuple[str, ...], result: MicroBatchResult,
+              verdict: Any, meta: dict[str, Any], tensor: torch.Tensor | None = None) -> None:
+        struck = not result.tainted
+        if struck and self.ledger is not None:
+            self.ledger.record(worker, True)
+        if self.on_flag is not None:
+            self.on_flag(FlagEvent(result.step, result.micro_batch, stage, direction, worker, reasons, struck,
+                                   verdict, meta, tensor))
+
+    def _substitute(self, stage: int, direction: str, result: MicroBatchResult,
+                    like: torch.Tensor | None) -> HopResult:
+        result.substituted += 1
+        result.tainted = True
+        if self.screener is None or like is None:
+            raise HopError(f"stage {stage} {direction}: every replica flagged and nothing to substitute",
+                           "all_flagged", integrity=False)
+        return HopResult(self.screener.boundary(stage, direction).substitute(like), {"substituted": True})
+
+    # -- one micro-batch ------------------------------------------------------------------------
+    async def train_micro_batch(self, step: int, micro_batch: int, inputs: torch.Tensor,
+                                targets: torch.Tensor, like_hidden: torch.Tensor | None = None) -> MicroBatchResult:
+        """Forward through all stages, screen, then backward; returns what happened."""
+        res = MicroBatchResult(step, micro_batch)
+        S = self.num_stages
+        acts: list[torch.Tensor] = [inputs]
+        route: list[str | None] = []
+        try:
+            for s in range(S):
+                x = acts[s]
+                tg = targets if s == S - 1 else None
+
+                def call(w: str, timeout: float, s=s, x=x, tg=tg) -> Any:
+                    return self.transport.forward(w, s, step, micro_batch, x, tg, "train", timeout)
+
+                like = torch.zeros(()) if s == S - 1 else (like_hidden if like_hidden is not None else None)
+                hop, worker = await self._hop(s, "forward", call, res, screen_like=like)
+                route.append(worker)
+                acts.append(hop.tensor)
+            loss = acts[-1]
+            res.loss = float(loss)
+            grad: torch.Tensor | None = None
+            for s in reversed(range(S)):
+                x = acts[s]
+                tg = targets if s == S - 1 else None
+
+                def bcall(w: str, timeout: float, s=s, x=x, g=grad, tg=tg) -> Any:
+                    return self.transport.backward(w, s, step, micro_batch, x, g, tg, timeout)
+
+                hop, _ = await self._hop(s, "backward", bcall, res, prefer=route[s],
+                                         screen_like=acts[s] if s > 0 else None)
+                grad = hop.tensor
+            res.completed = True
+        except HopError as e:
+            res.error = f"{e.reason}: {e}"
+        res.route = [w or "substitute" for w in route]
+        return res
+
+    async def eval_micro_batch(self, step: int, micro_batch: int, inputs: torch.Tensor,
+                               targets: torch.Tensor) -> float:
+        """Forward-only validation pass (not screened, not struck, no state on workers)."""
+        h = inputs
+        res = MicroBatchResult(step, micro_batch)
+        for s in range(self.num_stages):
+            tg = targets if s == self.num_stages - 1 else None
+
+            def call(w: str, timeout: float, s=s, x=h, tg=tg) -> Any:
+                return self.transport.forward(w, s, step, micro_batch, x, tg, "eval", timeout)
+
+            hop, _ = await self._hop(s, "forward", call, res, screen=False)
+            h = hop.tensor
+        return float(h)

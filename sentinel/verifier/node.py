@@ -1,0 +1,348 @@
+"""The verifier role: drive micro-batches through the pipeline, screen, strike, vote bans, report.
+
+The verifier is a CPU peer. It joins the DHT, announces its candidacy, keeps a live view of
+every stage's replicas, and runs the training loop: each step it sends ``micro_batches_per_step``
+micro-batches concurrently through the pipeline (``PipelineDriver``), screening every boundary
+in both directions. Between steps it syncs committee membership and ban votes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Any
+
+from sentinel import __version__
+from sentinel.bootstrap.manifest import RunManifest
+from sentinel.metrics import METRICS
+from sentinel.model.corpus import TextCorpus
+from sentinel.node.runtime import SwarmRuntime
+from sentinel.node.worker import read_stage_claims, verifiers_key
+from sentinel.protocol import pipeline as wire
+from sentinel.protocol.codec import Message
+from sentinel.protocol.signing import sign_message
+from sentinel.verifier.bans import BanBook, ban_key
+from sentinel.verifier.config import ScreeningConfig
+from sentinel.verifier.driver import DriverConfig, FlagEvent, MicroBatchResult, PipelineDriver
+from sentinel.verifier.routing import Router, RouterConfig
+from sentinel.verifier.screen import Screener
+from sentinel.verifier.stats import TensorStats, compute_stats
+from sentinel.verifier.strikes import StrikeLedger
+from sentinel.verifier.transport import P2PTransport
+
+logger = logging.getLogger(__name__)
+
+
+class VerifierNode:
+    def __init__(
+        self,
+        runtime: SwarmRuntime,
+        manifest: RunManifest,
+        corpus: TextCorpus,
+        steps: int,
+        report_path: str | None = None,
+        progress_path: str | None = None,
+        data_shard: tuple[int, int] = (0, 1),
+        screening: bool = True,
+        frame_target: str | None = None,
+    ):
+        self.runtime = runtime
+        self.manifest = manifest
+        self.run = manifest.run_id
+        self.corpus = corpus
+        self.steps = steps
+        self.report_path = report_path
+        self.progress_path = progress_path
+        self.data_shard = data_shard
+        self.frame_target = frame_target  # byzantine test mode: frame this honest worker, never vote on others
+        self.state = "JOINING"
+        self.transport = P2PTransport(runtime, manifest)
+        t = manifest.training
+        self.router = Router(RouterConfig(timeout_floor_s=t.hop_timeout_min_s, timeout_factor=t.hop_timeout_factor),
+                             salt=runtime.peer_id)
+        self.screen_config = ScreeningConfig.from_dict(manifest.screening) if manifest.screening else ScreeningConfig()
+        self.screening = screening
+        self.screener = Screener(self.screen_config, manifest.num_stages) if screening else None
+        self.ledger = StrikeLedger(self.screen_config.strike_limit, self.screen_config.forgive_after)
+        self.bans = BanBook(self.run, runtime.peer_id, manifest.committee_size, list(manifest.trusted_verifiers))
+        self.driver = PipelineDriver(
+            manifest.num_stages, self.transport, self.router, self.screener, self.ledger if screening else None,
+            is_banned=lambda w: w in self.bans.effective,
+            config=DriverConfig(max_hop_attempts=t.max_hop_retries),
+            on_flag=self._on_flag,
+        )
+        self.evidence: dict[str, deque] = defaultdict(lambda: deque(maxlen=4))
+        self.flag_counts: dict[str, int] = defaultdict(int)
+        self.message_counts: dict[str, int] = defaultdict(int)
+        self.first_attack_seen: dict[str, int] = {}
+        self.step = 0
+        self.results: list[MicroBatchResult] = []
+        self.train_losses: list[tuple[int, float]] = []
+        self.val_losses: list[tuple[int, float]] = []
+        self.started_at = time.time()
+        self.train_seconds = 0.0
+        self.tokens = 0
+        self._sync_task: asyncio.Task | None = None
+        self.val_batches = corpus.val_batches(t.micro_batch_size, manifest.model.seq_len, t.eval_batches)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.runtime.announce(verifiers_key(self.run), self._record)
+        await self.runtime.announce_now()
+        await self.runtime.serve(wire.STATUS, self._on_status)
+        self._sync_task = asyncio.create_task(self._sync_loop())
+
+    def _record(self) -> dict[str, Any]:
+        return self.runtime.record_value(
+            "verifier", verifiers_key(self.run), self.run, state=self.state, step=int(self.step),
+            version=__version__, accusations=sorted(self.bans.my_votes)[:64],
+            banned=sorted(self.bans.effective)[:256],
+        )
+
+    async def shutdown(self) -> None:
+        self.state = "OFFLINE"
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+        await self.runtime.shutdown(final_records={verifiers_key(self.run): self._record()})
+
+    async def _on_status(self, msg: Message, remote: str) -> Message:
+        return sign_message(wire.reply(msg, "status_result", {}, **self.status()), self.runtime.identity)
+
+    def status(self) -> dict[str, Any]:
+        return {"role": "verifier", "state": self.state, "step": int(self.step), "tokens": int(self.tokens),
+                "banned": len(self.bans.effective), "committee": len(self.bans.committee)}
+
+    # -- swarm view --------------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        claims = await read_stage_claims(self.runtime, self.run, self.manifest.num_stages)
+        for s, recs in claims.items():
+            live = sorted(p for p, v in recs.items() if v.get("state") == "ONLINE" and p not in self.bans.effective)
+            self.transport.set_replicas(s, live)
+        verifiers = await self.runtime.get(verifiers_key(self.run))
+        candidates = [p for p, v in verifiers.items() if v.get("state") in ("ONLINE", "JOINING")]
+        if self.runtime.peer_id not in candidates:
+            candidates.append(self.runtime.peer_id)
+        self.bans.elect(candidates)
+        accused = set()
+        for p, v in verifiers.items():
+            if p in self.bans.committee:
+                accused |= {a for a in v.get("accusations", []) if isinstance(a, str)}
+        self.bans.accused = accused | set(self.bans.my_votes)
+        await self._sync_bans()
+
+    async def _sync_bans(self) -> None:
+        for target in sorted(self.bans.accused):
+            if target in self.bans.effective:
+                continue
+            votes = await self.runtime.get(ban_key(self.run, target))
+            if target not in self.bans.my_votes and self.runtime.peer_id not in votes:
+                self._maybe_endorse(target, votes)
+            if target in self.bans.my_votes:
+                votes[self.runtime.peer_id] = {"target": target, "run": self.run, **self.bans.my_votes[target]}
+            rec = self.bans.tally(target, votes, self.step)
+            if rec is not None:
+                self.transport.set_replicas(rec.stage, [w for w in self.transport.replicas(rec.stage) if w != target])
+        for target, fields in list(self.bans.my_votes.items()):
+            key = ban_key(self.run, target)
+            await self.runtime.store(key, self.runtime.record_value("ban_vote", key, self.run, **fields),
+                                     ttl=max(60.0, self.runtime.config.record_ttl_s * 4))
+
+    def _maybe_endorse(self, target: str, votes: dict[str, dict[str, Any]]) -> None:
+        """Vote for another member's ban only if its evidence is anomalous to MY reference too."""
+        if self.frame_target is not None or self.screener is None:
+            return  # a byzantine verifier never helps ban an attacker
+        if self.ledger.state(target).flags == 0:
+            return  # never seen this worker misbehave myself: no endorsement on hearsay
+        for payload in votes.values():
+            for ev in payload.get("evidence", []):
+                try:
+                    stats = TensorStats.from_dict(ev["stats"])
+                    verdict = self.screener.boundary(int(ev["stage"]), str(ev["direction"])).screen_stats(
+                        target + "#evidence", stats)
+                except (KeyError, TypeError, ValueError) as e:
+                    logger.debug("unusable evidence against %s: %s", target[-8:], e)
+                    continue
+                if verdict.flagged:
+                    self.bans.vote(target, int(ev["stage"]), str(ev["direction"]), self.step, list(self.evidence[target]))
+                    logger.info("endorsing ban of %s (evidence re-scored: %s)", target[-8:], verdict.reasons)
+                    return
+
+    async def _sync_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception as e:  # noqa: BLE001 - a DHT hiccup must not stop training
+                logger.warning("swarm view refresh failed: %s", e)
+            await asyncio.sleep(self.runtime.config.heartbeat_s)
+
+    async def wait_for_pipeline(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            await self.refresh()
+            missing = [s for s in range(self.manifest.num_stages) if not self.transport.replicas(s)]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stages {missing} have no ONLINE worker after {timeout:.0f}s")
+            await asyncio.sleep(0.5)
+
+    # -- flags, strikes, votes ---------------------------------------------------------------------
+    def _on_flag(self, ev: FlagEvent) -> None:
+        self.flag_counts[f"stage{ev.stage}/{ev.direction}"] += 1
+        METRICS.inc("sentinel_flags_total", stage=str(ev.stage), direction=ev.direction)
+        if not ev.struck:
+            return
+        item: dict[str, Any] = {"step": ev.step, "micro_batch": ev.micro_batch, "stage": ev.stage,
+                                "direction": ev.direction, "reasons": list(ev.reasons),
+                                "digest": ev.meta.get("digest", b""), "signature": ev.meta.get("signature", b"")}
+        if ev.verdict is not None:
+            item["distances"] = {k: _finite(v) for k, v in ev.verdict.distances.items()}
+            item["fences"] = {k: _finite(v) for k, v in ev.verdict.fences.items()}
+        if ev.tensor is not None:
+            try:
+                item["stats"] = _jsonable(compute_stats(ev.tensor, self.screen_config).to_dict())
+            except Exception as e:  # noqa: BLE001 - evidence is best-effort; the strike stands
+                logger.debug("cannot summarise flagged tensor: %s", e)
+        self.evidence[ev.worker].append(item)
+        if self.ledger.is_banned(ev.worker) and ev.worker not in self.bans.my_votes and self.frame_target is None:
+            self.bans.vote(ev.worker, ev.stage, ev.direction, ev.step, list(self.evidence[ev.worker]))
+            logger.info("voting to ban %s (stage %d %s, reasons %s)", ev.worker[-8:], ev.stage, ev.direction,
+                        ev.reasons)
+
+    def _frame(self) -> None:
+        """Byzantine test mode: accuse an honest worker with fabricated evidence."""
+        if self.frame_target and self.frame_target not in self.bans.my_votes:
+            fake = {"step": self.step, "micro_batch": 0, "stage": 1, "direction": "forward",
+                    "reasons": ["l2"], "digest": b"\0" * 32, "signature": b"\0" * 64}
+            self.bans.vote(self.frame_target, 1, "forward", self.step, [fake])
+
+    # -- training --------------------------------------------------------------------------------
+    async def evaluate(self) -> float:
+        losses = []
+        for i, (x, y) in enumerate(self.val_batches):
+            losses.append(await self.driver.eval_micro_batch(self.step, 10_000 + i, x, y))
+        val = sum(losses) / len(losses)
+        self.val_losses.append((self.step, val))
+        logger.info("step %d val loss %.4f", self.step, val)
+        return val
+
+    async def train(self) -> dict[str, Any]:
+        t = self.manifest.training
+        self.state = "ONLINE"
+        await self.runtime.announce_now()
+        await self.evaluate()
+        shard, num_shards = self.data_shard
+        for step in range(1, self.steps + 1):
+            self.step = step
+            if self.frame_target:
+                self._frame()
+            t0 = time.perf_counter()
+            batches = [self.corpus.batch("train", t.micro_batch_size, self.manifest.model.seq_len,
+                                         seed=self.manifest.seed, index=step * t.micro_batches_per_step + mb,
+                                         shard=shard, num_shards=num_shards)
+                       for mb in range(t.micro_batches_per_step)]
+            results = await asyncio.gather(*(self.driver.train_micro_batch(step, mb, x, y)
+                                             for mb, (x, y) in enumerate(batches)))
+            self.train_seconds += time.perf_counter() - t0
+            self.results.extend(results)
+            done = [r for r in results if r.completed and r.loss is not None]
+            self.tokens += len(done) * t.micro_batch_size * self.manifest.model.seq_len
+            if done:
+                self.train_losses.append((step, sum(r.loss for r in done) / len(done)))
+            if step % t.eval_every == 0 and step != self.steps:
+                await self.evaluate()
+            self._write_progress()
+        await self.evaluate()
+        self.state = "DONE"
+        report = self.report()
+        self._write_progress(final=True)
+        if self.report_path:
+            write_json(self.report_path, report)
+        return report
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def _write_progress(self, final: bool = False) -> None:
+        if not self.progress_path:
+            return
+        write_json(self.progress_path, {
+            "peer": self.runtime.peer_id, "step": self.step, "steps": self.steps, "final": final,
+            "train_loss": self.train_losses[-1][1] if self.train_losses else None,
+            "val_loss": self.val_losses[-1][1] if self.val_losses else None,
+            "tokens": self.tokens, "train_seconds": self.train_seconds,
+            "banned": sorted(self.bans.effective), "flags": dict(self.flag_counts),
+        })
+
+    def report(self) -> dict[str, Any]:
+        per_step: dict[int, dict[str, int]] = {}
+        for r in self.results:
+            d = per_step.setdefault(r.step, {"micro_batches": 0, "completed": 0, "failed": 0})
+            d["micro_batches"] += 1
+            d["completed" if r.completed else "failed"] += 1
+        total = len(self.results)
+        completed = sum(r.completed for r in self.results)
+        flag_rates = self.screener.flag_rates() if self.screener is not None else {}
+        return {
+            "role": "verifier",
+            "peer": self.runtime.peer_id,
+            "run": self.run,
+            "steps": self.step,
+            "tokens": self.tokens,
+            "train_seconds": round(self.train_seconds, 3),
+            "tokens_per_s": self.tokens / self.train_seconds if self.train_seconds else 0.0,
+            "train_loss": self.train_losses,
+            "train_loss_first": self.train_losses[0][1] if self.train_losses else None,
+            "train_loss_last": self.train_losses[-1][1] if self.train_losses else None,
+            "val_loss": self.val_losses,
+            "val_loss_first": self.val_losses[0][1] if self.val_losses else None,
+            "val_loss_last": self.val_losses[-1][1] if self.val_losses else None,
+            "micro_batches": {
+                "total": total, "completed": completed, "failed": total - completed,
+                "retried_hops": sum(r.retries for r in self.results),
+                "substituted": sum(r.substituted for r in self.results),
+                "tainted": sum(r.tainted for r in self.results),
+                "per_step": {str(k): v for k, v in sorted(per_step.items())},
+                "errors": [r.error for r in self.results if r.error][:20],
+            },
+            "hop_failures": dict(self.driver.hop_failures),
+            "flags": dict(self.flag_counts),
+            "flag_rates": flag_rates,
+            "strikes": {w: self.ledger.state(w).strikes for w in sorted(self.evidence)},
+            "my_votes": sorted(self.bans.my_votes),
+            "committee": self.bans.committee,
+            "banned": [vars(b) for b in self.bans.effective.values()],
+            "screening": self.screening,
+            "screen_seconds": round(self.driver.screen_seconds, 4),
+            "metrics": METRICS.snapshot(),
+        }
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Atomic write: readers (the swarm launcher polls these files) never see half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=1, default=str))
+    os.replace(tmp, p)
+
+
+def _finite(v: float) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
