@@ -1,0 +1,50 @@
+"""Attack catalogue: what malicious workers send instead of their true activations and gradients.
+
+Load an attack by spec (``load_attack("scaling,factor=10")``, or ``path/to/file.py:MyAttack``
+for your own), then call ``attack.forward(x, ctx)`` / ``attack.backward(g, ctx)`` with an
+:class:`AttackContext` describing the message. See :mod:`sentinel.attacks.loader` for the spec
+syntax and :mod:`sentinel.attacks.catalogue` for the built-ins.
+"""
+
+from sentinel.attacks.adaptive import Alie, Collusion, EmaMimic
+from sentinel.attacks.base import DIRECTIONS, Attack, AttackContext
+from sentinel.attacks.catalogue import BUILTIN_ATTACKS
+from sentinel.attacks.loader import AttackSpecError, DirectionFilter, available_attacks, load_attack
+from sentinel.attacks.simple import (
+    Bias,
+    Constant,
+    ElementFlip,
+    Gaussian,
+    Invisible,
+    Random,
+    Scaling,
+    SignFlip,
+    Zeros,
+)
+from sentinel.attacks.temporal import Delay, Intermittent, SlowRamp
+
+__all__ = [
+    "BUILTIN_ATTACKS",
+    "DIRECTIONS",
+    "Alie",
+    "Attack",
+    "AttackContext",
+    "AttackSpecError",
+    "Bias",
+    "Collusion",
+    "Constant",
+    "Delay",
+    "DirectionFilter",
+    "ElementFlip",
+    "EmaMimic",
+    "Gaussian",
+    "Intermittent",
+    "Invisible",
+    "Random",
+    "Scaling",
+    "SignFlip",
+    "SlowRamp",
+    "Zeros",
+    "available_attacks",
+    "load_attack",
+]

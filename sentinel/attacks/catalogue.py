@@ -1,0 +1,44 @@
+"""The registry of built-in attacks, by name.
+
+The classes live in three small modules grouped by what the adversary exploits:
+:mod:`~sentinel.attacks.simple` (one message at a time), :mod:`~sentinel.attacks.temporal`
+(history and timing) and :mod:`~sentinel.attacks.adaptive` (knowledge of the screening).
+"""
+
+from __future__ import annotations
+
+from sentinel.attacks.adaptive import Alie, Collusion, EmaMimic
+from sentinel.attacks.base import Attack
+from sentinel.attacks.simple import (
+    Bias,
+    Constant,
+    ElementFlip,
+    Gaussian,
+    Invisible,
+    Random,
+    Scaling,
+    SignFlip,
+    Zeros,
+)
+from sentinel.attacks.temporal import Delay, Intermittent, SlowRamp
+
+__all__ = ["BUILTIN_ATTACKS"]
+
+#: Built-in attack classes in catalogue order; each is loaded by its ``name``.
+BUILTIN_ATTACKS: tuple[type[Attack], ...] = (
+    Zeros,
+    Constant,
+    Random,
+    Scaling,
+    SignFlip,
+    Gaussian,
+    Bias,
+    Delay,
+    Invisible,
+    ElementFlip,
+    Intermittent,
+    SlowRamp,
+    Alie,
+    EmaMimic,
+    Collusion,
+)
