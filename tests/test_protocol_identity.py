@@ -64,6 +64,19 @@ def test_save_load_round_trip_and_permissions(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["node.key"]  # no temp files left behind
 
 
+def test_save_refuses_to_overwrite_when_asked(tmp_path: Path) -> None:
+    path = tmp_path / "node.key"
+    first = Identity.generate()
+    first.save(path, overwrite=False)
+    with pytest.raises(IdentityError, match="already exists"):
+        Identity.generate().save(path, overwrite=False)
+    assert Identity.load(path).peer_id == first.peer_id
+    second = Identity.generate()
+    second.save(path)  # default: atomic replace
+    assert Identity.load(path).peer_id == second.peer_id
+    assert [p.name for p in tmp_path.iterdir()] == ["node.key"]
+
+
 def test_file_matches_libp2p_protobuf_schema(tmp_path: Path) -> None:
     """Cross-check the hand-written encoding with libp2p's own protobuf definitions (shipped in hivemind)."""
     from hivemind.proto import crypto_pb2
@@ -103,6 +116,9 @@ def test_missing_directory_and_missing_file(tmp_path: Path) -> None:
         Identity.load_or_create(tmp_path / "no" / "such" / "dir.key")
     with pytest.raises(IdentityError, match="does not exist"):
         Identity.load(tmp_path / "absent.key")
+    (tmp_path / "dir.key").mkdir()
+    with pytest.raises(IdentityError, match="dir.key"):
+        Identity.load_or_create(tmp_path / "dir.key")
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")

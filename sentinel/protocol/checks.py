@@ -148,7 +148,11 @@ _HEADER_TYPES: dict[str, type] = {
 
 
 class MessageChecker:
-    """Validates received messages for one run; counts each rejection by reason in METRICS."""
+    """Validates received messages for one run; counts each rejection by reason in METRICS.
+
+    ``limits`` is kept here so the owner reads frames with the same limits it checks against
+    (``read_message(reader, checker.limits)``); frame-level limits are enforced by the codec.
+    """
 
     def __init__(self, run_id: str, limits: Limits = Limits(), replay_window: int = 64):
         self.run_id = run_id

@@ -159,16 +159,25 @@ class Identity:
 
     @classmethod
     def load_or_create(cls, path: str | os.PathLike[str]) -> Identity:
-        """Load the key at ``path``, or create it (mode 0o600) on first run. Parent dirs are not created."""
+        """Load the key at ``path``, or create it (mode 0o600) on first run. Parent dirs are not created.
+
+        Creation is exclusive (hard link of a complete temp file): two processes starting at once
+        with the same path end up with the same identity instead of the last writer winning.
+        """
         if os.path.lexists(path):
             return cls.load(path)
         identity = cls.generate()
-        identity.save(path)
+        if not identity._write(Path(path), overwrite=False):
+            return cls.load(path)  # somebody created it between our check and our write
         return identity
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the key atomically with mode 0o600 (temp file + rename, so a crash leaves no half key)."""
-        path = Path(path)
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = True) -> None:
+        """Write the key atomically with mode 0o600 (temp file + rename: a crash leaves no half key)."""
+        if not self._write(Path(path), overwrite=overwrite):
+            raise IdentityError(f"identity file {path} already exists; refusing to overwrite it")
+
+    def _write(self, path: Path, *, overwrite: bool) -> bool:
+        """Write via a complete temp file; returns False if ``path`` exists and overwrite is off."""
         directory = path.parent
         if not directory.is_dir():
             raise IdentityError(f"cannot save identity to {path}: directory {directory} does not exist")
@@ -182,10 +191,18 @@ class Identity:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
+            if overwrite:
+                os.replace(tmp, path)
+                return True
+            try:
+                os.link(tmp, path)  # atomic and exclusive: fails if path exists
+            except FileExistsError:
+                return False
+            return True
         except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
             raise IdentityError(f"cannot save identity to {path}: {e.strerror or e}") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     @property
     def peer_id(self) -> str:
