@@ -29,11 +29,10 @@ from typing import Any
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
-from multiaddr import Multiaddr
 
 from sentinel.metrics import METRICS
 from sentinel.protocol.codec import Limits, Message, read_message, write_message
-from sentinel.protocol.errors import ProtocolError
+from sentinel.protocol.errors import ProtocolError, StreamClosedError
 from sentinel.protocol.identity import Identity
 from sentinel.protocol.records import SentinelRecordValidator, make_value
 from sentinel.protocol.signing import sign_message
@@ -93,10 +92,12 @@ def _p2pd_dies_with_us():
 
 
 def peer_id_of_maddr(maddr: str) -> str:
-    try:
-        return Multiaddr(maddr)["p2p"]
-    except Exception as e:  # noqa: BLE001 - multiaddr raises many types
-        raise ValueError(f"initial peer {maddr!r} is not a multiaddr ending in /p2p/<peer id>") from e
+    """The peer id at the end of a multiaddr, with an actionable error for anything else."""
+    parts = str(maddr).strip().split("/")
+    if len(parts) < 3 or parts[0] != "" or "p2p" not in parts or not parts[-1] or parts[-2] != "p2p":
+        raise ValueError(f"initial peer {maddr!r} is not a multiaddr ending in /p2p/<peer id>, "
+                         "e.g. /ip4/127.0.0.1/tcp/31337/p2p/12D3KooW...")
+    return parts[-1]
 
 
 class SwarmRuntime:
@@ -264,6 +265,8 @@ class SwarmRuntime:
                     request = await read_message(reader, self.limits)
                     METRICS.inc("sentinel_bytes_total", _approx_size(request), direction="in")
                     response = await handler(request, remote)
+                except StreamClosedError:
+                    return
                 except ProtocolError as e:
                     METRICS.inc("sentinel_rejected_messages_total", reason=e.reason)
                     logger.info("rejected %s from %s: %s", name, remote[-8:], e)
@@ -305,6 +308,8 @@ class SwarmRuntime:
             response = await asyncio.wait_for(_go(), timeout=timeout)
         except asyncio.TimeoutError as e:
             raise PeerCallError(f"{name} to {peer_id[-8:]} timed out after {timeout:.1f}s", "timeout") from e
+        except StreamClosedError as e:
+            raise PeerCallError(f"{peer_id[-8:]} closed the {name} stream without answering", "closed") from e
         except ProtocolError:
             raise
         except Exception as e:  # noqa: BLE001 - p2pd control errors come in many types

@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 import torch
 
-from sentinel.protocol.errors import MalformedMessageError, OversizedMessageError
+from sentinel.protocol.errors import MalformedMessageError, OversizedMessageError, StreamClosedError
 
 __all__ = [
     "MAGIC",
@@ -255,7 +255,12 @@ async def _read_exactly_into(reader: asyncio.StreamReader, data: bytearray) -> N
 async def read_message(reader: asyncio.StreamReader, limits: Limits = Limits()) -> Message:
     """Read one frame, validating prefix and header before the payload is read or allocated."""
     try:
-        prefix = await reader.readexactly(_PREFIX.size)
+        try:
+            prefix = await reader.readexactly(_PREFIX.size)
+        except asyncio.IncompleteReadError as e:
+            if not e.partial:
+                raise StreamClosedError("stream closed before any frame byte arrived") from None
+            raise
         header_len = _check_prefix(prefix, limits)
         header_bytes = await reader.readexactly(header_len)
     except asyncio.IncompleteReadError as e:

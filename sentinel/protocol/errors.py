@@ -31,6 +31,16 @@ class MalformedMessageError(ProtocolError):
     reason = "malformed"
 
 
+class StreamClosedError(MalformedMessageError):
+    """The peer closed the stream without sending a single byte (no handler yet, or it died).
+
+    An availability fault rather than a malformed message: callers route around it instead of
+    striking the peer.
+    """
+
+    reason = "closed"
+
+
 class OversizedMessageError(ProtocolError):
     """A frame or header larger than the receiver's limits; rejected before it is read."""
 

@@ -165,6 +165,7 @@ class PipelineDriver:
                 result.retries += 1
                 self.hop_failures[e.reason] = self.hop_failures.get(e.reason, 0) + 1
                 if e.integrity:
+                    logger.warning("integrity fault from %s at stage %d %s: %s", worker[-8:], stage, direction, e)
                     self._flag(stage, direction, worker, (e.reason,), result, None, {"error": str(e)})
                     flagged.add(worker)
                 logger.debug("hop %s/%d on %s failed: %s", direction, stage, worker[-8:], e)

@@ -1,0 +1,368 @@
+"""`sentinel-swarm`: a whole local swarm as separate OS processes on 127.0.0.1.
+
+One bootstrap peer, ``stages x replicas`` workers and ``verifiers`` verifiers, each its own
+process with its own p2pd daemon, exactly as volunteers would run them. Used by `make demo`,
+the integration tests and the throughput benchmark. Identities are generated up front, so the
+launcher knows every peer id and can score bans against the ground truth of who is malicious.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class NodeProc:
+    name: str
+    role: str
+    stage: int | None
+    identity_path: Path
+    peer_id: str
+    log_path: Path
+    report_path: Path
+    progress_path: Path | None = None
+    attack: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+    popen: subprocess.Popen | None = None
+    descendants: set[int] = field(default_factory=set)
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+
+@dataclass
+class SwarmConfig:
+    """A local swarm. Defaults: the demo (3 stages x 3 replicas, 2 verifiers, one attacker)."""
+
+    stages: int = 3
+    replicas: int = 3
+    verifiers: int = 2
+    steps: int = 150
+    data: str | None = None  # corpus path; None = the generated default corpus
+    malicious: int = 1  # malicious workers, placed in middle stages first
+    attack: str = "sign_flip"
+    attack_direction: str = "forward"
+    attack_start: int = 20
+    screening: bool = True
+    frame_verifiers: int = 0  # byzantine verifiers that try to frame an honest worker
+    committee_size: int = 3
+    micro_batch_size: int = 8
+    micro_batches_per_step: int = 2
+    lr: float = 3e-3
+    eval_every: int = 50
+    eval_batches: int = 4
+    seed: int = 0
+    run_id: str = "local"
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides
+    screening_overrides: dict[str, Any] = field(default_factory=dict)
+    startup_timeout_s: float = 300.0
+    run_timeout_s: float = 1800.0
+
+
+def _malicious_slots(cfg: SwarmConfig) -> list[tuple[int, int]]:
+    """(stage, replica) of the malicious workers: middle stages first, never a whole stage."""
+    order = list(range(1, cfg.stages - 1)) + [0, cfg.stages - 1] if cfg.stages > 2 else list(range(cfg.stages))
+    slots = []
+    per_stage_max = (cfg.replicas - 1) // 2  # honest majority per stage
+    for r in range(per_stage_max):
+        for s in order:
+            if len(slots) < cfg.malicious:
+                slots.append((s, cfg.replicas - 1 - r))
+    if len(slots) < cfg.malicious:
+        raise ValueError(f"--malicious {cfg.malicious} would break the honest majority of some stage "
+                         f"({cfg.stages} stages x {cfg.replicas} replicas allow {len(slots)})")
+    return slots
+
+
+class LocalSwarm:
+    """Starts, watches and tears down a local swarm. Every child is killed by PID on stop."""
+
+    def __init__(self, cfg: SwarmConfig, workdir: str | Path):
+        from sentinel.protocol.identity import Identity
+
+        self.cfg = cfg
+        self.workdir = Path(workdir)
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        (self.workdir / "ids").mkdir(exist_ok=True)
+        (self.workdir / "reports").mkdir(exist_ok=True)
+        self.nodes: list[NodeProc] = []
+        self.maddr: str | None = None
+        self.started_at = time.time()
+
+        def make(name: str, role: str, stage: int | None) -> NodeProc:
+            ident = Identity.generate()
+            path = self.workdir / "ids" / f"{name}.id"
+            ident.save(path)
+            return NodeProc(name, role, stage, path, ident.peer_id, self.workdir / "logs" / f"{name}.log",
+                            self.workdir / "reports" / f"{name}.json")
+
+        self.bootstrap = make("bootstrap", "bootstrap", None)
+        bad = set(_malicious_slots(cfg)) if cfg.malicious else set()
+        for s in range(cfg.stages):
+            for r in range(cfg.replicas):
+                node = make(f"worker-s{s}r{r}", "worker", s)
+                if (s, r) in bad:
+                    node.attack = cfg.attack
+                self.nodes.append(node)
+        honest = [n for n in self.nodes if n.attack is None and n.stage == min(1, cfg.stages - 1)]
+        for v in range(cfg.verifiers):
+            node = make(f"verifier-{v}", "verifier", None)
+            node.progress_path = self.workdir / "reports" / f"{node.name}.progress.json"
+            if v >= cfg.verifiers - cfg.frame_verifiers and honest:
+                node.extra_args = ["--frame", honest[0].peer_id]
+            self.nodes.append(node)
+
+    # -- processes -------------------------------------------------------------------------------
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        return env
+
+    def _spawn(self, node: NodeProc, args: list[str]) -> None:
+        log = open(node.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        node.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
+                                      stdin=subprocess.DEVNULL)
+        log.close()
+
+    def manifest_dict(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "run_id": c.run_id, "num_stages": c.stages, "seed": c.seed, "committee_size": c.committee_size,
+            "corpus": c.data or "default", "model": c.model, "optimizer": {"lr": c.lr},
+            "training": {"micro_batch_size": c.micro_batch_size, "micro_batches_per_step": c.micro_batches_per_step,
+                         "eval_every": c.eval_every, "eval_batches": c.eval_batches},
+            "screening": c.screening_overrides,
+        }
+
+    def start(self) -> None:
+        import yaml
+
+        cfg_path = self.workdir / "run.yaml"
+        cfg_path.write_text(yaml.safe_dump(self.manifest_dict()))
+        maddr_file = self.workdir / "bootstrap.maddr"
+        self._spawn(self.bootstrap, [sys.executable, "-m", "sentinel.bootstrap.cli", "--new-swarm",
+                                     "--identity-path", str(self.bootstrap.identity_path), "--config", str(cfg_path),
+                                     "--maddr-file", str(maddr_file)])
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while not maddr_file.exists():
+            if not self.bootstrap.alive:
+                raise RuntimeError(f"bootstrap peer exited; see {self.bootstrap.log_path}:\n{self.tail(self.bootstrap)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("bootstrap peer did not start in time")
+            time.sleep(0.2)
+        self.maddr = maddr_file.read_text().split()[0]
+        for node in self.nodes:
+            self.start_node(node)
+
+    def start_node(self, node: NodeProc) -> None:
+        c = self.cfg
+        args = [sys.executable, "-m", "sentinel.node.cli", "join", "--initial-peers", self.maddr,
+                "--identity-path", str(node.identity_path), "--role", node.role, "--report", str(node.report_path)]
+        if node.role == "worker":
+            args += ["--stage", str(node.stage)]
+            if node.attack:
+                args += ["--attack", node.attack, "--attack-direction", c.attack_direction,
+                         "--attack-start", str(c.attack_start)]
+        else:
+            idx = int(node.name.rsplit("-", 1)[1])
+            args += ["--steps", str(c.steps), "--data-shard", f"{idx}/{c.verifiers}",
+                     "--progress", str(node.progress_path)]
+            if not c.screening:
+                args.append("--no-screening")
+        self._spawn(node, args + node.extra_args)
+
+    def record_descendants(self) -> None:
+        """Remember every child's p2pd, so a SIGKILLed node's daemon can be reaped by PID too."""
+        import psutil
+
+        for node in [self.bootstrap, *self.nodes]:
+            if node.alive:
+                with contextlib.suppress(psutil.Error):
+                    node.descendants |= {c.pid for c in psutil.Process(node.popen.pid).children(recursive=True)}
+
+    def kill(self, node: NodeProc, sig: int = signal.SIGKILL) -> None:
+        self.record_descendants()
+        if node.alive:
+            node.popen.send_signal(sig)
+            node.popen.wait(timeout=30)
+
+    @property
+    def verifiers(self) -> list[NodeProc]:
+        return [n for n in self.nodes if n.role == "verifier"]
+
+    @property
+    def workers(self) -> list[NodeProc]:
+        return [n for n in self.nodes if n.role == "worker"]
+
+    def progress(self) -> list[dict[str, Any]]:
+        out = []
+        for v in self.verifiers:
+            try:
+                out.append(json.loads(v.progress_path.read_text()))
+            except (OSError, ValueError):
+                out.append({"step": 0, "steps": self.cfg.steps})
+        return out
+
+    def wait(self, on_tick=None, tick_s: float = 1.0) -> None:
+        """Until every verifier exits; a node that dies early is an error with its log tail."""
+        deadline = time.monotonic() + self.cfg.run_timeout_s
+        while any(v.alive for v in self.verifiers):
+            self.record_descendants()
+            if on_tick is not None:
+                on_tick(self)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"swarm did not finish within {self.cfg.run_timeout_s:.0f}s")
+            time.sleep(tick_s)
+        failed = [v for v in self.verifiers if v.popen.returncode != 0]
+        if failed:
+            raise RuntimeError("verifier failed:\n" + "\n".join(f"{v.name}:\n{self.tail(v)}" for v in failed))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM everyone (clean OFFLINE + reports), then SIGKILL stragglers and their p2pd by PID."""
+        import psutil
+
+        self.record_descendants()
+        everyone = [*self.nodes, self.bootstrap]
+        for n in everyone:
+            if n.alive:
+                with contextlib.suppress(ProcessLookupError):
+                    n.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for n in everyone:
+            if n.popen is None:
+                continue
+            try:
+                n.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                n.popen.kill()
+                n.popen.wait(timeout=10)
+        for n in everyone:
+            for pid in n.descendants:
+                with contextlib.suppress(psutil.Error):
+                    p = psutil.Process(pid)
+                    p.kill()
+                    p.wait(timeout=10)
+
+    def all_pids(self) -> set[int]:
+        pids = set()
+        for n in [self.bootstrap, *self.nodes]:
+            if n.popen is not None:
+                pids.add(n.popen.pid)
+            pids |= n.descendants
+        return pids
+
+    @staticmethod
+    def tail(node: NodeProc, lines: int = 30) -> str:
+        try:
+            return "\n".join(node.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    # -- report ----------------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        from sentinel.report import swarm_report
+
+        return swarm_report(self)
+
+
+def _progress_printer(plain: bool):
+    last = {"t": 0.0}
+
+    def tick(swarm: LocalSwarm) -> None:
+        now = time.monotonic()
+        if now - last["t"] < (5.0 if plain else 1.0):
+            return
+        last["t"] = now
+        rows = swarm.progress()
+        parts = []
+        for i, p in enumerate(rows):
+            tl, vl = p.get("train_loss"), p.get("val_loss")
+            tps = p.get("tokens", 0) / p["train_seconds"] if p.get("train_seconds") else 0.0
+            parts.append(f"v{i} step {p.get('step', 0)}/{p.get('steps', swarm.cfg.steps)}"
+                         f" loss {tl if tl is None else round(tl, 3)} val {vl if vl is None else round(vl, 3)}"
+                         f" {tps:.0f} tok/s bans {len(p.get('banned', []))}")
+        print(f"[{time.time() - swarm.started_at:6.0f}s] " + " | ".join(parts), flush=True)
+
+    return tick
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SwarmConfig()
+    p = argparse.ArgumentParser(prog="sentinel-swarm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--stages", type=int, default=d.stages)
+    p.add_argument("--replicas", type=int, default=d.replicas)
+    p.add_argument("--verifiers", type=int, default=d.verifiers)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--data", default=None, help="UTF-8 text file to train on (default: generated corpus)")
+    p.add_argument("--malicious", type=int, default=d.malicious, help="malicious workers (0 = clean run)")
+    p.add_argument("--attack", default=d.attack, help="attack name/spec for malicious workers")
+    p.add_argument("--attack-direction", choices=["forward", "backward", "both"], default=d.attack_direction)
+    p.add_argument("--attack-start", type=int, default=d.attack_start)
+    p.add_argument("--no-screening", action="store_true", help="verifiers do not screen (undefended baseline)")
+    p.add_argument("--frame-verifiers", type=int, default=0, help="byzantine verifiers that frame an honest worker")
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
+    p.add_argument("--micro-batches-per-step", type=int, default=d.micro_batches_per_step)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--workdir", default=None, help="where logs, identities and reports go (default: runs/<time>)")
+    p.add_argument("--report", default=None, help="write the final JSON report here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = SwarmConfig(stages=args.stages, replicas=args.replicas, verifiers=args.verifiers, steps=args.steps,
+                      data=args.data, malicious=args.malicious, attack=args.attack,
+                      attack_direction=args.attack_direction, attack_start=args.attack_start,
+                      screening=not args.no_screening, frame_verifiers=args.frame_verifiers,
+                      micro_batch_size=args.micro_batch_size, micro_batches_per_step=args.micro_batches_per_step,
+                      lr=args.lr, seed=args.seed)
+    if cfg.data and not Path(cfg.data).is_file():
+        print(f"sentinel-swarm: error: --data {cfg.data}: no such file", file=sys.stderr)
+        return 2
+    try:
+        _malicious_slots(cfg)
+    except ValueError as e:
+        print(f"sentinel-swarm: error: {e}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir or f"runs/swarm-{time.strftime('%Y%m%d-%H%M%S')}")
+    swarm = LocalSwarm(cfg, workdir)
+    print(f"starting {cfg.stages} stages x {cfg.replicas} replicas + {cfg.verifiers} verifiers "
+          f"({cfg.malicious} malicious, attack {cfg.attack if cfg.malicious else '-'}); logs in {workdir}/logs",
+          flush=True)
+    try:
+        swarm.start()
+        print(f"bootstrap: {swarm.maddr}", flush=True)
+        swarm.wait(on_tick=_progress_printer(plain=not sys.stdout.isatty()))
+    except KeyboardInterrupt:
+        print("interrupted; stopping the swarm", flush=True)
+        return 130
+    except (RuntimeError, TimeoutError) as e:
+        print(f"sentinel-swarm: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        swarm.stop()
+    report = swarm.report()
+    out = Path(args.report) if args.report else workdir / "report.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    from sentinel.report import print_summary
+
+    print_summary(report)
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
