@@ -110,8 +110,10 @@ class PipelineDriver:
         config: DriverConfig | None = None,
         on_flag: Callable[[FlagEvent], None] | None = None,
         on_clean: Callable[[int, str, str], None] | None = None,
+        hidden_shape: tuple[int, ...] | None = None,
     ):
         self.num_stages = num_stages
+        self.hidden_shape = hidden_shape  # shape of inter-stage activations, for substitutes
         self.transport = transport
         self.router = router or Router()
         self.screener = screener
@@ -209,7 +211,7 @@ class PipelineDriver:
 
     # -- one micro-batch ------------------------------------------------------------------------
     async def train_micro_batch(self, step: int, micro_batch: int, inputs: torch.Tensor,
-                                targets: torch.Tensor, like_hidden: torch.Tensor | None = None) -> MicroBatchResult:
+                                targets: torch.Tensor) -> MicroBatchResult:
         """Forward through all stages, screen, then backward; returns what happened."""
         res = MicroBatchResult(step, micro_batch)
         S = self.num_stages
@@ -223,7 +225,8 @@ class PipelineDriver:
                 def call(w: str, timeout: float, s=s, x=x, tg=tg) -> Any:
                     return self.transport.forward(w, s, step, micro_batch, x, tg, "train", timeout)
 
-                like = torch.zeros(()) if s == S - 1 else (like_hidden if like_hidden is not None else None)
+                like = torch.zeros(()) if s == S - 1 else (
+                    torch.zeros(self.hidden_shape) if self.hidden_shape is not None else None)
                 hop, worker = await self._hop(s, "forward", call, res, screen_like=like)
                 route.append(worker)
                 acts.append(hop.tensor)

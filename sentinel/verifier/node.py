@@ -76,6 +76,7 @@ class VerifierNode:
             is_banned=lambda w: w in self.bans.effective,
             config=DriverConfig(max_hop_attempts=t.max_hop_retries),
             on_flag=self._on_flag,
+            hidden_shape=manifest.model.hidden_shape(t.micro_batch_size),
         )
         self.evidence: dict[str, deque] = defaultdict(lambda: deque(maxlen=4))
         self.flag_counts: dict[str, int] = defaultdict(int)
