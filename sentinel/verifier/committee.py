@@ -1,0 +1,44 @@
+"""Committee election and ban quorum: pure decisions on plain data (no DHT, no clocks).
+
+Election is rendezvous (highest-random-weight) hashing: every candidate gets the weight
+``BLAKE2b(run_id, epoch, peer)`` and the ``size`` heaviest form the committee. Every verifier that
+sees the same candidate set computes the same committee with no coordination; the input order
+does not matter; a candidate leaving changes the committee only if it was a member (it is
+replaced by the next heaviest), and a new epoch reshuffles it. Fields are length-prefixed so
+("ab", "c") and ("a", "bc") cannot collide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+
+def _weight(run_id: str, epoch: int, peer: str) -> bytes:
+    h = hashlib.blake2b(digest_size=32, person=b"sentinel-cmte")
+    for part in (run_id.encode(), str(int(epoch)).encode(), peer.encode()):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.digest()
+
+
+def elect_committee(run_id: str, epoch: int, candidates: Sequence[str], size: int) -> list[str]:
+    """The ``size`` candidates with the highest rendezvous weight, heaviest first."""
+    if size < 0:
+        raise ValueError(f"committee size must be >= 0, got {size}")
+    unique = set(candidates)
+    ranked = sorted(unique, key=lambda p: (_weight(run_id, epoch, p), p), reverse=True)
+    return ranked[:size]
+
+
+def ban_quorum(votes: Mapping[str, bool], committee: Sequence[str]) -> bool:
+    """True iff a strict majority OF THE COMMITTEE voted to ban (non-members' votes ignored).
+
+    Abstentions count against: a minority of malicious members can neither ban an honest worker
+    nor, by staying silent, block a ban the honest majority agrees on.
+    """
+    members = set(committee)
+    if not members:
+        return False
+    yes = sum(1 for m in members if votes.get(m) is True)
+    return 2 * yes > len(members)

@@ -1,0 +1,165 @@
+"""Scale-free reference profiles, their EMA, their robust median, and the distances between them.
+
+A :class:`Profile` is the scale-free view of :class:`~sentinel.verifier.stats.TensorStats`:
+
+* ``direction`` = ``mean_vec / rms`` — the batch-mean direction, independent of the overall scale;
+* ``log_rms`` — the scale, on a log axis so that "x10" and "x0.1" are equally far and an EMA of it
+  is a geometric mean (gradients decaying 50x are a straight line, not a cliff);
+* ``shape_q`` = ``quantiles / rms`` — the distribution's shape, independent of scale;
+* ``mean_vec`` — the raw batch-mean, kept only for the paper's substitution fallback.
+
+Because everything but ``log_rms`` is scale-free, a legitimate change of scale moves exactly one
+statistic, whose EMA follows it smoothly; nothing has to be re-learnt.
+
+The distances (all dimensionless):
+
+* ``l1`` = ``sum|a - b| / (sum|a| + sum|b|)`` and ``l2`` = ``||a - b|| / (||a|| + ||b||)`` on
+  ``direction``: symmetric normalisation keeps them in [0, 1] (sign flip ~1, zeros = 1) so a tiny
+  reference cannot blow them up — important for backward batch-means, which are mostly noise;
+* ``sign`` = fraction of sign disagreements on coordinates where the reference is not ~0
+  (``|b_i| >= sign_rel_threshold * rms(b)``);
+* ``w1`` = 1-D Wasserstein-1 distance between the two quantile functions of ``shape_q``
+  (mean absolute difference of matched quantiles), i.e. in units of the reference's RMS;
+* ``norm_ratio`` = ``|log(rms / rms_ref)|`` — two-sided, so zeros (log -> -69) and scaling both
+  show up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sentinel.verifier.stats import MAX_FEATURES, MAX_QUANTILES, TensorStats
+
+#: Names of the fenced distances, in a fixed order (also the column order of the histories).
+DISTANCES: tuple[str, ...] = ("l1", "l2", "sign", "w1", "norm_ratio")
+#: RMS below this counts as an all-zero tensor (log_rms is clamped here: log(1e-30) ~ -69).
+TINY = 1e-30
+
+
+@dataclass
+class Profile:
+    """Scale-free statistics of one tensor, or an EMA / median of several (see module docstring)."""
+
+    direction: torch.Tensor
+    log_rms: float
+    shape_q: torch.Tensor
+    mean_vec: torch.Tensor
+
+    @property
+    def features(self) -> int:
+        return int(self.direction.numel())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "direction": self.direction.tolist(),
+            "log_rms": self.log_rms,
+            "shape_q": self.shape_q.tolist(),
+            "mean_vec": self.mean_vec.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Profile:
+        """Parse a gossiped profile; ``ValueError`` on anything malformed or non-finite."""
+        if not isinstance(d, dict) or set(d) != {"direction", "log_rms", "shape_q", "mean_vec"}:
+            raise ValueError("profile must be a dict with direction, log_rms, shape_q, mean_vec")
+        direction = _finite_vector(d["direction"], "direction", MAX_FEATURES)
+        mean_vec = _finite_vector(d["mean_vec"], "mean_vec", MAX_FEATURES)
+        shape_q = _finite_vector(d["shape_q"], "shape_q", MAX_QUANTILES)
+        if direction.numel() != mean_vec.numel():
+            raise ValueError("direction and mean_vec sizes differ")
+        log_rms = d["log_rms"]
+        if isinstance(log_rms, bool) or not isinstance(log_rms, (int, float)) or not math.isfinite(log_rms):
+            raise ValueError("log_rms must be a finite number")
+        return cls(direction, float(log_rms), shape_q, mean_vec)
+
+
+def _finite_vector(v: Any, name: str, max_len: int) -> torch.Tensor:
+    if not isinstance(v, list) or not 0 < len(v) <= max_len:
+        raise ValueError(f"{name} must be a non-empty list of at most {max_len} numbers")
+    if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v):
+        raise ValueError(f"{name} must contain numbers only")
+    t = torch.tensor(v, dtype=torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite")
+    return t
+
+
+def profile_of(stats: TensorStats) -> Profile:
+    """Scale-free profile of finite stats."""
+    rms = max(stats.rms, TINY)
+    inv = 1.0 / rms
+    return Profile(
+        direction=stats.mean_vec.float() * inv,
+        log_rms=math.log(rms),
+        shape_q=stats.quantiles.float() * inv,
+        mean_vec=stats.mean_vec.float(),
+    )
+
+
+def ema_update(ref: Profile, new: Profile, beta: float) -> Profile:
+    """``beta * ref + (1 - beta) * new`` coordinate-wise (a new object; ``ref`` is not mutated)."""
+    a = 1.0 - beta
+    return Profile(
+        direction=torch.lerp(ref.direction, new.direction, a),
+        log_rms=beta * ref.log_rms + a * new.log_rms,
+        shape_q=torch.lerp(ref.shape_q, new.shape_q, a),
+        mean_vec=torch.lerp(ref.mean_vec, new.mean_vec, a),
+    )
+
+
+def _median0(rows: list[torch.Tensor]) -> torch.Tensor:
+    if len(rows) == 1:
+        return rows[0]
+    if len(rows) == 2:
+        return (rows[0] + rows[1]) * 0.5
+    s = torch.stack(rows).sort(0).values
+    n = len(rows)
+    if n % 2:
+        return s[n // 2]
+    return (s[n // 2 - 1] + s[n // 2]) * 0.5
+
+
+def median_profile(profiles: Sequence[Profile]) -> Profile:
+    """Coordinate-wise median (mean of the two middle values for an even count).
+
+    With an honest majority every coordinate of the result lies within the range of the honest
+    values, whatever the minority sends.
+    """
+    if not profiles:
+        raise ValueError("median of no profiles")
+    if len(profiles) == 1:
+        return profiles[0]
+    logs = sorted(p.log_rms for p in profiles)
+    n = len(logs)
+    log_rms = logs[n // 2] if n % 2 else 0.5 * (logs[n // 2 - 1] + logs[n // 2])
+    return Profile(
+        direction=_median0([p.direction for p in profiles]),
+        log_rms=log_rms,
+        shape_q=_median0([p.shape_q for p in profiles]),
+        mean_vec=_median0([p.mean_vec for p in profiles]),
+    )
+
+
+def distances(p: Profile, ref: Profile, sign_rel_threshold: float) -> dict[str, float]:
+    """The fenced distances of ``p`` to ``ref`` (see module docstring); all finite, >= 0."""
+    a, b = p.direction, ref.direction
+    diff = a - b
+    abs_a, abs_b = a.abs(), b.abs()
+    l1 = float(diff.abs().sum()) / (float(abs_a.sum()) + float(abs_b.sum()) + TINY)
+    na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
+    l2 = float(torch.linalg.vector_norm(diff)) / (na + nb + TINY)
+    rms_b = nb / math.sqrt(max(b.numel(), 1))
+    if rms_b > TINY:
+        mask = abs_b >= sign_rel_threshold * rms_b
+        counted = int(mask.sum())
+        sign = float(((a * b) <= 0)[mask].sum()) / counted if counted else 0.0
+    else:
+        sign = 0.0
+    w1 = float((p.shape_q - ref.shape_q).abs().mean())
+    norm_ratio = abs(p.log_rms - ref.log_rms)
+    return {"l1": l1, "l2": l2, "sign": sign, "w1": w1, "norm_ratio": norm_ratio}

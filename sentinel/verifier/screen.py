@@ -1,0 +1,551 @@
+"""SENTINEL screening of one pipeline boundary, hardened against lock-up and contaminated warm-ups.
+
+What is screened
+    Every tensor a worker returns at a boundary (stage ``s`` output, forward activations or
+    backward gradients) is reduced to :class:`~sentinel.verifier.stats.TensorStats`, then to a
+    scale-free :class:`~sentinel.verifier.reference.Profile` (batch-mean direction = mean_vec/rms,
+    log RMS, quantiles/rms). Five distances to a reference profile are fenced: normalised L1 and
+    L2 of the direction, the sign-flip ratio, the 1-D Wasserstein distance of the shapes, and
+    ``|log(rms / rms_ref)|``. Malformed tensors (empty, wrong ndim/shape, wrong feature size)
+    and non-finite ones are flagged at once, with no history needed.
+
+How this differs from the paper's temporal-EMA scheme (and why)
+    1. *The reference is the stage's other replicas, not the past.* Each worker keeps its own
+       EMA profile (momentum ``beta_forward``/``beta_backward``, updated only by its accepted
+       messages). A message from worker ``w`` is compared with the coordinate-wise MEDIAN of
+       the EMA profiles of the *other* replicas seen in the last ``recent_messages`` messages
+       (with fewer than two others, ``w``'s own EMA joins the median; a lone replica is
+       screened against its own past). With an honest majority per stage the median is honest
+       whatever one attacker does, and it moves with the honest replicas, so legitimate drift
+       is followed instead of being flagged.
+    2. *Scale-free statistics.* Only ``log_rms`` carries the scale, as a geometric EMA, so a
+       50x decay of gradient norms is a slow straight line that every EMA tracks; direction and
+       shape do not change at all when only the scale does.
+    3. *Fences from the honest majority.* Each worker has its own window of accepted distances;
+       for each distance the Tukey fence ``Q3 + fence_k * max(IQR, fence_iqr_floor)`` is fitted
+       on the pooled windows of the workers whose median distance is at most
+       ``eligibility_ratio`` x the median across workers (``fences.py``). An attacker, even one active from step 0, never
+       widens the fence it is judged by.
+    4. *Warm start without trusting a warm-up.* There is no reference until a second worker
+       has been seen, and the fences are not trusted (verdicts are ``calibrating``, nothing
+       flagged on distances) until ``min_history`` pooled distances from at least
+       ``min_workers`` replicas exist (or ``solo_history`` messages for a stage with fewer
+       replicas). The reference during that phase is already the median of the replicas' first
+       profiles. When the fences first become trusted, every calibration message is
+       *re-scored* against the median of the others and the new fences; flags found this way
+       are queued for :meth:`BoundaryScreen.take_retroactive` (the driver strikes them), and a
+       worker with at least half of its calibration messages flagged loses its EMA and its
+       distance window, so nothing it sent during calibration survives.
+    5. *Drift, not mass attack.* If a message is fence-flagged and at least ``drift_fraction``
+       of the recently seen replicas (and at least two) have their latest message fence-flagged,
+       the stage moved (or this verifier is wrong). The message is re-scored against the
+       coordinate-wise median of the *latest* profiles of the recent replicas (flagged or not);
+       if it fits that fresh consensus, every recent replica's EMA is re-seeded to it and the
+       verdict is ``drift=True`` (not flagged, nothing to strike). A message that does not fit
+       even the fresh consensus is still flagged, so an attacker cannot hide behind a drift.
+       Between them, (1) and (5) make lock-up impossible: a step change costs the first one or
+       two replicas one forgivable strike each, never a frozen reference.
+    6. *Flagged messages never move the reference* (EMA or fence windows). They only update the
+       worker's "latest" profile, which matters solely for the drift vote and its consensus,
+       both of which are medians over the replicas.
+
+Backward gradients at small batch
+    Their batch-mean direction is mostly noise (honest sign mismatch ~49 %): ``l1``/``l2``/
+    ``sign`` simply get wide fences from the honest windows and rarely fire; the norm ratio and
+    the shape distance carry the signal (Gaussian noise of sigma=1 raises the RMS by sqrt(2):
+    ``norm_ratio`` ~0.35 against an honest ~0.05).
+
+Everything here is deterministic pure tensor math: no I/O, no clocks, no randomness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sentinel.verifier.config import ScreeningConfig
+from sentinel.verifier.fences import DistanceHistory, exceeded, tukey_fence
+from sentinel.verifier.reference import (
+    DISTANCES,
+    Profile,
+    distances,
+    ema_update,
+    median_profile,
+    profile_of,
+)
+from sentinel.verifier.stats import TensorStats, compute_stats
+
+DIRECTIONS = ("forward", "backward")
+SUMMARY_VERSION = 1
+
+
+@dataclass
+class Verdict:
+    """Outcome of screening one message.
+
+    ``flagged`` means: strike the worker and do not use the tensor. ``calibrating`` means the
+    boundary could not judge distances yet (the tensor is used; retroactive flags may follow
+    via :meth:`BoundaryScreen.take_retroactive`). ``drift`` means the message was part of a
+    stage-wide shift and triggered a recalibration: use it, strike nobody.
+    """
+
+    flagged: bool
+    reasons: tuple[str, ...]
+    distances: dict[str, float]
+    fences: dict[str, float]
+    drift: bool = False
+    calibrating: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "flagged": self.flagged,
+            "reasons": list(self.reasons),
+            "distances": dict(self.distances),
+            "fences": dict(self.fences),
+            "drift": self.drift,
+            "calibrating": self.calibrating,
+        }
+
+
+@dataclass
+class _Worker:
+    last_seen: int
+    ema: Profile | None = None
+    latest: Profile | None = None
+    latest_flagged: bool = False
+    accepted_log_rms: float = 0.0
+    flag_streak: int = 0
+    calibration_messages: int = 0
+
+
+@dataclass
+class _Counters:
+    messages: int = 0
+    flagged: int = 0
+    drift_events: int = 0
+    recalibrations: int = 0
+    calibrating: int = 0
+    retroactive: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+class BoundaryScreen:
+    """Screening state for one boundary (stage output) in one direction (see module docstring)."""
+
+    def __init__(
+        self,
+        config: ScreeningConfig,
+        direction: str,
+        expected_shape: tuple[int | None, ...] | None = None,
+    ) -> None:
+        self.config = config
+        self.direction = direction
+        self.beta = config.beta(direction)
+        self.expected_shape = tuple(expected_shape) if expected_shape is not None else None
+        self.counters = _Counters()
+        self._t = 0
+        self._workers: dict[str, _Worker] = {}
+        self._history = DistanceHistory(config.window, config.eligibility_ratio)
+        self._trusted = False
+        self._calibration: list[tuple[str, Profile]] = []
+        self._retro: list[tuple[str, Verdict]] = []
+        self._features: int | None = None
+        self._warm_ref: Profile | None = None
+        self._warm_fences: dict[str, float] | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    def screen(self, worker: str, x: torch.Tensor) -> Verdict:
+        """Screen one tensor sent by ``worker``; the shape is checked before any pass over it."""
+        if self._shape_problem(tuple(x.shape), x.numel()):
+            return self._count(self._malformed())
+        return self.screen_stats(worker, compute_stats(x, self.config))
+
+    def screen_stats(self, worker: str, stats: TensorStats) -> Verdict:
+        """Screen precomputed stats (also used to re-score another verifier's ban evidence)."""
+        return self._count(self._judge(worker, stats))
+
+    def rescore(self, stats: TensorStats) -> Verdict:
+        """Judge ban evidence against this verifier's own reference and fences, changing nothing.
+
+        The evidence is compared with the median of all recent replicas' EMA profiles (the
+        accused worker cannot be singled out by name in someone else's record). Returns a
+        ``calibrating`` verdict when this verifier has no trusted fences yet.
+        """
+        problem = self._static_problem(stats)
+        if problem is not None:
+            return problem
+        ref = self._consensus()
+        fences = self.fences()
+        if ref is None or fences is None:
+            return Verdict(False, (), {}, {}, calibrating=True)
+        d = distances(profile_of(stats), ref, self.config.sign_rel_threshold)
+        reasons = exceeded(d, fences)
+        return Verdict(bool(reasons), reasons, d, fences)
+
+    def substitute(self, like: torch.Tensor) -> torch.Tensor:
+        """The paper's fallback: the consensus EMA batch-mean broadcast to ``like``'s shape.
+
+        Zeros when there is no reference yet or its feature size does not match ``like``.
+        """
+        ref = self._consensus()
+        features = like.shape[-1] if like.dim() else 1
+        if ref is None or ref.features != features:
+            return torch.zeros_like(like)
+        mean_vec = ref.mean_vec.to(like.dtype)
+        if like.dim() == 0:
+            return mean_vec.reshape(()).clone()
+        return mean_vec.expand(like.shape).clone()
+
+    def fences(self) -> dict[str, float] | None:
+        """Current fences (own when trusted, else gossiped warm-start fences, else None)."""
+        if self._trusted:
+            return self._history.fences(self.config.fence_k, self.config.fence_iqr_floor)
+        return dict(self._warm_fences) if self._warm_fences is not None else None
+
+    @property
+    def calibrated(self) -> bool:
+        """True once this boundary's own fences are trusted."""
+        return self._trusted
+
+    def take_retroactive(self) -> list[tuple[str, Verdict]]:
+        """Flags found by re-scoring calibration messages; returned once, then cleared."""
+        out, self._retro = self._retro, []
+        return out
+
+    def flag_rate(self) -> float:
+        c = self.counters
+        return c.flagged / c.messages if c.messages else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able reference + fence state, gossiped so a new verifier can warm-start."""
+        ref = self._consensus()
+        quartiles = None
+        if self._trusted:
+            q1, q3, _ = self._history.quartiles()
+            quartiles = {n: [float(q1[j]), float(q3[j])] for j, n in enumerate(DISTANCES)}
+        return {
+            "version": SUMMARY_VERSION,
+            "direction": self.direction,
+            "messages": self._t,
+            "reference": ref.to_dict() if ref is not None else None,
+            "quartiles": quartiles,
+        }
+
+    def load_summaries(self, summaries: Sequence[Any]) -> None:
+        """Warm-start from the coordinate-wise MEDIAN of committee members' summaries.
+
+        Invalid summaries (wrong schema, other direction, non-finite values) are skipped; only
+        profiles of the most common feature size are combined. With an honest majority among the
+        members, every median coordinate lies within the honest members' values. The warm state
+        is used only until this boundary has its own reference/trusted fences.
+        """
+        profiles: list[Profile] = []
+        quartiles: list[dict[str, list[float]]] = []
+        for s in summaries:
+            try:
+                ref, q = _parse_summary(s, self.direction)
+            except ValueError:
+                continue
+            if ref is not None:
+                profiles.append(ref)
+            if q is not None:
+                quartiles.append(q)
+        if profiles:
+            sizes = [(p.features, p.shape_q.numel()) for p in profiles]
+            common = max(set(sizes), key=lambda sz: (sizes.count(sz), sz))
+            same = [p for p in profiles if (p.features, p.shape_q.numel()) == common]
+            if same[0].shape_q.numel() == self.config.num_quantiles:
+                self._warm_ref = median_profile(same)
+        if quartiles:
+            fences = {}
+            for n in DISTANCES:
+                q1 = _median([q[n][0] for q in quartiles])
+                q3 = _median([q[n][1] for q in quartiles])
+                fences[n] = tukey_fence(q1, q3, self.config.fence_k, self.config.fence_iqr_floor)
+            self._warm_fences = fences
+
+    # ------------------------------------------------------------------ internals
+
+    def _count(self, v: Verdict) -> Verdict:
+        c = self.counters
+        c.messages += 1
+        c.flagged += v.flagged
+        c.calibrating += v.calibrating
+        c.drift_events += v.drift
+        for r in v.reasons:
+            c.reasons[r] = c.reasons.get(r, 0) + 1
+        return v
+
+    @staticmethod
+    def _malformed() -> Verdict:
+        return Verdict(True, ("malformed",), {}, {})
+
+    def _shape_problem(self, shape: tuple[int, ...], numel: int) -> bool:
+        if numel == 0:
+            return True
+        exp = self.expected_shape
+        if exp is not None:
+            if len(shape) != len(exp) or any(e is not None and e != s for e, s in zip(exp, shape, strict=True)):
+                return True
+        features = shape[-1] if shape else 1
+        return self._features is not None and features != self._features
+
+    def _static_problem(self, stats: TensorStats) -> Verdict | None:
+        """Malformed / non-finite checks that need no history."""
+        features = stats.shape[-1] if stats.shape else 1
+        if (
+            self._shape_problem(stats.shape, stats.numel)
+            or stats.mean_vec.numel() != features
+            or stats.quantiles.numel() != self.config.num_quantiles
+        ):
+            return self._malformed()
+        if not (
+            stats.finite
+            and math.isfinite(stats.rms)
+            and math.isfinite(stats.mean)
+            and math.isfinite(stats.std)
+            and math.isfinite(stats.absmax)
+            and bool(torch.isfinite(stats.mean_vec).all())
+            and bool(torch.isfinite(stats.quantiles).all())
+        ):
+            return Verdict(True, ("non_finite",), {}, {})
+        return None
+
+    def _recent(self) -> list[tuple[str, _Worker]]:
+        horizon = self._t - self.config.recent_messages
+        return [(n, w) for n, w in self._workers.items() if w.last_seen > horizon]
+
+    def _prune(self) -> None:
+        """Forget replicas not seen for ``recent_messages``: their stale state must not steer."""
+        horizon = self._t - self.config.recent_messages
+        for name in [n for n, w in self._workers.items() if w.last_seen <= horizon]:
+            del self._workers[name]
+            self._history.drop(name)
+
+    def _reference_for(self, worker: str) -> Profile | None:
+        pool = [w for n, w in self._recent() if n != worker and w.ema is not None]
+        if len(pool) < 2:
+            own = self._workers.get(worker)
+            if own is not None and own.ema is not None:
+                pool.append(own)
+        if not pool:
+            return self._warm_ref
+        ref = median_profile([w.ema for w in pool if w.ema is not None])
+        if len(pool) >= 2:
+            # Scale is the one statistic that drifts legitimately (gradients shrink ~50x): an EMA
+            # of it lags by beta/(1-beta) messages per replica, so across replicas the reference
+            # scale is the median of their latest *accepted* scales (noise averaged over
+            # replicas instead of over time, no lag).
+            ref = dataclasses.replace(ref, log_rms=_median([w.accepted_log_rms for w in pool]))
+        return ref
+
+    def _consensus(self) -> Profile | None:
+        emas = [w.ema for _, w in self._recent() if w.ema is not None]
+        if emas:
+            return median_profile(emas)
+        return self._warm_ref
+
+    def _accept(self, name: str, w: _Worker, p: Profile, d: dict[str, float] | None) -> None:
+        w.ema = p if w.ema is None else ema_update(w.ema, p, self.beta)
+        w.accepted_log_rms = p.log_rms
+        w.latest = p
+        w.latest_flagged = False
+        w.flag_streak = 0
+        if d is not None:
+            self._history.add(name, d)
+
+    def _judge(self, name: str, stats: TensorStats) -> Verdict:
+        problem = self._static_problem(stats)
+        if problem is not None:
+            return problem
+        cfg = self.config
+        self._t += 1
+        if self._t % cfg.recent_messages == 0:
+            self._prune()
+        features = stats.shape[-1] if stats.shape else 1
+        if self._features is None:
+            self._features = features
+        w = self._workers.get(name)
+        if w is None:
+            w = self._workers[name] = _Worker(last_seen=self._t)
+        w.last_seen = self._t
+        p = profile_of(stats)
+        ref = self._reference_for(name)
+        d = distances(p, ref, cfg.sign_rel_threshold) if ref is not None else None
+        fences = self.fences()
+        if d is None or fences is None:
+            self._accept(name, w, p, d)
+            if not self._trusted:
+                w.calibration_messages += 1
+                self._calibration.append((name, p))
+                self._maybe_trust()
+            return Verdict(False, (), d or {}, {}, calibrating=True)
+
+        reasons = exceeded(d, fences)
+        if not reasons:
+            self._accept(name, w, p, d)
+            if not self._trusted:
+                self._maybe_trust()
+            return Verdict(False, (), d, fences)
+
+        w.latest = p
+        w.latest_flagged = True
+        w.flag_streak += 1
+        if self._drift_vote():
+            voters = self._voters()
+            fresh = median_profile([o.latest for _, o in voters if o.latest is not None])
+            d2 = distances(p, fresh, cfg.sign_rel_threshold)
+            if not exceeded(d2, fences):
+                # The stage moved: every flagged replica whose latest message agrees with the
+                # fresh consensus restarts its EMA there (its message is accepted after all);
+                # a replica that disagrees even with the fresh consensus stays flagged.
+                for _, o in voters:
+                    if o.latest_flagged and o.latest is not None:
+                        if o is w or not exceeded(distances(o.latest, fresh, cfg.sign_rel_threshold), fences):
+                            o.ema = o.latest
+                            o.accepted_log_rms = o.latest.log_rms
+                            o.latest_flagged = False
+                            o.flag_streak = 0
+                self._recalibrate()
+                return Verdict(False, (), d2, fences, drift=True)
+        return Verdict(True, reasons, d, fences)
+
+    def _recalibrate(self) -> None:
+        """After a stage-wide shift the *distances* may follow a new regime too: refit the
+        fences from scratch (calibration again, with retroactive re-scoring when they are
+        trusted), instead of letting a stale window ratchet up only through values below it."""
+        self._history = DistanceHistory(self.config.window, self.config.eligibility_ratio)
+        self._trusted = False
+        self._warm_fences = None
+        self._calibration = []
+        for w in self._workers.values():
+            w.calibration_messages = 0
+        self.counters.recalibrations += 1
+
+    def _voters(self) -> list[tuple[str, _Worker]]:
+        """Recent replicas that take part in the drift vote.
+
+        A replica flagged ``strike_limit`` times in a row is being banned; letting it vote would
+        turn every honest false positive next to a persistent attacker into a "drift".
+        """
+        limit = self.config.strike_limit
+        return [(n, w) for n, w in self._recent() if w.flag_streak < limit or w.flag_streak == 1]
+
+    def _drift_vote(self) -> bool:
+        voters = self._voters()
+        flagged = sum(1 for _, w in voters if w.latest_flagged)
+        return flagged >= 2 and flagged >= self.config.drift_fraction * len(voters)
+
+    def _maybe_trust(self) -> None:
+        cfg = self.config
+        workers = len(self._history.workers())
+        if self._history.pooled_count() < cfg.min_history:
+            return
+        if workers < cfg.min_workers and self._t < cfg.solo_history:
+            return
+        self._trusted = True
+        self._rescore_calibration()
+
+    def _rescore_calibration(self) -> None:
+        """Judge the calibration-phase messages now that the median and the fences exist."""
+        fences = self._history.fences(self.config.fence_k, self.config.fence_iqr_floor)
+        flags: dict[str, int] = {}
+        for name, p in self._calibration:
+            ref = self._reference_for(name)
+            if ref is None:
+                continue
+            d = distances(p, ref, self.config.sign_rel_threshold)
+            reasons = exceeded(d, fences)
+            if reasons:
+                self._retro.append((name, Verdict(True, reasons, d, fences)))
+                flags[name] = flags.get(name, 0) + 1
+        self.counters.retroactive += sum(flags.values())
+        for name, n in flags.items():
+            w = self._workers.get(name)
+            if w is not None and 2 * n >= w.calibration_messages:
+                w.ema = None
+                w.latest = None
+                self._history.drop(name)
+        self._calibration = []
+
+
+def _median(values: Sequence[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def _parse_summary(s: Any, direction: str) -> tuple[Profile | None, dict[str, list[float]] | None]:
+    if not isinstance(s, dict) or s.get("version") != SUMMARY_VERSION or s.get("direction") != direction:
+        raise ValueError("not a summary for this direction")
+    ref = Profile.from_dict(s["reference"]) if s.get("reference") is not None else None
+    q = s.get("quartiles")
+    if q is not None:
+        if not isinstance(q, dict) or set(q) != set(DISTANCES):
+            raise ValueError("bad quartiles")
+        for n in DISTANCES:
+            v = q[n]
+            if (
+                not isinstance(v, list)
+                or len(v) != 2
+                or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) for e in v)
+                or not 0 <= v[0] <= v[1]
+            ):
+                raise ValueError("bad quartiles")
+    return ref, q
+
+
+class Screener:
+    """All boundaries of a pipeline for one verifier: ``num_stages`` stages x 2 directions."""
+
+    def __init__(
+        self,
+        config: ScreeningConfig,
+        num_stages: int,
+        expected_shapes: dict[tuple[int, str], tuple[int | None, ...]] | None = None,
+    ) -> None:
+        if num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+        self.config = config
+        self.num_stages = num_stages
+        shapes = expected_shapes or {}
+        self._boundaries = {
+            (s, d): BoundaryScreen(config, d, shapes.get((s, d))) for s in range(num_stages) for d in DIRECTIONS
+        }
+
+    def boundary(self, stage: int, direction: str) -> BoundaryScreen:
+        try:
+            return self._boundaries[(stage, direction)]
+        except KeyError:
+            raise ValueError(
+                f"no boundary stage={stage!r} direction={direction!r}: stages are 0..{self.num_stages - 1}, "
+                f"directions {DIRECTIONS}"
+            ) from None
+
+    def screen(self, stage: int, direction: str, worker: str, x: torch.Tensor) -> Verdict:
+        return self.boundary(stage, direction).screen(worker, x)
+
+    def take_retroactive(self) -> list[tuple[int, str, str, Verdict]]:
+        """(stage, direction, worker, verdict) for every retroactive flag since the last call."""
+        out = []
+        for (s, d), b in self._boundaries.items():
+            out.extend((s, d, w, v) for w, v in b.take_retroactive())
+        return out
+
+    def flag_rates(self) -> dict[str, float]:
+        return {f"stage{s}/{d}": b.flag_rate() for (s, d), b in self._boundaries.items()}
+
+    def summaries(self) -> dict[str, Any]:
+        return {f"stage{s}/{d}": b.summary() for (s, d), b in self._boundaries.items()}
+
+    def load_summaries(self, per_member: list[dict]) -> None:
+        """Warm-start every boundary from the median of the members' :meth:`summaries`."""
+        for (s, d), b in self._boundaries.items():
+            key = f"stage{s}/{d}"
+            b.load_summaries([m[key] for m in per_member if isinstance(m, dict) and key in m])

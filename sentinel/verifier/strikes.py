@@ -1,0 +1,70 @@
+"""Strike counting with linear forgiveness: the local ban decision of one verifier.
+
++1 strike per flagged message; each clean message forgives ``strike_limit / forgive_after``
+strikes, so any count below the limit is wiped out by ``forgive_after`` clean messages in a
+row, and an honest worker's rare false positives never add up; ``strike_limit`` flags in a row
+(or close together) ban. A ban here is this verifier's *vote*; the swarm-wide ban needs a
+committee quorum (``committee.ban_quorum``). Counting is exact: strikes are kept as integer units
+of ``1 / forgive_after`` so forgiveness has no float drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StrikeState:
+    """One worker's standing. ``banned_now`` is True only on the message that caused the ban."""
+
+    strikes: float = 0.0
+    banned: bool = False
+    banned_now: bool = False
+    clean_streak: int = 0
+    flags: int = 0
+    messages: int = 0
+
+
+class StrikeLedger:
+    """Strikes of every worker seen by one verifier."""
+
+    def __init__(self, strike_limit: int = 3, forgive_after: int = 100) -> None:
+        if strike_limit < 1 or forgive_after < 1:
+            raise ValueError("strike_limit and forgive_after must be >= 1")
+        self.strike_limit = strike_limit
+        self.forgive_after = forgive_after
+        self._units: dict[str, int] = {}
+        self._states: dict[str, StrikeState] = {}
+
+    def record(self, worker: str, flagged: bool) -> StrikeState:
+        """Count one screened message of ``worker``; returns a copy of its new state."""
+        st = self._states.setdefault(worker, StrikeState())
+        units = self._units.get(worker, 0)
+        st.messages += 1
+        st.banned_now = False
+        if flagged:
+            st.flags += 1
+            st.clean_streak = 0
+            if not st.banned:
+                units += self.forgive_after
+        else:
+            st.clean_streak += 1
+            if not st.banned:
+                units = max(0, units - self.strike_limit)
+        if not st.banned and units >= self.strike_limit * self.forgive_after:
+            st.banned = True
+            st.banned_now = True
+        self._units[worker] = units
+        st.strikes = units / self.forgive_after
+        return StrikeState(**vars(st))
+
+    def is_banned(self, worker: str) -> bool:
+        st = self._states.get(worker)
+        return st is not None and st.banned
+
+    def state(self, worker: str) -> StrikeState:
+        st = self._states.get(worker)
+        return StrikeState(**vars(st)) if st is not None else StrikeState()
+
+    def banned(self) -> list[str]:
+        return sorted(w for w, st in self._states.items() if st.banned)
