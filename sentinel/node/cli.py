@@ -185,7 +185,7 @@ async def _start_worker(args: argparse.Namespace, runtime: Any, manifest: Any) -
         if args.attack_start is not None and hasattr(attack, "start_step"):
             attack.start_step = args.attack_start
     stage = None if args.stage == "auto" else int(args.stage)
-    node = WorkerNode(runtime, manifest, stage=stage, attack=attack, attack_seed=hash(runtime.peer_id) % 2**31)
+    node = WorkerNode(runtime, manifest, stage=stage, attack=attack, attack_seed=_stable_seed(runtime.peer_id))
     await node.start()
     print(f"worker {runtime.peer_id} ONLINE on stage {node.stage}", flush=True)
     return node
@@ -203,6 +203,12 @@ async def _start_verifier(args: argparse.Namespace, runtime: Any, manifest: Any)
     await node.wait_for_pipeline()
     print(f"verifier {runtime.peer_id} ONLINE", flush=True)
     return node
+
+
+def _stable_seed(text: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big")
 
 
 def _write_node_report(args: argparse.Namespace, node: Any) -> None:

@@ -46,6 +46,10 @@ def verifiers_key(run: str) -> str:
     return record_key(run, "verifiers")
 
 
+def progress_key(run: str) -> str:
+    return record_key(run, "progress")
+
+
 async def read_stage_claims(runtime: SwarmRuntime, run: str, num_stages: int) -> dict[int, dict[str, dict]]:
     """stage -> {peer id -> claim payload} for claims whose owner says they serve that stage."""
     keys = [stage_key(run, s) for s in range(num_stages)]

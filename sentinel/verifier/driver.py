@@ -178,6 +178,7 @@ class PipelineDriver:
             t1 = time.perf_counter()
             verdict = self.screener.screen(stage, direction, worker, hop.tensor)
             self.screen_seconds += time.perf_counter() - t1
+            self._strike_retroactive(result)
             if verdict.flagged:
                 self._flag(stage, direction, worker, tuple(verdict.reasons), result, verdict, hop.meta, hop.tensor)
                 flagged.add(worker)
@@ -190,6 +191,20 @@ class PipelineDriver:
             return hop, worker
         raise HopError(f"stage {stage} {direction}: gave up after {self.config.max_hop_attempts} attempts",
                        "exhausted", integrity=False)
+
+    def _strike_retroactive(self, result: MicroBatchResult) -> None:
+        """Strike what the screen found when it re-scored its calibration messages.
+
+        Those tensors were already passed on (nothing could judge them yet); the strike still
+        lands on the worker that sent them, so an attack from step 0 is not forgiven.
+        """
+        take = getattr(self.screener, "take_retroactive", None)
+        for stage, direction, worker, verdict in (take() if take else []):
+            if self.ledger is not None:
+                self.ledger.record(worker, True)
+            if self.on_flag is not None:
+                self.on_flag(FlagEvent(result.step, -1, stage, direction, worker, tuple(verdict.reasons), True,
+                                       verdict, {"retroactive": True}))
 
     def _flag(self, stage: int, direction: str, worker: str, reasons: tuple[str, ...], result: MicroBatchResult,
               verdict: Any, meta: dict[str, Any], tensor: torch.Tensor | None = None) -> None:

@@ -23,7 +23,7 @@ from sentinel.bootstrap.manifest import RunManifest
 from sentinel.metrics import METRICS
 from sentinel.model.corpus import TextCorpus
 from sentinel.node.runtime import SwarmRuntime
-from sentinel.node.worker import read_stage_claims, verifiers_key
+from sentinel.node.worker import progress_key, read_stage_claims, verifiers_key
 from sentinel.protocol import pipeline as wire
 from sentinel.protocol.codec import Message
 from sentinel.protocol.signing import sign_message
@@ -95,6 +95,7 @@ class VerifierNode:
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         self.runtime.announce(verifiers_key(self.run), self._record)
+        self.runtime.announce(progress_key(self.run), self._progress_record)
         await self.runtime.announce_now()
         await self.runtime.serve(wire.STATUS, self._on_status)
         self._sync_task = asyncio.create_task(self._sync_loop())
@@ -104,6 +105,21 @@ class VerifierNode:
             "verifier", verifiers_key(self.run), self.run, state=self.state, step=int(self.step),
             version=__version__, accusations=sorted(self.bans.my_votes)[:64],
             banned=sorted(self.bans.effective)[:256],
+        )
+
+    def _progress_record(self) -> dict[str, Any]:
+        """What the monitor plots: this verifier's recent losses, throughput, flags and bans."""
+        return self.runtime.record_value(
+            "progress", progress_key(self.run), self.run, step=int(self.step), micro_batches=len(self.results),
+            state=self.state, tokens=int(self.tokens),
+            tokens_per_s=round(self.tokens / self.train_seconds, 1) if self.train_seconds else 0.0,
+            train_loss=[[s, round(v, 4)] for s, v in self.train_losses[-200:]],
+            val_loss=[[s, round(v, 4)] for s, v in self.val_losses[-50:]],
+            flags=dict(self.flag_counts),
+            flag_rates={k: round(v, 5) for k, v in (self.screener.flag_rates() if self.screener else {}).items()},
+            banned=[{"peer": b.peer, "stage": b.stage, "step": b.step, "votes": b.votes, "reasons": b.reasons}
+                    for b in self.bans.effective.values()][:64],
+            committee=list(self.bans.committee),
         )
 
     async def shutdown(self) -> None:
@@ -164,8 +180,7 @@ class VerifierNode:
             for ev in payload.get("evidence", []):
                 try:
                     stats = TensorStats.from_dict(ev["stats"])
-                    verdict = self.screener.boundary(int(ev["stage"]), str(ev["direction"])).screen_stats(
-                        target + "#evidence", stats)
+                    verdict = self.screener.boundary(int(ev["stage"]), str(ev["direction"])).rescore(stats)
                 except (KeyError, TypeError, ValueError) as e:
                     logger.debug("unusable evidence against %s: %s", target[-8:], e)
                     continue

@@ -1,0 +1,44 @@
+"""Crash faults on a live swarm: a worker SIGKILLed mid-run loses no micro-batch."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import psutil
+import pytest
+
+from sentinel.swarm import LocalSwarm, SwarmConfig
+from tests.conftest import assert_all_gone
+
+pytestmark = pytest.mark.swarm
+
+
+def test_sigkill_worker_mid_run_loses_nothing(tmp_path):
+    cfg = SwarmConfig(stages=3, replicas=2, verifiers=2, steps=60, malicious=0, eval_every=1000)
+    swarm = LocalSwarm(cfg, tmp_path)
+    victim = next(w for w in swarm.workers if w.stage == 1)
+    try:
+        swarm.start()
+        deadline = time.monotonic() + 600
+        while min(p.get("step", 0) for p in swarm.progress()) < 15:
+            assert time.monotonic() < deadline, "swarm made no progress"
+            assert all(v.alive for v in swarm.verifiers), [swarm.tail(v) for v in swarm.verifiers]
+            swarm.record_descendants()
+            time.sleep(0.5)
+        daemons = set(victim.descendants)
+        assert daemons, "the worker's p2pd should be its child"
+        swarm.kill(victim, signal.SIGKILL)
+        # its p2pd dies with it (PR_SET_PDEATHSIG), long before any teardown could reap it
+        _, orphans = psutil.wait_procs([psutil.Process(p) for p in daemons if psutil.pid_exists(p)], timeout=20)
+        orphans = [p for p in orphans if p.status() != psutil.STATUS_ZOMBIE]
+        swarm.wait()
+    finally:
+        swarm.stop()
+    report = swarm.report()
+    mb = report["micro_batches"]
+    assert mb["accounted"], mb
+    assert mb["lost"] == 0 and mb["failed"] == 0, mb
+    assert mb["total"] == cfg.verifiers * cfg.steps * cfg.micro_batches_per_step
+    assert not orphans, f"p2pd of the killed worker outlived it: {orphans}"
+    assert_all_gone(swarm.all_pids())
