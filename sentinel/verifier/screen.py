@@ -32,7 +32,8 @@ How this differs from the paper's temporal-EMA scheme (and why)
        ``min_workers`` replicas exist (or ``solo_history`` messages for a stage with fewer
        replicas). The reference during that phase is already the median of the replicas' first
        profiles. When the fences first become trusted, every calibration message is
-       *re-scored* against the median of the others and the new fences; flags found this way
+       *re-scored*: its distances to the median of the other replicas at the time it arrived
+       are judged by the new fences; flags found this way
        are queued for :meth:`BoundaryScreen.take_retroactive` (the driver strikes them), and a
        worker with at least half of its calibration messages flagged loses its EMA and its
        distance window, so nothing it sent during calibration survives.
@@ -152,11 +153,12 @@ class BoundaryScreen:
         self._workers: dict[str, _Worker] = {}
         self._history = DistanceHistory(config.window, config.eligibility_ratio)
         self._trusted = False
-        self._calibration: list[tuple[str, Profile]] = []
+        self._calibration: list[tuple[str, dict[str, float]]] = []
         self._retro: list[tuple[str, Verdict]] = []
         self._features: int | None = None
         self._warm_ref: Profile | None = None
         self._warm_fences: dict[str, float] | None = None
+        self._fence_floor: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -203,9 +205,20 @@ class BoundaryScreen:
         return mean_vec.expand(like.shape).clone()
 
     def fences(self) -> dict[str, float] | None:
-        """Current fences (own when trusted, else gossiped warm-start fences, else None)."""
+        """Current fences (own when trusted, else gossiped warm-start fences, else None).
+
+        After a recalibration the fences fitted before it stay a lower bound until the new pool
+        holds ``window`` distances: a Tukey fit on a couple of dozen values is noisy, and a
+        too-tight one would strike honest replicas right after a legitimate shift.
+        """
         if self._trusted:
-            return self._history.fences(self.config.fence_k, self.config.fence_iqr_floor)
+            fences = self._history.fences(self.config.fence_k, self.config.fence_iqr_floor)
+            if self._fence_floor is not None:
+                if self._history.pooled_count() >= self.config.window:
+                    self._fence_floor = None
+                else:
+                    fences = {n: max(v, self._fence_floor[n]) for n, v in fences.items()}
+            return fences
         return dict(self._warm_fences) if self._warm_fences is not None else None
 
     @property
@@ -383,7 +396,8 @@ class BoundaryScreen:
             self._accept(name, w, p, d)
             if not self._trusted:
                 w.calibration_messages += 1
-                self._calibration.append((name, p))
+                if d is not None and self._robust_reference(name):
+                    self._calibration.append((name, d))
                 self._maybe_trust()
             return Verdict(False, (), d or {}, {}, calibrating=True)
 
@@ -420,6 +434,10 @@ class BoundaryScreen:
         """After a stage-wide shift the *distances* may follow a new regime too: refit the
         fences from scratch (calibration again, with retroactive re-scoring when they are
         trusted), instead of letting a stale window ratchet up only through values below it."""
+        previous = self.fences()
+        if previous is not None:
+            floor = self._fence_floor or previous
+            self._fence_floor = {n: max(v, floor[n]) for n, v in previous.items()}
         self._history = DistanceHistory(self.config.window, self.config.eligibility_ratio)
         self._trusted = False
         self._warm_fences = None
@@ -432,10 +450,16 @@ class BoundaryScreen:
         """Recent replicas that take part in the drift vote.
 
         A replica flagged ``strike_limit`` times in a row is being banned; letting it vote would
-        turn every honest false positive next to a persistent attacker into a "drift".
+        turn every honest false positive next to a persistent attacker into a "drift". Unless
+        such replicas are themselves at least ``drift_fraction`` of the stage: that is the
+        signature of a lock-up, and everyone votes.
         """
         limit = self.config.strike_limit
-        return [(n, w) for n, w in self._recent() if w.flag_streak < limit or w.flag_streak == 1]
+        recent = self._recent()
+        persistent = sum(1 for _, w in recent if w.flag_streak >= limit)
+        if persistent >= self.config.drift_fraction * len(recent):
+            return recent  # most replicas flagged again and again: that is lock-up, let them vote
+        return [(n, w) for n, w in recent if w.flag_streak < limit]
 
     def _drift_vote(self) -> bool:
         voters = self._voters()
@@ -452,23 +476,34 @@ class BoundaryScreen:
         self._trusted = True
         self._rescore_calibration()
 
+    def _robust_reference(self, worker: str) -> bool:
+        """Was ``worker`` just compared with a median of at least two other replicas?"""
+        return sum(1 for n, w in self._recent() if n != worker and w.ema is not None) >= 2
+
     def _rescore_calibration(self) -> None:
-        """Judge the calibration-phase messages now that the median and the fences exist."""
+        """Judge the calibration-phase messages now that the fences exist.
+
+        Each message is judged by the distances it had *when it arrived* (to the median of the
+        other replicas then; messages compared with fewer than two others are not judged), so a
+        stage that drifted during calibration does not turn into retroactive flags. A worker
+        with at least half of its calibration messages flagged loses its EMA and its distance
+        window — unless that would be most of the workers (honest majority: then the fault is
+        the calibration, not the workers).
+        """
         fences = self._history.fences(self.config.fence_k, self.config.fence_iqr_floor)
         flags: dict[str, int] = {}
-        for name, p in self._calibration:
-            ref = self._reference_for(name)
-            if ref is None:
-                continue
-            d = distances(p, ref, self.config.sign_rel_threshold)
+        for name, d in self._calibration:
             reasons = exceeded(d, fences)
             if reasons:
                 self._retro.append((name, Verdict(True, reasons, d, fences)))
                 flags[name] = flags.get(name, 0) + 1
         self.counters.retroactive += sum(flags.values())
-        for name, n in flags.items():
-            w = self._workers.get(name)
-            if w is not None and 2 * n >= w.calibration_messages:
+        guilty = [
+            n for n, k in flags.items() if n in self._workers and 2 * k >= self._workers[n].calibration_messages
+        ]
+        if 2 * len(guilty) < len(self._history.workers()):
+            for name in guilty:
+                w = self._workers[name]
                 w.ema = None
                 w.latest = None
                 self._history.drop(name)
