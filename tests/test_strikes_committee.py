@@ -1,0 +1,125 @@
+"""Strike ledger (forgiveness, bans) and committee decisions (election, quorum) on plain data."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sentinel.verifier.committee import ban_quorum, elect_committee
+from sentinel.verifier.strikes import StrikeLedger
+
+# ----------------------------------------------------------------------------- strikes
+
+
+def test_strike_run_of_limit_bans_once() -> None:
+    ledger = StrikeLedger(strike_limit=3, forgive_after=100)
+    states = [ledger.record("w", True) for _ in range(4)]
+    assert [s.banned for s in states] == [False, False, True, True]
+    assert [s.banned_now for s in states] == [False, False, True, False]
+    assert ledger.is_banned("w") and ledger.banned() == ["w"]
+    assert not ledger.record("w", False).banned_now and ledger.is_banned("w")  # bans are sticky
+
+
+def test_forgiveness_is_linear_and_complete() -> None:
+    ledger = StrikeLedger(strike_limit=3, forgive_after=90)
+    ledger.record("w", True)
+    ledger.record("w", True)
+    assert ledger.state("w").strikes == 2
+    for _ in range(30):
+        ledger.record("w", False)
+    assert ledger.state("w").strikes == pytest.approx(1.0)
+    for _ in range(60):
+        ledger.record("w", False)
+    st_ = ledger.state("w")
+    assert st_.strikes == 0 and st_.clean_streak == 90 and st_.flags == 2 and st_.messages == 92
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    limit=st.integers(1, 6),
+    forgive=st.integers(1, 200),
+    flags=st.lists(st.booleans(), max_size=300),
+)
+def test_strike_properties(limit: int, forgive: int, flags: list[bool]) -> None:
+    ledger = StrikeLedger(limit, forgive)
+    prev = 0.0
+    run = 0
+    for f in flags:
+        s = ledger.record("w", f)
+        run = run + 1 if f else 0
+        if not s.banned:
+            assert 0 <= s.strikes < limit
+            assert s.strikes <= prev + 1 + 1e-12 if f else s.strikes <= prev
+        if run >= limit:
+            assert s.banned
+        prev = s.strikes
+    if not ledger.is_banned("w"):
+        for _ in range(forgive):
+            ledger.record("w", False)
+        assert ledger.state("w").strikes == 0
+
+
+def test_unknown_worker_state_is_clean() -> None:
+    ledger = StrikeLedger()
+    assert ledger.state("nobody").strikes == 0 and not ledger.is_banned("nobody")
+
+
+# ----------------------------------------------------------------------------- committee
+
+PEERS = [f"12D3KooPeer{i:03d}" for i in range(40)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    peers=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=30, unique=True),
+    size=st.integers(0, 10),
+    epoch=st.integers(0, 10**6),
+    data=st.data(),
+)
+def test_election_deterministic_and_order_independent(peers: list[str], size: int, epoch: int, data) -> None:
+    shuffled = data.draw(st.permutations(peers))
+    a = elect_committee("run", epoch, peers, size)
+    assert a == elect_committee("run", epoch, shuffled, size)
+    assert a == elect_committee("run", epoch, peers + peers[:3], size)  # duplicates do not matter
+    assert len(a) == min(size, len(peers)) and len(set(a)) == len(a)
+
+
+@settings(max_examples=40, deadline=None)
+@given(leaver=st.sampled_from(PEERS), epoch=st.integers(0, 1000))
+def test_election_changes_minimally_when_a_candidate_leaves(leaver: str, epoch: int) -> None:
+    before = elect_committee("run", epoch, PEERS, 7)
+    after = elect_committee("run", epoch, [p for p in PEERS if p != leaver], 7)
+    if leaver in before:
+        assert len(set(before) - set(after)) == 1 and set(before) - {leaver} <= set(after)
+    else:
+        assert after == before
+
+
+def test_election_depends_on_run_and_epoch() -> None:
+    base = elect_committee("run", 1, PEERS, 5)
+    assert elect_committee("run", 2, PEERS, 5) != base
+    assert elect_committee("other-run", 1, PEERS, 5) != base
+    with pytest.raises(ValueError):
+        elect_committee("run", 1, PEERS, -1)
+
+
+def test_quorum_needs_strict_majority_of_committee() -> None:
+    committee = ["a", "b", "c", "d"]
+    assert not ban_quorum({"a": True, "b": True}, committee)  # 2 of 4 is not a majority
+    assert ban_quorum({"a": True, "b": True, "c": True}, committee)
+    assert not ban_quorum({"a": True, "x": True, "y": True, "z": True}, committee)  # outsiders ignored
+    assert not ban_quorum({"a": True, "b": True, "c": False, "d": False}, committee)
+    assert ban_quorum({"a": True, "b": True}, ["a", "b", "c"])
+    assert not ban_quorum({"a": True}, [])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    committee=st.lists(st.sampled_from(PEERS[:12]), min_size=1, max_size=12, unique=True),
+    yes=st.sets(st.sampled_from(PEERS)),
+)
+def test_quorum_property(committee: list[str], yes: set[str]) -> None:
+    votes = {p: p in yes for p in PEERS}
+    members_yes = len(set(committee) & yes)
+    assert ban_quorum(votes, committee) == (members_yes * 2 > len(committee))
