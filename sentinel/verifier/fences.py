@@ -97,16 +97,23 @@ class DistanceHistory:
         # ``window`` messages whatever the number of replicas, and follows a changing regime.
         per_worker = max(MIN_PER_WORKER, self.window // len(workers))
         windows = [self._latest(w, per_worker) for w in workers]
-        medians = np.stack([np.median(v, axis=0) for v in windows])  # (W, ncol)
+        # Vectorised over workers and distances (NaN padding sorts last): this runs on every
+        # accepted message, so a handful of numpy calls instead of one per worker per column.
+        m = max(len(v) for v in windows)
+        vals = np.full((len(workers), m, ncol), np.nan)
+        for i, v in enumerate(windows):
+            vals[i, : len(v)] = v
+        counts = np.array([len(v) for v in windows])
+        srt = np.sort(vals, axis=1)
+        rows = np.arange(len(workers))
+        medians = 0.5 * (srt[rows, (counts - 1) // 2] + srt[rows, counts // 2])  # (W, ncol)
         cut = self.eligibility_ratio * np.median(medians, axis=0)  # (ncol,)
         eligible = medians <= cut  # (W, ncol)
-        q1 = np.empty(ncol)
-        q3 = np.empty(ncol)
-        count = np.empty(ncol)
-        for j in range(ncol):
-            pool = np.concatenate([v[:, j] for v, ok in zip(windows, eligible[:, j], strict=True) if ok])
-            q1[j], q3[j] = np.percentile(pool, (25.0, 75.0))
-            count[j] = pool.size
+        pooled = np.where(eligible[:, None, :], vals, np.nan).reshape(-1, ncol)
+        pooled.sort(axis=0)
+        count = (~np.isnan(pooled)).sum(axis=0)
+        q1 = _interp(pooled, count, 0.25)
+        q3 = _interp(pooled, count, 0.75)
         self._quartiles = (q1, q3, count)
         return self._quartiles
 
@@ -117,3 +124,13 @@ class DistanceHistory:
     def pooled_count(self) -> int:
         """Smallest pooled sample size over the distances (what ``min_history`` is checked against)."""
         return int(self.quartiles()[2].min())
+
+
+def _interp(sorted_cols: np.ndarray, count: np.ndarray, q: float) -> np.ndarray:
+    """Linear-interpolation quantile ``q`` of each column's first ``count`` (sorted) values."""
+    pos = q * (count - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, count - 1)
+    cols = np.arange(sorted_cols.shape[1])
+    frac = pos - lo
+    return sorted_cols[lo, cols] * (1 - frac) + sorted_cols[hi, cols] * frac
