@@ -1,6 +1,8 @@
 """`sentinel-bootstrap`: start the bootstrap peer of a run and print the address volunteers join.
 
     sentinel-bootstrap --identity-path bootstrap.id --host-maddrs /ip4/0.0.0.0/tcp/31337 --config run.yaml
+
+It also serves the swarm monitor (page, ``/api/state``, ``/metrics``) and prints its URL.
 """
 
 from __future__ import annotations
@@ -23,11 +25,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-swarm", action="store_true",
                    help="start a new swarm (no --initial-peers); otherwise join the given peers as one more bootstrap")
     p.add_argument("--maddr-file", default=None, help="also write the visible multiaddrs to this file")
+    g = p.add_argument_group("monitor (HTTP: / page, /api/state JSON, /metrics Prometheus)")
+    g.add_argument("--monitor-host", default="127.0.0.1",
+                   help="where the monitor listens (default: %(default)s; 0.0.0.0 exposes it to the network)")
+    g.add_argument("--monitor-port", type=int, default=0, help="monitor port (default: 0 = any free port)")
+    g.add_argument("--monitor-url-file", default=None, help="also write the monitor URL to this file")
+    g.add_argument("--no-monitor", action="store_true", help="do not serve the monitor")
     return p
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Launchers poll these files: write a temporary file and rename, so they never read half."""
+    tmp = Path(path + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not 0 <= args.monitor_port <= 65535:
+        print(f"sentinel-bootstrap: error: --monitor-port {args.monitor_port}: need 0..65535 (0 = any free port)",
+              file=sys.stderr)
+        return EXIT_USAGE
     if not args.new_swarm and not args.initial_peers:
         print("sentinel-bootstrap: error: pass --new-swarm to start a new swarm, or --initial-peers to join one",
               file=sys.stderr)
@@ -53,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _serve(args: argparse.Namespace, manifest) -> int:
     from sentinel.bootstrap.peer import BootstrapPeer
+    from sentinel.node.metrics_http import HTTPPortError
     from sentinel.node.runtime import BootstrapUnreachableError, SwarmRuntime
     from sentinel.protocol.errors import IdentityError
 
@@ -66,13 +86,22 @@ async def _serve(args: argparse.Namespace, manifest) -> int:
     peer = BootstrapPeer(runtime, manifest)
     try:
         maddrs = await peer.start()
+        url = None
+        if not args.no_monitor:  # before the address goes out: a taken port fails before anyone joins
+            try:
+                url = await peer.start_monitor(args.monitor_host, args.monitor_port)
+            except HTTPPortError as e:
+                print(f"sentinel-bootstrap: error: monitor: {e.strerror}", file=sys.stderr)
+                return EXIT_NETWORK
+            if args.monitor_url_file:
+                _write_atomic(args.monitor_url_file, url + "\n")
         if args.maddr_file:
-            tmp = Path(args.maddr_file + ".tmp")
-            tmp.write_text("\n".join(maddrs) + "\n")
-            tmp.replace(args.maddr_file)
+            _write_atomic(args.maddr_file, "\n".join(maddrs) + "\n")
         print(f"run {manifest.run_id} ({manifest.num_stages} stages) — join with:", flush=True)
         for m in maddrs:
             print(f"  sentinel-node join --initial-peers {m}", flush=True)
+        if url:
+            print(f"monitor: {url}", flush=True)
         await stop.wait()
         return 0
     finally:
