@@ -143,10 +143,15 @@ function renderChart(s) {
   root.append(svg("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" }));
   root.append(svg("text", { x: W - R, y: H - 4, "text-anchor": "end", class: "axis-title" }, "step"));
 
-  for (const b of bans) {  // when each ban took effect: the curve should recover after it
+  let shown = 0;
+  for (const b of bans.slice().sort((a, c) => a.step - c.step)) {  // when each ban took effect
     if (b.step < x0 || b.step > x1) continue;
-    root.append(svg("line", { x1: sx(b.step), x2: sx(b.step), y1: T, y2: H - B, class: "ban-line" }));
-    root.append(svg("text", { x: sx(b.step) + 4, y: T + 10, class: "ban-label" }, "ban \u2026" + b.short));
+    const x = sx(b.step);
+    const nearRight = x > W - R - 90;  // keep the label inside the plot
+    root.append(svg("line", { x1: x, x2: x, y1: T, y2: H - B, class: "ban-line" }));
+    root.append(svg("text", { x: x + (nearRight ? -4 : 4), y: T + 10 + 12 * shown, class: "ban-label",
+      "text-anchor": nearRight ? "end" : "start" }, "ban \u2026" + b.short));
+    shown += 1;
   }
   const path = (pts) => pts.map((p, i) => (i ? "L" : "M") + sx(p[0]).toFixed(1) + " " + sy(p[1]).toFixed(1)).join(" ");
   if (train.length) {
