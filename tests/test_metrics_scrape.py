@@ -145,3 +145,86 @@ def test_every_metric_name_is_documented():
     assert len(names) > 15
     missing = sorted(n for n in names if f"`{n}" not in doc)
     assert not missing, f"document these metrics in docs/metrics.md: {missing}"
+
+
+def _node_has_metrics_flag() -> bool:
+    import contextlib
+    import io
+
+    from sentinel.node.cli import build_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            build_parser().parse_args(["join", "--metrics-port", "0"])
+    except SystemExit:
+        return False
+    return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.swarm
+def test_a_real_node_serves_metrics(tmp_path):
+    """`sentinel-node join --metrics-port` in a real process: scrapeable, and a taken port is an exit 3."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    if not _node_has_metrics_flag():
+        pytest.skip("sentinel-node join has no --metrics-port flag yet")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    maddr_file = tmp_path / "maddr"
+    procs: list[subprocess.Popen] = []
+
+    def spawn(*args: str) -> subprocess.Popen:
+        log = open(tmp_path / f"node{len(procs)}.log", "wb")  # noqa: SIM115 - the child owns it
+        p = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env,
+                             stdin=subprocess.DEVNULL)
+        log.close()
+        procs.append(p)
+        return p
+
+    def logs() -> str:
+        return "\n".join(f.read_text(errors="replace")[-2000:] for f in sorted(tmp_path.glob("node*.log")))
+
+    port = _free_port()
+    try:
+        spawn("-m", "sentinel.bootstrap.cli", "--new-swarm", "--no-monitor", "--identity-path",
+              str(tmp_path / "b.id"), "--maddr-file", str(maddr_file))
+        deadline = time.monotonic() + 180
+        while not maddr_file.exists():
+            assert time.monotonic() < deadline and procs[0].poll() is None, f"bootstrap did not start:\n{logs()}"
+            time.sleep(0.2)
+        maddr = maddr_file.read_text().split()[0]
+        worker = spawn("-m", "sentinel.node.cli", "join", "--initial-peers", maddr, "--stage", "0",
+                       "--metrics-port", str(port))
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                ctype, samples, _ = scrape(f"http://127.0.0.1:{port}/metrics")
+                break
+            except OSError:
+                assert time.monotonic() < deadline and worker.poll() is None, f"no /metrics from the node:\n{logs()}"
+                time.sleep(0.5)
+        assert ctype == PROMETHEUS_CONTENT_TYPE
+        assert all(name.startswith("sentinel_") for name, _ in samples)
+        second = spawn("-m", "sentinel.node.cli", "join", "--initial-peers", maddr, "--metrics-port", str(port))
+        assert second.wait(timeout=120) == 3
+        assert "port is taken" in (tmp_path / "node2.log").read_text()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
