@@ -23,6 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check sentinel tests bench
+	bash scripts/install-browser.sh
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 lint: $(STAMP)

@@ -98,6 +98,7 @@ class LocalSwarm:
         (self.workdir / "reports").mkdir(exist_ok=True)
         self.nodes: list[NodeProc] = []
         self.maddr: str | None = None
+        self.monitor_url: str | None = None
         self.started_at = time.time()
 
         def make(name: str, role: str, stage: int | None) -> NodeProc:
@@ -151,9 +152,10 @@ class LocalSwarm:
         cfg_path = self.workdir / "run.yaml"
         cfg_path.write_text(yaml.safe_dump(self.manifest_dict()))
         maddr_file = self.workdir / "bootstrap.maddr"
+        url_file = self.workdir / "monitor.url"
         self._spawn(self.bootstrap, [sys.executable, "-m", "sentinel.bootstrap.cli", "--new-swarm",
                                      "--identity-path", str(self.bootstrap.identity_path), "--config", str(cfg_path),
-                                     "--maddr-file", str(maddr_file)])
+                                     "--maddr-file", str(maddr_file), "--monitor-url-file", str(url_file)])
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while not maddr_file.exists():
             if not self.bootstrap.alive:
@@ -162,6 +164,8 @@ class LocalSwarm:
                 raise TimeoutError("bootstrap peer did not start in time")
             time.sleep(0.2)
         self.maddr = maddr_file.read_text().split()[0]
+        if url_file.exists():  # written before the maddr file
+            self.monitor_url = url_file.read_text().strip()
         for node in self.nodes:
             self.start_node(node)
 
@@ -344,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         swarm.start()
         print(f"bootstrap: {swarm.maddr}", flush=True)
+        if swarm.monitor_url:
+            print(f"monitor: {swarm.monitor_url}  (open it in a browser to watch the swarm)", flush=True)
         swarm.wait(on_tick=_progress_printer(plain=not sys.stdout.isatty()))
     except KeyboardInterrupt:
         print("interrupted; stopping the swarm", flush=True)

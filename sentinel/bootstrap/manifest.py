@@ -45,7 +45,8 @@ class TrainingConfig:
     micro_batch_size: int = 8
     micro_batches_per_step: int = 2  # per verifier; processed concurrently to fill the pipeline
     accumulate: int = 1  # backward passes a worker accumulates before its optimizer step
-    average_every: int = 10  # a worker averages parameters with its stage's replicas every N optimizer steps
+    average_every: int = 2  # a worker averages parameters with its stage's replicas every N optimizer steps
+    # (replicas that drift apart between rounds look different to the screen: keep rounds frequent)
     averaging: str = "mean"  # aggregation rule for within-stage averaging
     eval_batches: int = 4  # validation micro-batches per evaluation
     eval_every: int = 50  # verifier steps between validation evaluations

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="testing only: a byzantine verifier that votes to ban this honest worker")
     j.add_argument("--report", default=None, help="write a JSON report here on exit")
     j.add_argument("--progress", default=None, help="verifier: keep a JSON progress file here")
+    j.add_argument("--metrics-port", type=int, default=0,
+                   help="serve this node's Prometheus /metrics on this port (default 0: off)")
+    j.add_argument("--metrics-host", default="127.0.0.1", help="where /metrics listens (default: %(default)s)")
     return p
 
 
@@ -91,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"sentinel-node: error: --stage must be 'auto' or an integer, got {args.stage!r}", file=sys.stderr)
                 return EXIT_USAGE
         args.shard = _parse_shard(args.data_shard)
+        if not 0 <= args.metrics_port <= 65535:
+            print(f"sentinel-node: error: --metrics-port {args.metrics_port}: need 0..65535 (0 = off)", file=sys.stderr)
+            return EXIT_USAGE
         if not args.initial_peers:
             print("sentinel-node: error: --initial-peers is required to join a run "
                   "(the bootstrap peer prints it when it starts)", file=sys.stderr)
@@ -128,6 +134,23 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 
 
 async def _join(args: argparse.Namespace) -> int:
+    from sentinel.node.metrics_http import HTTPPortError, start_metrics_server
+
+    try:
+        metrics = start_metrics_server(args.metrics_port, args.metrics_host)
+    except HTTPPortError as e:
+        print(f"sentinel-node: error: {e.strerror}", file=sys.stderr)
+        return EXIT_NETWORK
+    if metrics is not None:
+        print(f"metrics: {metrics.url}", flush=True)
+    try:
+        return await _join_swarm(args)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+async def _join_swarm(args: argparse.Namespace) -> int:
     import torch
 
     from sentinel.node.runtime import BootstrapUnreachableError, SwarmRuntime, peer_id_of_maddr

@@ -14,6 +14,7 @@ simulator plugs in in-process stages. The driver owns the decisions the architec
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -94,6 +95,7 @@ class DriverConfig:
     max_hop_attempts: int = 50  # per hop, before the micro-batch is declared failed
     wait_for_replica_s: float = 120.0  # how long a hop waits for a stage with no usable replica
     poll_s: float = 0.25
+    probation_share: float = 0.25  # share of a stage's hops sent to a replica with outstanding strikes
 
 
 class PipelineDriver:
@@ -140,8 +142,12 @@ class PipelineDriver:
         for _ in range(self.config.max_hop_attempts):
             candidates = [w for w in self.transport.replicas(stage) if not self.is_banned(w)]
             usable = [w for w in candidates if w not in flagged]
+            first_try = not flagged and not failed_here
+            suspect = self._probation(usable, failed_here, result, stage, direction) if first_try else None
             if prefer in usable and self.router.available(prefer) and prefer not in failed_here:
                 worker = prefer
+            elif suspect is not None:
+                worker = suspect
             else:
                 worker = self.router.pick(usable, exclude=failed_here)
                 if worker is None and failed_here:  # every replica failed once: allow retrying them
@@ -191,6 +197,26 @@ class PipelineDriver:
             return hop, worker
         raise HopError(f"stage {stage} {direction}: gave up after {self.config.max_hop_attempts} attempts",
                        "exhausted", integrity=False)
+
+    def _probation(self, usable: list[str], failed: set[str], result: MicroBatchResult, stage: int,
+                   direction: str) -> str | None:
+        """A replica with outstanding strikes gets ``probation_share`` of the stage's first attempts.
+
+        Re-checking a suspect soon settles it either way: an attacker reaches the strike limit in
+        a few hops instead of waiting for its random share of traffic, and an honest replica
+        struck by a glitch earns its forgiveness faster. The cost is bounded: a flagged hop is
+        recomputed elsewhere, and only first attempts are steered (never a retry).
+        """
+        if self.ledger is None or result.tainted or not self.config.probation_share:
+            return None
+        suspects = [w for w in usable if w not in failed and self.router.available(w)
+                    and 0 < self.ledger.state(w).strikes and not self.ledger.is_banned(w)]
+        if not suspects:
+            return None
+        h = hashlib.blake2b(f"{result.step}|{result.micro_batch}|{stage}|{direction}".encode(), digest_size=4)
+        if int.from_bytes(h.digest(), "big") / 2**32 >= self.config.probation_share:
+            return None
+        return max(suspects, key=lambda w: self.ledger.state(w).strikes)
 
     def _strike_retroactive(self, result: MicroBatchResult) -> None:
         """Strike what the screen found when it re-scored its calibration messages.

@@ -121,6 +121,10 @@ class DistanceHistory:
         q1, q3, _ = self.quartiles()
         return {n: tukey_fence(float(q1[j]), float(q3[j]), k, iqr_floor) for j, n in enumerate(self.names)}
 
+    def total(self) -> int:
+        """Distance vectors held over all workers (each buffer capped at ``window``)."""
+        return sum(self._count.values())
+
     def pooled_count(self) -> int:
         """Smallest pooled sample size over the distances (what ``min_history`` is checked against)."""
         return int(self.quartiles()[2].min())

@@ -9,6 +9,7 @@ in both directions. Between steps it syncs committee membership and ban votes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -90,6 +91,7 @@ class VerifierNode:
         self.train_seconds = 0.0
         self.tokens = 0
         self._sync_task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
         self.val_batches = corpus.val_batches(t.micro_batch_size, manifest.model.seq_len, t.eval_batches)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -126,7 +128,8 @@ class VerifierNode:
         self.state = "OFFLINE"
         if self._sync_task is not None:
             self._sync_task.cancel()
-        await self.runtime.shutdown(final_records={verifiers_key(self.run): self._record()})
+        await self.runtime.shutdown(final_records={verifiers_key(self.run): self._record(),
+                                                   progress_key(self.run): self._progress_record()})
 
     async def _on_status(self, msg: Message, remote: str) -> Message:
         return sign_message(wire.reply(msg, "status_result", {}, **self.status()), self.runtime.identity)
@@ -187,6 +190,7 @@ class VerifierNode:
                 if verdict.flagged:
                     self.bans.vote(target, int(ev["stage"]), str(ev["direction"]), self.step, list(self.evidence[target]))
                     logger.info("endorsing ban of %s (evidence re-scored: %s)", target[-8:], verdict.reasons)
+                    self._wake.set()
                     return
 
     async def _sync_loop(self) -> None:
@@ -195,7 +199,10 @@ class VerifierNode:
                 await self.refresh()
             except Exception as e:  # noqa: BLE001 - a DHT hiccup must not stop training
                 logger.warning("swarm view refresh failed: %s", e)
-            await asyncio.sleep(self.runtime.config.heartbeat_s)
+            self._wake.clear()
+            # a new vote of ours is published at once, not a heartbeat later
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.runtime.config.heartbeat_s)
 
     async def wait_for_pipeline(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
@@ -230,6 +237,7 @@ class VerifierNode:
             self.bans.vote(ev.worker, ev.stage, ev.direction, ev.step, list(self.evidence[ev.worker]))
             logger.info("voting to ban %s (stage %d %s, reasons %s)", ev.worker[-8:], ev.stage, ev.direction,
                         ev.reasons)
+            self._wake.set()
 
     def _frame(self) -> None:
         """Byzantine test mode: accuse an honest worker with fabricated evidence."""
@@ -275,7 +283,6 @@ class VerifierNode:
                 await self.evaluate()
             self._write_progress()
         await self.evaluate()
-        self.state = "DONE"
         report = self.report()
         self._write_progress(final=True)
         if self.report_path:

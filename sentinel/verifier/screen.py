@@ -207,14 +207,17 @@ class BoundaryScreen:
     def fences(self) -> dict[str, float] | None:
         """Current fences (own when trusted, else gossiped warm-start fences, else None).
 
-        After a recalibration the fences fitted before it stay a lower bound until the new pool
-        holds ``window`` distances: a Tukey fit on a couple of dozen values is noisy, and a
+        After a recalibration the fences fitted before it stay a lower bound until ``window`` new
+        distances have arrived: a Tukey fit on a couple of dozen values is noisy, and a
         too-tight one would strike honest replicas right after a legitimate shift.
         """
         if self._trusted:
             fences = self._history.fences(self.config.fence_k, self.config.fence_iqr_floor)
             if self._fence_floor is not None:
-                if self._history.pooled_count() >= self.config.window:
+                # judged on everything received since the refit, not on the eligible pool: with
+                # W replicas the pool holds only ~window * (eligible share), which may never reach
+                # ``window``, and a floor that never lifts freezes the fences wide open
+                if self._history.total() >= self.config.window:
                     self._fence_floor = None
                 else:
                     fences = {n: max(v, self._fence_floor[n]) for n, v in fences.items()}

@@ -1,10 +1,13 @@
 """Per-tensor statistics: the only thing screening ever looks at.
 
 :func:`compute_stats` is the hot path (it runs on every tensor crossing every boundary). It reads
-the tensor in three fused, memory-bound passes and nothing else touches every element:
+the tensor in three memory-bound passes and nothing else touches every element:
 
 1. ``ones @ x.view(-1, D)`` (BLAS gemv) -> per-feature sums -> ``mean_vec`` and the global mean;
-2. ``vector_norm(x)`` -> RMS;
+2. ``vector_norm(x.view(-1, D), dim=1)`` -> per-token norms -> RMS, and their dispersion
+   (coefficient of variation across tokens). Honest activations and gradients concentrate on
+   some tokens (a causal LM's gradient is far larger at some positions than at others);
+   additive noise, random tensors and lazy shortcuts spread energy evenly and shrink it;
 3. ``aminmax(x)`` -> absmax, and finiteness for free: NaN propagates through min/max and an
    infinity *is* the min or max, so no ``isfinite(x).all()`` (~30x slower than a reduction).
 
@@ -53,6 +56,7 @@ class TensorStats:
     std: float
     absmax: float
     quantiles: torch.Tensor
+    token_cv: float = 0.0  # std / mean of the per-token (row) L2 norms; 0 for a single row
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (non-finite values stay Python floats: NaN/inf)."""
@@ -66,6 +70,7 @@ class TensorStats:
             "std": self.std,
             "absmax": self.absmax,
             "quantiles": [float(v) for v in self.quantiles.tolist()],
+            "token_cv": self.token_cv,
         }
 
     @classmethod
@@ -73,7 +78,7 @@ class TensorStats:
         """Parse and validate; raise ``ValueError`` on anything that is not a well-formed record."""
         if not isinstance(d, dict):
             raise ValueError("tensor stats must be a dict")
-        expected = {"shape", "numel", "finite", "mean_vec", "rms", "mean", "std", "absmax", "quantiles"}
+        expected = {"shape", "numel", "finite", "mean_vec", "rms", "mean", "std", "absmax", "quantiles", "token_cv"}
         if set(d) != expected:
             raise ValueError(f"tensor stats keys must be {sorted(expected)}, got {sorted(d)}")
         shape = d["shape"]
@@ -93,7 +98,7 @@ class TensorStats:
         if not quantiles:
             raise ValueError("quantiles must not be empty")
         scalars = {}
-        for key in ("rms", "mean", "std", "absmax"):
+        for key in ("rms", "mean", "std", "absmax", "token_cv"):
             value = d[key]
             if not _is_number(value):
                 raise ValueError(f"{key} must be a number")
@@ -162,7 +167,13 @@ def compute_stats(x: torch.Tensor, config: ScreeningConfig) -> TensorStats:
     else:
         col_sum = _ones(rows) @ flat
     mean_vec = col_sum / rows
-    rms = float(torch.linalg.vector_norm(x)) / math.sqrt(numel)
+    row_norms = torch.linalg.vector_norm(flat, dim=1)
+    rms = float(torch.linalg.vector_norm(row_norms)) / math.sqrt(numel)
+    if rows > 1:
+        mean_norm = float(row_norms.mean())
+        token_cv = float(row_norms.std()) / mean_norm if mean_norm > 0 else 0.0
+    else:
+        token_cv = 0.0
     lo, hi = torch.aminmax(x)
     lo_f, hi_f = float(lo), float(hi)
     finite = math.isfinite(lo_f) and math.isfinite(hi_f)
@@ -176,4 +187,6 @@ def compute_stats(x: torch.Tensor, config: ScreeningConfig) -> TensorStats:
     ordered = torch.sort(sample).values
     qlo, qhi, frac = _quantile_weights(m, q)
     quantiles = torch.lerp(ordered[qlo], ordered[qhi], frac)
-    return TensorStats(shape, numel, finite, mean_vec, rms, mean, std, absmax, quantiles)
+    if not math.isfinite(token_cv):
+        token_cv = 0.0
+    return TensorStats(shape, numel, finite, mean_vec, rms, mean, std, absmax, quantiles, token_cv)
