@@ -1,0 +1,498 @@
+"""The detection table: every attack x {forward, backward} x {none, sentinel} at 16 x 8, and more.
+
+    sentinel-sim --table                      # or: python bench/detection_table.py
+    sentinel-sim --table --parts matrix       # only the 128-worker matrix
+
+Parts (all by default):
+
+* ``matrix`` — the clean run (undefended and defended) and every built-in attack in both
+  directions, undefended and defended, at ``stages x replicas`` with ``malicious_fraction``;
+* ``wide`` — the headline rows at 16 x 11 (176 workers, 4 malicious per stage = 36.4 %);
+* ``cost`` — ``sentinel`` vs ``duplicate`` (Lu et al.) on the same run: tokens/s and compute;
+* ``wikitext`` — the headline rows on wikitext-2 with the same defaults (no re-tuning);
+* ``noise`` — the clean undefended run with other seeds, to say what "within 1 %" can mean.
+
+Each run's report is cached under ``--cache`` (keyed by its full configuration), so an
+interrupted table resumes where it stopped and a re-run only re-renders. Results go to
+``results/detection_table.md`` and PNG plots beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sentinel.sim.swarm import TUNED_SCREENING, SimConfig, run_simulation
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+#: The attack specs of the table: every built-in, with the parameter that makes it a distinct row
+#: where the default would duplicate another (``scaling`` defaults to -1, i.e. ``sign_flip``).
+ATTACKS: tuple[str, ...] = (
+    "zeros",
+    "constant",
+    "random",
+    "scaling,factor=10",
+    "sign_flip",
+    "gaussian",
+    "bias",
+    "delay",
+    "invisible",
+    "element_flip",
+    "intermittent",  # sign flip on 25 % of messages
+    "slow_ramp",
+    "alie",
+    "ema_mimic",
+    "collusion",  # all attackers push one shared direction (scale 0.5)
+)
+
+#: Rows repeated at 16 x 11 and on wikitext-2 (attack spec, direction).
+HEADLINE: tuple[tuple[str, str], ...] = (
+    ("sign_flip", "forward"),
+    ("random", "forward"),
+    ("gaussian", "backward"),
+    ("scaling,factor=10", "backward"),
+    ("ema_mimic", "forward"),
+)
+
+PARTS = ("matrix", "wide", "cost", "wikitext", "noise")
+
+
+@dataclass
+class TableConfig:
+    """What the table runs. Defaults are the recorded configuration of ``results/``.
+
+    ``steps`` / ``micro_batches_per_step`` / ``model_size`` are budgeted so the whole table
+    (about 80 runs) fits in an hour on two cores; ``attack_start`` leaves the swarm an honest
+    start, as in the paper (the model is learning fastest then, and the screens calibrate).
+    """
+
+    stages: int = 16
+    replicas: int = 8
+    malicious_fraction: float = 0.375
+    wide_replicas: int = 11
+    wide_fraction: float = 4 / 11
+    steps: int = 80
+    micro_batches_per_step: int = 8
+    attack_start: int = 20
+    model_size: str = "tiny"
+    eval_every: int = 20
+    seed: int = 0
+    noise_seeds: tuple[int, ...] = (1, 2)
+    data: str = str(SHARED_DATA / "tinyshakespeare.txt")
+    wikitext: str = str(SHARED_DATA / "wikitext-2-valid.txt")
+    screening: dict[str, Any] = field(default_factory=lambda: dict(TUNED_SCREENING))
+    attacks: tuple[str, ...] = ATTACKS
+    parts: tuple[str, ...] = PARTS
+    out: Path = REPO / "results"
+    cache: Path = REPO / "runs" / "detection_table"
+
+    def sim(self, **kw: Any) -> SimConfig:
+        base = dict(stages=self.stages, replicas=self.replicas, malicious_fraction=self.malicious_fraction,
+                    steps=self.steps, micro_batches_per_step=self.micro_batches_per_step,
+                    attack_start=self.attack_start, model_size=self.model_size, eval_every=self.eval_every,
+                    seed=self.seed, data=self.data, screening=dict(self.screening))
+        base.update(kw)
+        return SimConfig(**base)
+
+
+@dataclass
+class Row:
+    """One run of the table and its report."""
+
+    part: str
+    label: str
+    cfg: SimConfig
+    report: dict[str, Any] | None = None
+
+
+def plan(t: TableConfig) -> list[Row]:
+    """Every run of the requested parts, in execution order."""
+    rows: list[Row] = []
+
+    def add(part: str, label: str, **kw: Any) -> None:
+        if kw.get("defense") == "none":
+            kw["screening"] = {}  # not used undefended: the same run serves every screening config
+        rows.append(Row(part, label, t.sim(**kw)))
+
+    def block(part: str, attacks: Iterable[tuple[str, str]], defenses: tuple[str, ...] = ("none", "sentinel"),
+              **kw: Any) -> None:
+        for d in defenses:
+            add(part, f"clean/{d}", attack="none", defense=d, **kw)
+        for attack, direction in attacks:
+            for d in defenses:
+                add(part, f"{attack}/{direction}/{d}", attack=attack, direction=direction, defense=d, **kw)
+
+    if "matrix" in t.parts:
+        block("matrix", [(a, d) for a in t.attacks for d in ("forward", "backward")])
+    if "wide" in t.parts:
+        # as many micro-batches in flight as replicas: every worker still serves ~1 per step
+        block("wide", HEADLINE, replicas=t.wide_replicas, malicious_fraction=t.wide_fraction,
+              micro_batches_per_step=t.micro_batches_per_step * t.wide_replicas // t.replicas)
+    if "cost" in t.parts:
+        for attack in ("none", "sign_flip"):
+            for d in ("sentinel", "duplicate"):
+                add("cost", f"{attack}/forward/{d}", attack=attack, direction="forward", defense=d)
+    if "wikitext" in t.parts:
+        block("wikitext", HEADLINE, data=t.wikitext)
+    if "noise" in t.parts:
+        for s in t.noise_seeds:
+            add("noise", f"clean/none/seed{s}", attack="none", defense="none", seed=s)
+    return rows
+
+
+def _key(cfg: SimConfig) -> str:
+    blob = json.dumps(cfg.to_dict(), sort_keys=True).encode()
+    return hashlib.blake2b(blob, digest_size=10).hexdigest()
+
+
+def _code_version() -> str:
+    """Commit of the code the table ran, and whether the screening or simulator code was edited."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sentinel"], cwd=REPO, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}{' + uncommitted changes under sentinel/' if dirty else ''}"
+
+
+def execute(rows: list[Row], cache: Path, log: Any = sys.stderr) -> float:
+    """Run (or load from ``cache``) every row; returns the seconds spent running."""
+    cache.mkdir(parents=True, exist_ok=True)
+    spent = 0.0
+    for i, row in enumerate(rows, 1):
+        path = cache / f"{_key(row.cfg)}.json"
+        if path.is_file():
+            row.report = json.loads(path.read_text())
+            continue
+        t0 = time.perf_counter()
+        row.report = run_simulation(row.cfg)
+        dt = time.perf_counter() - t0
+        spent += dt
+        path.write_text(json.dumps(row.report))
+        r = row.report
+        print(f"[{i}/{len(rows)}] {row.part} {row.label}: val {_f(r['val_loss_final'])} F1 {_f(r['f1'], 2)} "
+              f"lat {_f(r['detection_latency_steps'], 1)} honest bans {len(r['honest_banned'])} ({dt:.0f}s)",
+              file=log, flush=True)
+    return spent
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+def _f(v: Any, nd: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def _pct(v: float | None, ref: float | None) -> str:
+    if v is None or ref is None:
+        return "diverged" if ref is not None else "-"
+    return f"{100.0 * (v - ref) / ref:+.1f}%"
+
+
+def _rel(v: float | None, ref: float | None) -> float | None:
+    if v is None or ref is None:
+        return None
+    return (v - ref) / ref
+
+
+def _by(rows: list[Row], part: str) -> dict[str, dict[str, Any]]:
+    return {r.label: r.report for r in rows if r.part == part and r.report is not None}
+
+
+def _attack_table(reports: dict[str, dict[str, Any]], pairs: list[tuple[str, str]]) -> tuple[list[str], dict]:
+    """Markdown rows (one per attack x direction) and the numbers the summary needs."""
+    clean = reports.get("clean/none", {}).get("val_loss_final")
+    lines = [
+        "| attack | dir | undefended val (vs clean) | defended val (vs clean) | F1 | precision | recall "
+        "| latency mean / max (steps) | honest bans | honest flag rate | attacked msgs flagged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    stats: dict[str, Any] = {"rows": []}
+    for attack, direction in pairs:
+        und = reports.get(f"{attack}/{direction}/none")
+        dfd = reports.get(f"{attack}/{direction}/sentinel")
+        if und is None or dfd is None:
+            continue
+        damage = _rel(und["val_loss_final"], clean) if und["val_loss_final"] is not None else math.inf
+        kept = _rel(dfd["val_loss_final"], clean) if dfd["val_loss_final"] is not None else math.inf
+        lines.append(
+            f"| {attack} | {direction} | {_f(und['val_loss_final'])} ({_pct(und['val_loss_final'], clean)}) "
+            f"| {_f(dfd['val_loss_final'])} ({_pct(dfd['val_loss_final'], clean)}) | {_f(dfd['f1'], 2)} "
+            f"| {_f(dfd['precision'], 2)} | {_f(dfd['recall'], 2)} "
+            f"| {_f(dfd['detection_latency_steps'], 1)} / {_f(dfd['detection_latency_max_steps'])} "
+            f"| {len(dfd['honest_banned'])} | {dfd['flag_rate_honest']:.2%} | {_rate(dfd['flag_rate_attacked'])} |"
+        )
+        stats["rows"].append({"attack": attack, "direction": direction, "damage": damage, "kept": kept,
+                              "f1": dfd["f1"], "latency": dfd["detection_latency_steps"],
+                              "honest_bans": len(dfd["honest_banned"])})
+    return lines, stats
+
+
+def _rate(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _clean_lines(reports: dict[str, dict[str, Any]]) -> list[str]:
+    out = []
+    for d in ("none", "sentinel"):
+        r = reports.get(f"clean/{d}")
+        if r is None:
+            continue
+        out.append(f"- clean run, defense `{d}`: val loss {_f(r['val_loss_final'])}, honest bans "
+                   f"{len(r['honest_banned'])}, honest flag rate {r['flag_rate_honest']:.2%}, "
+                   f"{r['tokens_per_s']:.0f} tokens/s")
+    return out
+
+
+def _goals(stats: dict[str, Any]) -> list[str]:
+    rows = stats["rows"]
+    hurting = [r for r in rows if r["damage"] is not None and r["damage"] > 0.02]
+    f1_ok = [r for r in hurting if r["f1"] >= 0.97]
+    lat = [r["latency"] for r in rows if r["latency"] is not None]
+    hb = sum(r["honest_bans"] for r in rows)
+    kept = [r for r in hurting if r["kept"] is not None and r["kept"] <= 0.01]
+    short = ", ".join(f"{r['attack']}/{r['direction']}" for r in hurting if r["f1"] < 0.97) or "none"
+    return [
+        f"- F1 >= 0.97 on attacks that hurt the undefended loss by > 2 %: **{len(f1_ok)} of {len(hurting)}** "
+        f"(short: {short})",
+        f"- zero honest bans: **{hb}** honest bans over {len(rows)} defended attack runs",
+        f"- mean detection latency <= 5 steps: mean over detected rows **{_f(sum(lat) / len(lat) if lat else None, 1)}**"
+        f" steps ({sum(1 for x in lat if x <= 5)} of {len(lat)} rows <= 5)",
+        f"- defended val loss within 1 % of clean, on the damaging attacks: **{len(kept)} of {len(hurting)}**",
+        f"- undefended visibly worse (> 2 %): **{len(hurting)} of {len(rows)}** attack rows",
+    ]
+
+
+def render(t: TableConfig, rows: list[Row], seconds: float, command: str) -> str:
+    matrix = _by(rows, "matrix")
+    pairs = [(a, d) for a in t.attacks for d in ("forward", "backward")]
+    first = next((r.report for r in rows if r.report is not None), None)
+    model = first["model"] if first else {}
+    lines = [
+        "# Detection table",
+        "",
+        f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `{command}` "
+        f"({seconds / 60:.0f} min of simulation in this invocation; cached runs are reused).",
+        f"Machine: {platform.platform()}, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        f"Python {platform.python_version()}, torch {first['machine']['torch'] if first else '?'}, "
+        f"1 thread. Code: {_code_version()}.",
+        "",
+        f"Swarm: {t.stages} stages x {t.replicas} replicas = {t.stages * t.replicas} workers, "
+        f"{math.floor(t.malicious_fraction * t.replicas + 1e-9)} malicious per stage "
+        f"({t.malicious_fraction:.1%}, first and last stages included), one verifier (committee of one). "
+        f"Model: d_model {model.get('d_model')}, {model.get('n_layers')} layers (one per stage), seq_len "
+        f"{model.get('seq_len')}, {first['parameters'] if first else '?'} parameters. Training: {t.steps} steps x "
+        f"{t.micro_batches_per_step} micro-batches of 8 sequences, attackers active from step {t.attack_start}. "
+        f"Data: `{Path(t.data).name}`. Screening: "
+        f"{'defaults' if not t.screening else ', '.join(f'{k}={v}' for k, v in t.screening.items())} "
+        f"(`ScreeningConfig`).",
+        "",
+        "Validation loss is that of the consensus model (per stage, the average of the non-banned "
+        "replicas), on a fixed validation set. Detection is scored on bans: precision/recall/F1 over the "
+        "workers able to attack in that direction (a backward-only attacker on stage 0 has nothing to "
+        "send); latency counts steps from the attack start to the ban. \"Honest flag rate\" is the share "
+        "of honest messages flagged; \"attacked msgs flagged\" the share of attacked messages flagged.",
+        "",
+    ]
+    if matrix:
+        table, stats = _attack_table(matrix, pairs)
+        lines += ["## Goals", "", *_goals(stats), "", "## Clean runs", "", *_clean_lines(matrix)]
+        noise = [r.report for r in rows if r.part == "noise" and r.report is not None]
+        clean = matrix.get("clean/none", {}).get("val_loss_final")
+        if noise and clean:
+            vals = [clean, *(n["val_loss_final"] for n in noise if n["val_loss_final"] is not None)]
+            spread = (max(vals) - min(vals)) / clean
+            lines.append(f"- seed-to-seed spread of the clean undefended val loss over {len(vals)} seeds: "
+                         f"{', '.join(_f(v) for v in vals)} (range {spread:.1%} of clean)")
+        lines += ["", f"## Matrix: {t.stages} x {t.replicas}", "", *table, "",
+                  "![loss curves](loss_curves.png)", "", "![detection latency](detection_latency.png)", ""]
+    wide = _by(rows, "wide")
+    if wide:
+        table, stats = _attack_table(wide, list(HEADLINE))
+        lines += [f"## Headline rows at {t.stages} x {t.wide_replicas} ({t.stages * t.wide_replicas} workers, "
+                  f"{math.floor(t.wide_fraction * t.wide_replicas + 1e-9)} malicious per stage = "
+                  f"{t.wide_fraction:.1%})", "", *_clean_lines(wide), "", *table, "", *_goals(stats), ""]
+    cost = _by(rows, "cost")
+    if cost:
+        lines += ["## Cost: sentinel vs duplicated computation (Lu et al.)", "",
+                  "| run | defense | tokens/s | stage passes / token | MFLOP / token | F1 | honest bans |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, r in cost.items():
+            attack, _, defense = label.split("/")
+            lines.append(f"| {attack} | {defense} | {r['tokens_per_s']:.0f} | {r['stage_passes_per_token']:.1f} "
+                         f"| {r['flops_per_token'] / 1e6:.2f} | {_f(r['f1'], 2)} | {len(r['honest_banned'])} |")
+        for attack in ("none", "sign_flip"):
+            s, d = cost.get(f"{attack}/forward/sentinel"), cost.get(f"{attack}/forward/duplicate")
+            if s and d:
+                lines.append("")
+                lines.append(f"- `{attack}`: sentinel / duplicate = **{s['tokens_per_s'] / d['tokens_per_s']:.2f}x** "
+                             f"tokens/s, **{d['flops_per_token'] / s['flops_per_token']:.2f}x** less compute per "
+                             f"token (target >= 1.9x)")
+        lines.append("")
+    mimic = [(d, matrix.get(f"ema_mimic/{d}/none"), matrix.get(f"ema_mimic/{d}/sentinel"))
+             for d in ("forward", "backward")]
+    if matrix and any(u and s for _, u, s in mimic):
+        clean = matrix.get("clean/none", {}).get("val_loss_final")
+        lines += ["## Adaptive attack: EMA-mimic", ""]
+        for d, u, s in mimic:
+            if u and s:
+                lines.append(f"- {d}: undefended {_f(u['val_loss_final'])} ({_pct(u['val_loss_final'], clean)} vs "
+                             f"clean), defended {_f(s['val_loss_final'])} ({_pct(s['val_loss_final'], clean)}); "
+                             f"F1 {_f(s['f1'], 2)}, attacked messages flagged {_rate(s['flag_rate_attacked'])}")
+        lines.append("")
+    wiki = _by(rows, "wikitext")
+    if wiki:
+        table, stats = _attack_table(wiki, list(HEADLINE))
+        lines += [f"## Headline rows on `{Path(t.wikitext).name}` (same defaults, no re-tuning)", "",
+                  *_clean_lines(wiki), "", *table, "", *_goals(stats), ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(t: TableConfig, rows: list[Row]) -> list[Path]:
+    """Loss curves (clean / undefended / defended, one panel per attack and direction) and latency bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = _by(rows, "matrix")
+    if not matrix:
+        return []
+    t.out.mkdir(parents=True, exist_ok=True)
+    written = []
+    pairs = [(a, d) for a in t.attacks for d in ("forward", "backward")]
+    cols = 6
+    nrows = math.ceil(len(pairs) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.4 * nrows), sharex=True, squeeze=False)
+    clean = matrix.get("clean/none")
+    for ax, (attack, direction) in zip(axes.flat, pairs, strict=False):
+        for label, style, name in ((f"{attack}/{direction}/none", "tab:red", "undefended"),
+                                   (f"{attack}/{direction}/sentinel", "tab:blue", "sentinel")):
+            r = matrix.get(label)
+            if r:
+                xs = [s for s, v in r["val_loss"] if v is not None]
+                ax.plot(xs, [v for _, v in r["val_loss"] if v is not None], color=style, label=name)
+        if clean:
+            ax.plot([s for s, _ in clean["val_loss"]], [v for _, v in clean["val_loss"]], color="black",
+                    linestyle="--", label="clean")
+        ax.axvline(t.attack_start, color="grey", linewidth=0.6)
+        ax.set_title(f"{attack} / {direction}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ref = clean["val_loss_final"] if clean else None
+        if ref:
+            ax.set_ylim(ref * 0.9, max(ref * 1.6, 3.0))
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.supxlabel("step")
+    fig.supylabel("validation loss")
+    fig.tight_layout()
+    path = t.out / "loss_curves.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    labels, means, maxes = [], [], []
+    for attack, direction in pairs:
+        r = matrix.get(f"{attack}/{direction}/sentinel")
+        if r is None:
+            continue
+        labels.append(f"{attack.split(',')[0]}/{direction[0]}")
+        means.append(r["detection_latency_steps"] if r["detection_latency_steps"] is not None else 0.0)
+        maxes.append(r["detection_latency_max_steps"] or 0)
+    xs = range(len(labels))
+    ax.bar(xs, maxes, color="tab:gray", alpha=0.4, label="max")
+    ax.bar(xs, means, color="tab:blue", label="mean")
+    ax.axhline(5, color="tab:red", linestyle="--", linewidth=0.8, label="goal (5 steps)")
+    ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("steps from attack start to ban")
+    ax.set_title(f"Detection latency, {t.stages} x {t.replicas}, sentinel (no bar: nobody banned)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = t.out / "detection_latency.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TableConfig()
+    p = argparse.ArgumentParser(prog="sentinel-sim --table", description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", default=",".join(d.parts), help=f"comma-separated subset of {', '.join(PARTS)}")
+    p.add_argument("--attacks", default=";".join(d.attacks),
+                   help="attack specs separated by ';' (a spec may hold commas: scaling,factor=10)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--micro-batches-per-step", type=int, default=d.micro_batches_per_step)
+    p.add_argument("--attack-start", type=int, default=d.attack_start)
+    p.add_argument("--stages", type=int, default=d.stages)
+    p.add_argument("--replicas", type=int, default=d.replicas)
+    p.add_argument("--malicious-fraction", type=float, default=d.malicious_fraction)
+    p.add_argument("--model-size", default=d.model_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--data", default=d.data)
+    p.add_argument("--wikitext", default=d.wikitext)
+    p.add_argument("--screen", action="append", default=[], metavar="KEY=VALUE",
+                   help="ScreeningConfig override on top of the tuned set (sentinel.sim.swarm.TUNED_SCREENING)")
+    p.add_argument("--library-defaults", action="store_true",
+                   help="screen with ScreeningConfig's own defaults instead of the tuned set")
+    p.add_argument("--out", type=Path, default=d.out)
+    p.add_argument("--cache", type=Path, default=d.cache)
+    p.add_argument("--json", type=Path, help="also write every report (with curves) here")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "sentinel-sim --table") -> None:
+    """Run the table; ``prog`` is how the command is recorded in the results."""
+    from sentinel.sim.cli import parse_overrides
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    parser.prog = prog
+    a = parser.parse_args(argv)
+    parts = tuple(p.strip() for p in a.parts.split(",") if p.strip())
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"unknown --parts {unknown}; choose from {', '.join(PARTS)}")
+    attacks = tuple(x.strip() for x in a.attacks.split(";") if x.strip())
+    t = TableConfig(stages=a.stages, replicas=a.replicas, malicious_fraction=a.malicious_fraction, steps=a.steps,
+                    micro_batches_per_step=a.micro_batches_per_step, attack_start=a.attack_start,
+                    model_size=a.model_size, seed=a.seed, data=a.data, wikitext=a.wikitext,
+                    screening={**({} if a.library_defaults else TUNED_SCREENING), **parse_overrides(a.screen)},
+                    attacks=attacks, parts=parts, out=a.out, cache=a.cache)
+    for path in (t.data, t.wikitext if "wikitext" in parts else t.data):
+        if not Path(path).is_file():
+            raise SystemExit(f"corpus not found: {path} (the table reads ../shared/data beside the repo; "
+                             "pass --data / --wikitext)")
+    rows = plan(t)
+    print(f"{len(rows)} runs planned", file=sys.stderr, flush=True)
+    seconds = execute(rows, t.cache)
+    command = " ".join([prog, *argv])
+    t.out.mkdir(parents=True, exist_ok=True)
+    (t.out / "detection_table.md").write_text(render(t, rows, seconds, command))
+    written = plot(t, rows)
+    if a.json is not None:
+        a.json.write_text(json.dumps([{"part": r.part, "label": r.label, **(r.report or {})} for r in rows]))
+    print(f"wrote {t.out / 'detection_table.md'} and {', '.join(str(p) for p in written)}", file=sys.stderr)
+
+
+__all__ = ["ATTACKS", "HEADLINE", "PARTS", "Row", "TableConfig", "execute", "main", "plan", "plot", "render"]
+
