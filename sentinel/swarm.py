@@ -48,7 +48,7 @@ class SwarmConfig:
     stages: int = 3
     replicas: int = 3
     verifiers: int = 2
-    steps: int = 150
+    steps: int = 100
     data: str | None = None  # corpus path; None = the generated default corpus
     malicious: int = 1  # malicious workers, placed in middle stages first
     attack: str = "sign_flip"
@@ -58,7 +58,7 @@ class SwarmConfig:
     frame_verifiers: int = 0  # byzantine verifiers that try to frame an honest worker
     committee_size: int = 3
     micro_batch_size: int = 8
-    micro_batches_per_step: int = 2
+    micro_batches_per_step: int = 4
     lr: float = 3e-3
     eval_every: int = 50
     eval_batches: int = 4

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.swarm
 
 
 def test_sigkill_worker_mid_run_loses_nothing(tmp_path):
-    cfg = SwarmConfig(stages=3, replicas=2, verifiers=2, steps=60, malicious=0, eval_every=1000)
+    cfg = SwarmConfig(stages=3, replicas=2, verifiers=2, steps=60, malicious=0, eval_every=1000,
+                      micro_batches_per_step=2)
     swarm = LocalSwarm(cfg, tmp_path)
     victim = next(w for w in swarm.workers if w.stage == 1)
     try:

@@ -43,7 +43,10 @@ class TrainingConfig:
     """How micro-batches become optimizer steps and how replicas stay in sync."""
 
     micro_batch_size: int = 8
-    micro_batches_per_step: int = 2  # per verifier; processed concurrently to fill the pipeline
+    # per verifier, processed concurrently to fill the pipeline. Also the screen's sample rate:
+    # measured in the simulator, fences fitted on 2 messages per boundary per step over-flag
+    # honest replicas early in training (up to 3% FP, honest bans); 4 did not.
+    micro_batches_per_step: int = 4
     accumulate: int = 1  # backward passes a worker accumulates before its optimizer step
     average_every: int = 2  # a worker averages parameters with its stage's replicas every N optimizer steps
     # (replicas that drift apart between rounds look different to the screen: keep rounds frequent)

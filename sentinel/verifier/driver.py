@@ -95,7 +95,11 @@ class DriverConfig:
     max_hop_attempts: int = 50  # per hop, before the micro-batch is declared failed
     wait_for_replica_s: float = 120.0  # how long a hop waits for a stage with no usable replica
     poll_s: float = 0.25
-    probation_share: float = 0.25  # share of a stage's hops sent to a replica with outstanding strikes
+    # Share of a stage's first attempts steered to a replica with outstanding strikes. Off by
+    # default: measured in the simulator (3x3, Gaussian backward, 3 seeds), 0.25 banned honest
+    # workers in 2 of 3 runs and 0.0 in none — extra traffic means extra optimizer steps, the
+    # suspect's parameters drift from its replicas', and drift draws more flags (a feedback loop).
+    probation_share: float = 0.0
 
 
 class PipelineDriver:

@@ -14,7 +14,8 @@ How this differs from the paper's temporal-EMA scheme (and why)
        EMA profile (momentum ``beta_forward``/``beta_backward``, updated only by its accepted
        messages). A message from worker ``w`` is compared with the coordinate-wise MEDIAN of
        the EMA profiles of the *other* replicas seen in the last ``recent_messages`` messages
-       (with fewer than two others, ``w``'s own EMA joins the median; a lone replica is
+       (when the others are fewer than two or an even number, ``w``'s own EMA joins the median
+       so that it is a true order statistic robust to one attacker among three; a lone replica is
        screened against its own past). With an honest majority per stage the median is honest
        whatever one attacker does, and it moves with the honest replicas, so legitimate drift
        is followed instead of being flagged.
@@ -217,7 +218,7 @@ class BoundaryScreen:
                 # judged on everything received since the refit, not on the eligible pool: with
                 # W replicas the pool holds only ~window * (eligible share), which may never reach
                 # ``window``, and a floor that never lifts freezes the fences wide open
-                if self._history.total() >= self.config.window:
+                if self._history.total() >= max(self.config.min_history, self.config.window // 4):
                     self._fence_floor = None
                 else:
                     fences = {n: max(v, self._fence_floor[n]) for n, v in fences.items()}
@@ -346,7 +347,11 @@ class BoundaryScreen:
 
     def _reference_for(self, worker: str) -> Profile | None:
         pool = [w for n, w in self._recent() if n != worker and w.ema is not None]
-        if len(pool) < 2:
+        if len(pool) % 2 == 0 or len(pool) < 2:
+            # An even pool's median is the mean of its middle two: with 3 replicas that is "the
+            # other honest one averaged with the attacker", which drags an honest worker's
+            # reference halfway to the attack. The worker's own EMA (fed only by its accepted
+            # messages) makes the count odd, so the median is a real order statistic again.
             own = self._workers.get(worker)
             if own is not None and own.ema is not None:
                 pool.append(own)
