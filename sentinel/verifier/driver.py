@@ -93,7 +93,7 @@ class MicroBatchResult:
 @dataclass
 class DriverConfig:
     max_hop_attempts: int = 50  # per hop, before the micro-batch is declared failed
-    wait_for_replica_s: float = 120.0  # how long a hop waits for a stage with no usable replica
+    wait_for_replica_s: float = 300.0  # how long a hop waits for a stage with no usable replica
     poll_s: float = 0.25
     # Share of a stage's first attempts steered to a replica with outstanding strikes. Off by
     # default: measured in the simulator (3x3, Gaussian backward, 3 seeds), 0.25 banned honest
@@ -143,7 +143,8 @@ class PipelineDriver:
         flagged: set[str] = set()
         failed_here: set[str] = set()
         deadline = time.monotonic() + self.config.wait_for_replica_s
-        for _ in range(self.config.max_hop_attempts):
+        attempts = 0
+        while attempts < self.config.max_hop_attempts:  # waiting for a usable replica is not an attempt
             candidates = [w for w in self.transport.replicas(stage) if not self.is_banned(w)]
             usable = [w for w in candidates if w not in flagged]
             first_try = not flagged and not failed_here
@@ -166,6 +167,7 @@ class PipelineDriver:
                 await asyncio.sleep(self.config.poll_s)
                 continue
             result.attempts += 1
+            attempts += 1
             timeout = self.router.timeout_for(candidates)
             self.router.started(worker)
             t0 = time.perf_counter()
