@@ -132,6 +132,13 @@ def plan(t: TableConfig) -> list[Row]:
               **kw: Any) -> None:
         for d in defenses:
             add(part, f"clean/{d}", attack="none", defense=d, **kw)
+        # The swarm a defended run ends with: the attackers banned, only the honest replicas left
+        # (fewer replicas per stage = more optimizer steps each per verifier step, which trains
+        # faster at this budget): the fair reference for "defended within 1 % of clean".
+        replicas = kw.get("replicas", t.replicas)
+        bad = math.floor(kw.get("malicious_fraction", t.malicious_fraction) * replicas + 1e-9)
+        add(part, "clean-honest/none", attack="none", defense="none",
+            **{**kw, "replicas": replicas - bad, "malicious_fraction": 0.0})
         for attack, direction in attacks:
             for d in defenses:
                 add(part, f"{attack}/{direction}/{d}", attack=attack, direction=direction, defense=d, **kw)
@@ -219,9 +226,10 @@ def _by(rows: list[Row], part: str) -> dict[str, dict[str, Any]]:
 def _attack_table(reports: dict[str, dict[str, Any]], pairs: list[tuple[str, str]]) -> tuple[list[str], dict]:
     """Markdown rows (one per attack x direction) and the numbers the summary needs."""
     clean = reports.get("clean/none", {}).get("val_loss_final")
+    honest = reports.get("clean-honest/none", {}).get("val_loss_final")
     lines = [
-        "| attack | dir | undefended val (vs clean) | defended val (vs clean) | F1 | precision | recall "
-        "| latency mean / max (steps) | honest bans | honest flag rate | attacked msgs flagged |",
+        "| attack | dir | undefended val (vs clean) | defended val (vs clean / vs honest-only clean) | F1 "
+        "| precision | recall | latency mean / max (steps) | honest bans | honest flag rate | attacked msgs flagged |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     stats: dict[str, Any] = {"rows": []}
@@ -234,12 +242,15 @@ def _attack_table(reports: dict[str, dict[str, Any]], pairs: list[tuple[str, str
         kept = _rel(dfd["val_loss_final"], clean) if dfd["val_loss_final"] is not None else math.inf
         lines.append(
             f"| {attack} | {direction} | {_f(und['val_loss_final'])} ({_pct(und['val_loss_final'], clean)}) "
-            f"| {_f(dfd['val_loss_final'])} ({_pct(dfd['val_loss_final'], clean)}) | {_f(dfd['f1'], 2)} "
+            f"| {_f(dfd['val_loss_final'])} ({_pct(dfd['val_loss_final'], clean)} / "
+            f"{_pct(dfd['val_loss_final'], honest)}) | {_f(dfd['f1'], 2)} "
             f"| {_f(dfd['precision'], 2)} | {_f(dfd['recall'], 2)} "
             f"| {_f(dfd['detection_latency_steps'], 1)} / {_f(dfd['detection_latency_max_steps'])} "
             f"| {len(dfd['honest_banned'])} | {dfd['flag_rate_honest']:.2%} | {_rate(dfd['flag_rate_attacked'])} |"
         )
+        kept_h = _rel(dfd["val_loss_final"], honest) if dfd["val_loss_final"] is not None else math.inf
         stats["rows"].append({"attack": attack, "direction": direction, "damage": damage, "kept": kept,
+                              "kept_honest": kept_h,
                               "f1": dfd["f1"], "latency": dfd["detection_latency_steps"],
                               "honest_bans": len(dfd["honest_banned"])})
     return lines, stats
@@ -251,11 +262,13 @@ def _rate(v: float | None) -> str:
 
 def _clean_lines(reports: dict[str, dict[str, Any]]) -> list[str]:
     out = []
-    for d in ("none", "sentinel"):
-        r = reports.get(f"clean/{d}")
+    for label, what in (("clean/none", "clean run, undefended"), ("clean/sentinel", "clean run, sentinel"),
+                        ("clean-honest/none", "clean run with only the honest replicas (attackers absent)")):
+        r = reports.get(label)
         if r is None:
             continue
-        out.append(f"- clean run, defense `{d}`: val loss {_f(r['val_loss_final'])}, honest bans "
+        c = r["config"]
+        out.append(f"- {what} ({c['stages']} x {c['replicas']}): val loss {_f(r['val_loss_final'])}, honest bans "
                    f"{len(r['honest_banned'])}, honest flag rate {r['flag_rate_honest']:.2%}, "
                    f"{r['tokens_per_s']:.0f} tokens/s")
     return out
@@ -268,6 +281,7 @@ def _goals(stats: dict[str, Any]) -> list[str]:
     lat = [r["latency"] for r in rows if r["latency"] is not None]
     hb = sum(r["honest_bans"] for r in rows)
     kept = [r for r in hurting if r["kept"] is not None and r["kept"] <= 0.01]
+    kept_h = [r for r in hurting if r["kept_honest"] is not None and r["kept_honest"] <= 0.01]
     short = ", ".join(f"{r['attack']}/{r['direction']}" for r in hurting if r["f1"] < 0.97) or "none"
     return [
         f"- F1 >= 0.97 on attacks that hurt the undefended loss by > 2 %: **{len(f1_ok)} of {len(hurting)}** "
@@ -275,7 +289,8 @@ def _goals(stats: dict[str, Any]) -> list[str]:
         f"- zero honest bans: **{hb}** honest bans over {len(rows)} defended attack runs",
         f"- mean detection latency <= 5 steps: mean over detected rows **{_f(sum(lat) / len(lat) if lat else None, 1)}**"
         f" steps ({sum(1 for x in lat if x <= 5)} of {len(lat)} rows <= 5)",
-        f"- defended val loss within 1 % of clean, on the damaging attacks: **{len(kept)} of {len(hurting)}**",
+        f"- defended val loss at most 1 % above clean, on the damaging attacks: **{len(kept)} of {len(hurting)}** "
+        f"(at most 1 % above the honest-only clean run: {len(kept_h)} of {len(hurting)})",
         f"- undefended visibly worse (> 2 %): **{len(hurting)} of {len(rows)}** attack rows",
     ]
 
