@@ -12,8 +12,8 @@ pytestmark = pytest.mark.swarm
 
 
 def test_sign_flip_forward_attacker_is_banned(tmp_path, shakespeare):
-    cfg = SwarmConfig(stages=3, replicas=3, verifiers=3, steps=45, data=str(shakespeare), malicious=1,
-                      attack="sign_flip", attack_direction="forward", attack_start=15, eval_every=1000)
+    cfg = SwarmConfig(stages=3, replicas=3, verifiers=3, steps=40, data=str(shakespeare), malicious=1,
+                      attack="sign_flip", attack_direction="forward", attack_start=12, eval_every=1000)
     swarm = LocalSwarm(cfg, tmp_path)
     try:
         swarm.start()
