@@ -92,6 +92,8 @@ class VerifierNode:
         self.tokens = 0
         self._sync_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self.stage_members: dict[int, set[str]] = {}  # every worker seen ONLINE per stage
+        self._held_bans: set[str] = set()
         self.val_batches = corpus.val_batches(t.micro_batch_size, manifest.model.seq_len, t.eval_batches)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -142,6 +144,8 @@ class VerifierNode:
     async def refresh(self) -> None:
         claims = await read_stage_claims(self.runtime, self.run, self.manifest.num_stages)
         for s, recs in claims.items():
+            self.stage_members.setdefault(s, set()).update(
+                p for p, v in recs.items() if v.get("state") == "ONLINE")
             live = sorted(p for p, v in recs.items() if v.get("state") == "ONLINE" and p not in self.bans.effective)
             self.transport.set_replicas(s, live)
         verifiers = await self.runtime.get(verifiers_key(self.run))
@@ -165,6 +169,8 @@ class VerifierNode:
                 self._maybe_endorse(target, votes)
             if target in self.bans.my_votes:
                 votes[self.runtime.peer_id] = {"target": target, "run": self.run, **self.bans.my_votes[target]}
+            if not self._ban_within_majority_bound(target, votes):
+                continue
             rec = self.bans.tally(target, votes, self.step)
             if rec is not None:
                 self.transport.set_replicas(rec.stage, [w for w in self.transport.replicas(rec.stage) if w != target])
@@ -172,6 +178,22 @@ class VerifierNode:
             key = ban_key(self.run, target)
             await self.runtime.store(key, self.runtime.record_value("ban_vote", key, self.run, **fields),
                                      ttl=max(60.0, self.runtime.config.record_ttl_s * 4))
+
+    def _ban_within_majority_bound(self, target: str, votes: dict[str, dict[str, Any]]) -> bool:
+        """Never ban a majority of a stage: the honest-majority assumption caps attackers per stage
+        at (replicas - 1) // 2, so bans beyond that are a verifier fault or drift, not attackers."""
+        stage = next((s for s, members in self.stage_members.items() if target in members), None)
+        if stage is None:
+            return True
+        members = self.stage_members[stage]
+        banned_here = sum(1 for p in self.bans.effective if p in members)
+        if banned_here + 1 > (len(members) - 1) // 2:
+            if target not in self._held_bans:
+                self._held_bans.add(target)
+                logger.warning("holding ban of %s: stage %d would lose its honest majority (%d of %d banned)",
+                               target[-8:], stage, banned_here, len(members))
+            return False
+        return True
 
     def _maybe_endorse(self, target: str, votes: dict[str, dict[str, Any]]) -> None:
         """Vote for another member's ban only if its evidence is anomalous to MY reference too."""

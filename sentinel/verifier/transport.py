@@ -42,9 +42,11 @@ class P2PTransport:
             METRICS.inc("sentinel_hop_failures_total", reason=e.reason)
             # an error answer concerns our request, a timeout the network: availability, not a strike
             raise HopError(str(e), e.reason, integrity=False) from e
-        except ProtocolError as e:  # the response frame itself was malformed / oversized
+        except ProtocolError as e:  # the response frame itself was truncated / malformed / oversized
+            # An unsigned, incomplete frame proves nothing to other verifiers and is what a stream
+            # cut by a loaded host looks like: route around it, strike only signed bad content.
             METRICS.inc("sentinel_rejected_messages_total", reason=e.reason)
-            raise HopError(f"bad response from {worker[-8:]}: {e}", e.reason, integrity=True) from e
+            raise HopError(f"bad response from {worker[-8:]}: {e}", e.reason, integrity=False) from e
         try:
             self.checker.check(resp, expected_sender=worker, expected=wire.response_specs(self.manifest, stage, handler))
             h = resp.header
