@@ -81,7 +81,17 @@ async def _scenario(maddr: str, bootstrap_id: str) -> dict[str, str]:
             assert resp.tensors["y"].shape == (b, t, d)
 
         out: dict[str, str] = {}
-        await still_serving()
+        # the workers learn of our verifier record through the DHT: wait for it, don't race it
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                await still_serving()
+                break
+            except PeerCallError as e:
+                if e.reason != "unknown_verifier" or time.monotonic() > deadline:
+                    raise
+                await client.store(key, make_value("verifier", key, run, state="ONLINE", step=0))
+                await asyncio.sleep(0.5)
 
         forged = req(0, {"x": ids})
         forged.header["signature"] = Identity.generate().sign(forged.header["digest"])
