@@ -269,6 +269,8 @@ class Simulation:
         self.flagged_attacked = 0
         self.flagged_honest = 0
         self.retroactive_flags = 0
+        self.struck_honest = 0  # flags on honest messages that became strikes (confirmed)
+        self.cleared_flags = 0
         self.train_loss: list[tuple[int, float]] = []
         self.val_loss: list[tuple[int, float]] = []
         self.micro_batches = {"total": 0, "completed": 0, "failed": 0, "retried_hops": 0, "substituted": 0,
@@ -290,19 +292,22 @@ class Simulation:
             self.retroactive_flags += 1
             return
         sent = self.transport.latest.get((ev.stage, ev.direction, ev.worker))
+        if "cleared_by" in ev.meta:
+            self.cleared_flags += 1
         if sent is not None and sent.attacked:
             self.flagged_attacked += 1
         else:
             self.flagged_honest += 1
+            self.struck_honest += ev.struck
 
     def _strike_retroactive(self) -> None:
-        """Strike what a boundary found when its calibration ended (those tensors were already used)."""
+        """Count what a boundary found when its calibration ended (those tensors were already used)."""
         take = getattr(self.screener, "take_retroactive", None)
         if take is None or self.cfg.defense == "none":
             return
         for stage, direction, worker, verdict in take():
-            self.ledger.record(worker, True)
-            self._on_flag(FlagEvent(self.step, -1, stage, direction, worker, tuple(verdict.reasons), True, verdict,
+            # unconfirmable, so never a strike (see PipelineDriver._strike_retroactive)
+            self._on_flag(FlagEvent(self.step, -1, stage, direction, worker, tuple(verdict.reasons), False, verdict,
                                     {"retroactive": True}))
 
     def _note_bans(self) -> None:
@@ -423,7 +428,8 @@ class Simulation:
             "flag_rate_honest": self.flagged_honest / honest_msgs if honest_msgs else 0.0,
             "flag_rate_attacked": self.flagged_attacked / attacked_msgs if attacked_msgs else None,
             "flags": {"total": sum(self.flags_by_boundary.values()), "attacked": self.flagged_attacked,
-                      "honest": self.flagged_honest, "retroactive": self.retroactive_flags,
+                      "honest": self.flagged_honest, "honest_struck": self.struck_honest,
+                      "cleared": self.cleared_flags, "retroactive": self.retroactive_flags,
                       "by_boundary": dict(sorted(self.flags_by_boundary.items()))},
             "flag_rates": flag_rates,
             "honest_workers_flagged": sorted(n for n in self.flags_by_worker if n not in self.malicious),
@@ -431,10 +437,34 @@ class Simulation:
             "errors": self.errors,
             "averaging_rounds": self.transport.averaging_rounds,
             "honest_optimizer_steps": sum(w.runner.stats.optimizer_steps for w in honest),
+            "code": CODE_VERSION,
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "python": platform.python_version(), "torch": torch.__version__,
                         "threads": torch.get_num_threads()},
         }
+
+
+def _code_version() -> str:
+    """Commit of the checkout this process imported, with a note if ``sentinel/`` had local edits.
+
+    Taken once, at import: a long table run must be stamped with the code it actually ran, even
+    if the checkout moves on while it runs.
+    """
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sentinel"], cwd=repo, capture_output=True,
+                               text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}{'+local-edits' if dirty else ''}"
+
+
+CODE_VERSION = _code_version()
 
 
 def _num(v: float) -> float | None:

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -166,16 +165,14 @@ def _key(cfg: SimConfig) -> str:
     return hashlib.blake2b(blob, digest_size=10).hexdigest()
 
 
-def _code_version() -> str:
-    """Commit of the code the table ran, and whether the screening or simulator code was edited."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sentinel"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head}{' + uncommitted changes under sentinel/' if dirty else ''}"
+def _code_versions(rows: list[Row]) -> str:
+    """The code the runs were made with (stamped in each report when it ran), with counts."""
+    seen: dict[str, int] = {}
+    for r in rows:
+        if r.report is not None:
+            v = r.report.get("code", "unknown")
+            seen[v] = seen.get(v, 0) + 1
+    return ", ".join(f"{v} ({n} runs)" for v, n in seen.items()) if len(seen) > 1 else next(iter(seen), "unknown")
 
 
 def execute(rows: list[Row], cache: Path, log: Any = sys.stderr) -> float:
@@ -307,7 +304,7 @@ def render(t: TableConfig, rows: list[Row], seconds: float, command: str) -> str
         f"({seconds / 60:.0f} min of simulation in this invocation; cached runs are reused).",
         f"Machine: {platform.platform()}, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
         f"Python {platform.python_version()}, torch {first['machine']['torch'] if first else '?'}, "
-        f"1 thread. Code: {_code_version()}.",
+        f"1 thread. Code: {_code_versions(rows)}.",
         "",
         f"Swarm: {t.stages} stages x {t.replicas} replicas = {t.stages * t.replicas} workers, "
         f"{math.floor(t.malicious_fraction * t.replicas + 1e-9)} malicious per stage "

@@ -4,9 +4,14 @@ One driver loop, two transports: the live verifier plugs in P2P stubs (``transpo
 simulator plugs in in-process stages. The driver owns the decisions the architecture fixes:
 - pick a replica per stage by expected finish time, never a banned one;
 - screen every tensor a worker returns (forward activations, the loss, backward gradients);
-- a flagged tensor is never passed on: strike the worker, recompute the hop on another replica;
-  only when no replica is left substitute the screen's reference and mark the micro-batch
-  tainted, so downstream workers are not struck for anomalies they did not cause;
+- a flagged tensor is never passed on: the hop is recomputed on another replica; only when no
+  replica is left is the screen's reference substituted and the micro-batch marked tainted, so
+  downstream workers are not struck for anomalies they did not cause;
+- a flag becomes a strike only when it is *confirmed*: the recomputation on another replica was
+  accepted and the flagged tensor is still over the fences when judged against it (same input,
+  so honest replicas agree closely). A flag the input explains is cleared, not struck: this is
+  what keeps an honest worker's strike count at zero through unusual batches and stage-wide
+  shifts. Provable faults (forged, malformed, non-finite) are struck at once;
 - a worker that fails or times out is routed around; the hop is retried, so a micro-batch is
   either completed or reported failed, never silently lost.
 """
@@ -70,7 +75,7 @@ class FlagEvent:
     direction: str
     worker: str
     reasons: tuple[str, ...]
-    struck: bool  # False when the micro-batch was already tainted upstream
+    struck: bool  # False when the micro-batch was tainted upstream or the flag was not confirmed
     verdict: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
     tensor: torch.Tensor | None = None  # the flagged tensor, for evidence statistics
@@ -129,6 +134,7 @@ class PipelineDriver:
         self.on_flag = on_flag
         self.on_clean = on_clean
         self.screen_seconds = 0.0
+        self.flags_cleared = 0  # fence flags that the recomputation on another replica did not confirm
         self.hop_failures: dict[str, int] = {}
 
     # -- one hop ------------------------------------------------------------------------------
@@ -141,6 +147,7 @@ class PipelineDriver:
         ``worker`` is None when the tensor is the screen's substitute (no clean replica left).
         """
         flagged: set[str] = set()
+        pending: list[tuple[str, Any, dict[str, Any], torch.Tensor]] = []  # fence flags awaiting confirmation
         failed_here: set[str] = set()
         deadline = time.monotonic() + self.config.wait_for_replica_s
         attempts = 0
@@ -160,8 +167,10 @@ class PipelineDriver:
                     worker = self.router.pick(usable)
             if worker is None:
                 if candidates and not usable:  # every live replica sent a flagged tensor
+                    self._settle(stage, direction, pending, result, None, None)
                     return self._substitute(stage, direction, result, screen_like), None
                 if time.monotonic() > deadline:
+                    self._settle(stage, direction, pending, result, None, None)
                     raise HopError(f"no usable replica of stage {stage} for {self.config.wait_for_replica_s:.0f}s",
                                    "no_replica", integrity=False)
                 await asyncio.sleep(self.config.poll_s)
@@ -192,17 +201,50 @@ class PipelineDriver:
             self.screen_seconds += time.perf_counter() - t1
             self._strike_retroactive(result)
             if verdict.flagged:
-                self._flag(stage, direction, worker, tuple(verdict.reasons), result, verdict, hop.meta, hop.tensor)
                 flagged.add(worker)
                 result.retries += 1
+                if self._confirmable(verdict):
+                    pending.append((worker, verdict, hop.meta, hop.tensor))
+                else:
+                    self._flag(stage, direction, worker, tuple(verdict.reasons), result, verdict, hop.meta,
+                               hop.tensor)
                 continue
+            self._settle(stage, direction, pending, result, verdict, worker)
             if self.ledger is not None and not result.tainted:
                 self.ledger.record(worker, False)
             if self.on_clean is not None:
                 self.on_clean(stage, direction, worker)
             return hop, worker
+        self._settle(stage, direction, pending, result, None, None)
         raise HopError(f"stage {stage} {direction}: gave up after {self.config.max_hop_attempts} attempts",
                        "exhausted", integrity=False)
+
+    def _confirmable(self, verdict: Any) -> bool:
+        """Fence flags wait for confirmation; provable faults (no profile) are struck at once."""
+        return getattr(self.screener, "confirm", None) is not None and getattr(verdict, "profile", None) is not None
+
+    def _settle(self, stage: int, direction: str, pending: list[tuple[str, Any, dict[str, Any], torch.Tensor]],
+                result: MicroBatchResult, accepted: Any, accepted_by: str | None) -> None:
+        """Turn the hop's pending fence flags into strikes or clearances (see module docstring).
+
+        Without an accepted recomputation (every replica flagged, or the hop gave up) nothing
+        confirms the flags: no strike, since a hop that no replica can pass is the input's or
+        the stage's anomaly, not one worker's.
+        """
+        for worker, verdict, meta, tensor in pending:
+            if accepted is None:
+                self._flag(stage, direction, worker, tuple(verdict.reasons), result, verdict,
+                           {**meta, "unconfirmed": True}, tensor, strike=False)
+                continue
+            check = self.screener.confirm(stage, direction, verdict, accepted)
+            if check.flagged:
+                evidence = {**meta, "confirmed_by": accepted_by, "confirm_distances": dict(check.distances)}
+                self._flag(stage, direction, worker, tuple(verdict.reasons), result, verdict, evidence, tensor)
+            else:
+                self.flags_cleared += 1
+                self._flag(stage, direction, worker, tuple(verdict.reasons), result, verdict,
+                           {**meta, "cleared_by": accepted_by}, tensor, strike=False)
+        pending.clear()
 
     def _probation(self, usable: list[str], failed: set[str], result: MicroBatchResult, stage: int,
                    direction: str) -> str | None:
@@ -225,22 +267,24 @@ class PipelineDriver:
         return max(suspects, key=lambda w: self.ledger.state(w).strikes)
 
     def _strike_retroactive(self, result: MicroBatchResult) -> None:
-        """Strike what the screen found when it re-scored its calibration messages.
+        """Report what the screen found when it re-scored its calibration messages, striking nobody.
 
-        Those tensors were already passed on (nothing could judge them yet); the strike still
-        lands on the worker that sent them, so an attack from step 0 is not forgiven.
+        Those flags cannot be confirmed (the tensors were passed on long ago, nobody recomputed
+        them) and they come in bursts right after a calibration or a stage-wide recalibration,
+        when the fences are youngest: measured on the live swarm, they were the only strikes
+        honest workers collected. The screen already drops the state of a worker whose
+        calibration was mostly flagged, so an attacker active from step 0 never shapes the
+        reference, and its live flags, confirmed, ban it within a few steps.
         """
         take = getattr(self.screener, "take_retroactive", None)
         for stage, direction, worker, verdict in (take() if take else []):
-            if self.ledger is not None:
-                self.ledger.record(worker, True)
             if self.on_flag is not None:
-                self.on_flag(FlagEvent(result.step, -1, stage, direction, worker, tuple(verdict.reasons), True,
+                self.on_flag(FlagEvent(result.step, -1, stage, direction, worker, tuple(verdict.reasons), False,
                                        verdict, {"retroactive": True}))
 
     def _flag(self, stage: int, direction: str, worker: str, reasons: tuple[str, ...], result: MicroBatchResult,
-              verdict: Any, meta: dict[str, Any], tensor: torch.Tensor | None = None) -> None:
-        struck = not result.tainted
+              verdict: Any, meta: dict[str, Any], tensor: torch.Tensor | None = None, strike: bool = True) -> None:
+        struck = strike and not result.tainted
         if struck and self.ledger is not None:
             self.ledger.record(worker, True)
         if self.on_flag is not None:

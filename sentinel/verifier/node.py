@@ -81,6 +81,7 @@ class VerifierNode:
         )
         self.evidence: dict[str, deque] = defaultdict(lambda: deque(maxlen=4))
         self.flag_counts: dict[str, int] = defaultdict(int)
+        self.flags_cleared = 0
         self.message_counts: dict[str, int] = defaultdict(int)
         self.first_attack_seen: dict[str, int] = {}
         self.step = 0
@@ -241,6 +242,9 @@ class VerifierNode:
     def _on_flag(self, ev: FlagEvent) -> None:
         self.flag_counts[f"stage{ev.stage}/{ev.direction}"] += 1
         METRICS.inc("sentinel_flags_total", stage=str(ev.stage), direction=ev.direction)
+        if "cleared_by" in ev.meta:
+            self.flags_cleared += 1
+            METRICS.inc("sentinel_flags_cleared_total", stage=str(ev.stage), direction=ev.direction)
         if not ev.struck:
             return
         item: dict[str, Any] = {"step": ev.step, "micro_batch": ev.micro_batch, "stage": ev.stage,
@@ -254,7 +258,13 @@ class VerifierNode:
                 item["stats"] = _jsonable(compute_stats(ev.tensor, self.screen_config).to_dict())
             except Exception as e:  # noqa: BLE001 - evidence is best-effort; the strike stands
                 logger.debug("cannot summarise flagged tensor: %s", e)
+        if "confirm_distances" in ev.meta:
+            item["confirmed_by"] = ev.meta.get("confirmed_by")
+            item["confirm_distances"] = {k: _finite(v) for k, v in ev.meta["confirm_distances"].items()}
         self.evidence[ev.worker].append(item)
+        logger.info("strike %s at stage %d %s, step %d mb %d: %s (distances %s, fences %s, vs recomputation %s)",
+                    ev.worker[-8:], ev.stage, ev.direction, ev.step, ev.micro_batch, ",".join(ev.reasons),
+                    _brief(item.get("distances")), _brief(item.get("fences")), _brief(item.get("confirm_distances")))
         if self.ledger.is_banned(ev.worker) and ev.worker not in self.bans.my_votes and self.frame_target is None:
             self.bans.vote(ev.worker, ev.stage, ev.direction, ev.step, list(self.evidence[ev.worker]))
             logger.info("voting to ban %s (stage %d %s, reasons %s)", ev.worker[-8:], ev.stage, ev.direction,
@@ -356,6 +366,7 @@ class VerifierNode:
             },
             "hop_failures": dict(self.driver.hop_failures),
             "flags": dict(self.flag_counts),
+            "flags_cleared": self.flags_cleared,
             "flag_rates": flag_rates,
             "strikes": {w: self.ledger.state(w).strikes for w in sorted(self.evidence)},
             "my_votes": sorted(self.bans.my_votes),
@@ -374,6 +385,10 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_text(json.dumps(_jsonable(data), indent=1, default=str))
     os.replace(tmp, p)
+
+
+def _brief(d: dict[str, float] | None) -> str:
+    return "-" if not d else " ".join(f"{k}={v:.3g}" for k, v in d.items() if v is not None)
 
 
 def _finite(v: float) -> float | None:

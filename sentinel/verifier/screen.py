@@ -35,7 +35,8 @@ How this differs from the paper's temporal-EMA scheme (and why)
        profiles. When the fences first become trusted, every calibration message is
        *re-scored*: its distances to the median of the other replicas at the time it arrived
        are judged by the new fences; flags found this way
-       are queued for :meth:`BoundaryScreen.take_retroactive` (the driver strikes them), and a
+       are queued for :meth:`BoundaryScreen.take_retroactive` (the driver reports them but strikes
+       nobody: nothing can confirm them any more, see :meth:`BoundaryScreen.confirm`), and a
        worker with at least half of its calibration messages flagged loses its EMA and its
        distance window, so nothing it sent during calibration survives.
     5. *Drift, not mass attack.* If a message is fence-flagged and at least ``drift_fraction``
@@ -102,6 +103,9 @@ class Verdict:
     fences: dict[str, float]
     drift: bool = False
     calibrating: bool = False
+    # scale-free summary of the screened tensor (None for malformed / non-finite ones); the
+    # driver uses it to confirm a flag against another replica's output for the same input
+    profile: Profile | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -190,6 +194,25 @@ class BoundaryScreen:
         d = distances(profile_of(stats), ref, self.config.sign_rel_threshold)
         reasons = exceeded(d, fences)
         return Verdict(bool(reasons), reasons, d, fences)
+
+    def confirm(self, flagged: Verdict, accepted: Verdict) -> Verdict:
+        """Does a flag stand once the same hop, recomputed by another replica, was accepted?
+
+        Both tensors answer the *same* input, so an honest pair differs only by the replicas'
+        small parameter divergence, far less than the batch-to-batch spread the fences were
+        fitted on. The flagged profile is judged against the accepted one with the fences in
+        force when it was flagged: a flag that the input itself explains (an unusual batch, a
+        stage-wide shift the EMA has not followed yet) is cleared, one that the worker alone
+        explains stands. No new threshold: the fences are the boundary's own. Flags without a
+        profile (malformed, non-finite) and accepted verdicts without one always stand.
+        """
+        if flagged.profile is None or accepted.profile is None or not flagged.fences:
+            return flagged
+        if flagged.profile.features != accepted.profile.features:
+            return flagged
+        d = distances(flagged.profile, accepted.profile, self.config.sign_rel_threshold)
+        reasons = exceeded(d, flagged.fences)
+        return Verdict(bool(reasons), reasons, d, dict(flagged.fences), profile=flagged.profile)
 
     def substitute(self, like: torch.Tensor) -> torch.Tensor:
         """The paper's fallback: the consensus EMA batch-mean broadcast to ``like``'s shape.
@@ -407,14 +430,14 @@ class BoundaryScreen:
                 if d is not None and self._robust_reference(name):
                     self._calibration.append((name, d))
                 self._maybe_trust()
-            return Verdict(False, (), d or {}, {}, calibrating=True)
+            return Verdict(False, (), d or {}, {}, calibrating=True, profile=p)
 
         reasons = exceeded(d, fences)
         if not reasons:
             self._accept(name, w, p, d)
             if not self._trusted:
                 self._maybe_trust()
-            return Verdict(False, (), d, fences)
+            return Verdict(False, (), d, fences, profile=p)
 
         w.latest = p
         w.latest_flagged = True
@@ -435,8 +458,8 @@ class BoundaryScreen:
                             o.latest_flagged = False
                             o.flag_streak = 0
                 self._recalibrate()
-                return Verdict(False, (), d2, fences, drift=True)
-        return Verdict(True, reasons, d, fences)
+                return Verdict(False, (), d2, fences, drift=True, profile=p)
+        return Verdict(True, reasons, d, fences, profile=p)
 
     def _recalibrate(self) -> None:
         """After a stage-wide shift the *distances* may follow a new regime too: refit the
@@ -573,6 +596,10 @@ class Screener:
 
     def screen(self, stage: int, direction: str, worker: str, x: torch.Tensor) -> Verdict:
         return self.boundary(stage, direction).screen(worker, x)
+
+    def confirm(self, stage: int, direction: str, flagged: Verdict, accepted: Verdict) -> Verdict:
+        """See :meth:`BoundaryScreen.confirm`."""
+        return self.boundary(stage, direction).confirm(flagged, accepted)
 
     def take_retroactive(self) -> list[tuple[int, str, str, Verdict]]:
         """(stage, direction, worker, verdict) for every retroactive flag since the last call."""

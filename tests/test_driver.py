@@ -1,0 +1,147 @@
+"""The pipeline driver's attribution rules: a fence flag becomes a strike only when the hop,
+recomputed by another replica on the same input, was accepted and still disagrees with the
+flagged tensor; provable faults strike at once; a hop nobody passes strikes nobody.
+
+The transport here is in-process arithmetic (the driver is transport-agnostic by design; the
+network path is covered by the swarm tests) and the screener's *verdicts* are scripted so each
+rule is exercised deterministically; the confirmation itself is the real screening code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from sentinel.verifier.config import ScreeningConfig
+from sentinel.verifier.driver import DriverConfig, FlagEvent, HopResult, PipelineDriver
+from sentinel.verifier.reference import DISTANCES, profile_of
+from sentinel.verifier.screen import BoundaryScreen, Verdict
+from sentinel.verifier.stats import compute_stats
+from sentinel.verifier.strikes import StrikeLedger
+
+HIDDEN = (2, 8, 16)
+W = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
+
+
+class Arithmetic:
+    """Stage 0: ``x @ W`` (``-x @ W`` from the sign flipper, NaN from the broken one); stage 1: a
+    loss. Honest replicas differ by a tiny per-worker perturbation, like averaged replicas do."""
+
+    def __init__(self, stage0: list[str]):
+        self.stage0 = stage0
+
+    def replicas(self, stage: int) -> list[str]:
+        return self.stage0 if stage == 0 else ["last"]
+
+    async def forward(self, worker, stage, step, micro_batch, x, targets, mode, timeout):
+        await asyncio.sleep(0.001)  # in flight for a moment, so concurrent micro-batches spread over replicas
+        if stage == 1:
+            return HopResult(x.pow(2).mean())
+        y = x @ (W + 1e-4 * (hash(worker) % 7))
+        if worker == "flipper":
+            y = -y
+        if worker == "broken":
+            y = y.clone()
+            y[0, 0, 0] = float("nan")
+        return HopResult(y)
+
+    async def backward(self, worker, stage, step, micro_batch, x, grad, targets, timeout):
+        return HopResult(torch.ones(HIDDEN) if stage == 1 else None)
+
+
+class Scripted:
+    """Flags stage-0 forward messages of the workers in ``flag`` (with wide fences), accepts the
+    rest; everything else is delegated to a real :class:`BoundaryScreen`."""
+
+    def __init__(self, flag: set[str]):
+        self.flag = flag
+        self.real = BoundaryScreen(ScreeningConfig(), "forward")
+        self.fences = dict.fromkeys(DISTANCES, 0.5)
+
+    def screen(self, stage, direction, worker, x):
+        if not torch.isfinite(x).all():
+            return Verdict(True, ("non_finite",), {}, {})
+        p = profile_of(compute_stats(x, self.real.config))
+        flagged = stage == 0 and direction == "forward" and worker in self.flag
+        return Verdict(flagged, ("l2",) if flagged else (), {}, dict(self.fences), profile=p)
+
+    def confirm(self, stage, direction, flagged, accepted):
+        return self.real.confirm(flagged, accepted)
+
+    def boundary(self, stage, direction):
+        return self.real
+
+
+def drive(stage0: list[str], flag: set[str], micro_batches: int = 12) -> tuple[StrikeLedger, list[FlagEvent], list]:
+    ledger = StrikeLedger(strike_limit=3, forgive_after=100)
+    events: list[FlagEvent] = []
+    driver = PipelineDriver(2, Arithmetic(stage0), screener=Scripted(flag), ledger=ledger,
+                            is_banned=ledger.is_banned, config=DriverConfig(poll_s=0.0, wait_for_replica_s=0.0),
+                            on_flag=events.append, hidden_shape=HIDDEN)
+    gen = torch.Generator().manual_seed(1)
+
+    inputs = [torch.randn(HIDDEN, generator=gen) for _ in range(micro_batches)]
+
+    async def run():
+        return await asyncio.gather(*(driver.train_micro_batch(1, i, x, torch.zeros(2, 8))
+                                      for i, x in enumerate(inputs)))
+
+    return ledger, events, asyncio.run(run())
+
+
+def test_honest_flag_is_cleared_by_an_agreeing_recomputation():
+    ledger, events, results = drive(["honest-a", "honest-b", "honest-c"], flag={"honest-a"})
+    mine = [e for e in events if e.worker == "honest-a"]
+    assert mine, "the scripted screener must have flagged honest-a at least once"
+    assert all(not e.struck and e.meta.get("cleared_by") in ("honest-b", "honest-c") for e in mine)
+    assert ledger.state("honest-a").strikes == 0 and not ledger.is_banned("honest-a")
+    assert all(r.completed and not r.tainted for r in results)
+
+
+def test_sign_flip_is_confirmed_and_banned():
+    ledger, events, results = drive(["flipper", "honest-b", "honest-c"], flag={"flipper"})
+    mine = [e for e in events if e.worker == "flipper"]
+    assert len(mine) >= 3
+    assert all(e.struck and e.meta.get("confirmed_by") in ("honest-b", "honest-c") for e in mine)
+    assert all(e.meta["confirm_distances"]["sign"] > 0.5 for e in mine)
+    assert ledger.is_banned("flipper")
+    assert all(r.completed for r in results)
+
+
+def test_provable_fault_strikes_without_confirmation():
+    ledger, events, _ = drive(["broken", "honest-b"], flag=set())
+    mine = [e for e in events if e.worker == "broken"]
+    assert mine and all(e.struck and e.reasons == ("non_finite",) for e in mine)
+    assert ledger.is_banned("broken")
+
+
+def test_hop_that_no_replica_passes_strikes_nobody():
+    ledger, events, results = drive(["honest-a", "honest-b"], flag={"honest-a", "honest-b"}, micro_batches=4)
+    assert events and all(not e.struck and e.meta.get("unconfirmed") for e in events)
+    assert ledger.banned() == []
+    assert all(r.completed and r.tainted and r.substituted == 1 for r in results)
+
+
+def test_confirmation_uses_the_boundary_fences_learned_from_honest_traffic():
+    """Real screen, real fences: a same-input honest pair agrees; sign flip and noise do not."""
+    screen = BoundaryScreen(ScreeningConfig(), "forward")
+    gen = torch.Generator().manual_seed(2)
+    for i in range(120):
+        x = torch.randn(HIDDEN, generator=gen) + 0.5
+        screen.screen(f"r{i % 3}", x @ W)
+    assert screen.calibrated
+    x = torch.randn(HIDDEN, generator=gen) + 0.5
+    honest = x @ W
+    other = x @ (W + 1e-3 * torch.randn(W.shape, generator=gen))
+    accepted = screen.screen("r0", honest)
+    assert not accepted.flagged
+
+    def as_flagged(t: torch.Tensor) -> Verdict:  # as if the fence had fired on it
+        return Verdict(True, ("l2",), {}, screen.fences(), profile=profile_of(compute_stats(t, screen.config)))
+
+    assert not screen.confirm(as_flagged(other), accepted).flagged
+    assert screen.confirm(as_flagged(-other), accepted).flagged
+    noisy = other + other.pow(2).mean().sqrt() * torch.randn(other.shape, generator=gen)
+    assert screen.confirm(as_flagged(noisy), accepted).flagged
+    assert screen.confirm(as_flagged(torch.zeros_like(other)), accepted).flagged
