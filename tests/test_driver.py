@@ -64,7 +64,9 @@ class Scripted:
             return Verdict(True, ("non_finite",), {}, {})
         p = profile_of(compute_stats(x, self.real.config))
         flagged = stage == 0 and direction == "forward" and worker in self.flag
-        return Verdict(flagged, ("l2",) if flagged else (), {}, dict(self.fences), profile=p)
+        # as if just over the fences on l2; the confirmation recomputes the real distances
+        return Verdict(flagged, ("l2",) if flagged else (), dict.fromkeys(DISTANCES, 0.6), dict(self.fences),
+                       profile=p)
 
     def confirm(self, stage, direction, flagged, accepted):
         return self.real.confirm(flagged, accepted)
@@ -137,8 +139,10 @@ def test_confirmation_uses_the_boundary_fences_learned_from_honest_traffic():
     accepted = screen.screen("r0", honest)
     assert not accepted.flagged
 
-    def as_flagged(t: torch.Tensor) -> Verdict:  # as if the fence had fired on it
-        return Verdict(True, ("l2",), {}, screen.fences(), profile=profile_of(compute_stats(t, screen.config)))
+    def as_flagged(t: torch.Tensor) -> Verdict:  # as if every fence had fired on it
+        stats = compute_stats(t, screen.config)
+        v = screen.rescore(stats)
+        return Verdict(True, tuple(DISTANCES), v.distances, v.fences, profile=profile_of(stats))
 
     assert not screen.confirm(as_flagged(other), accepted).flagged
     assert screen.confirm(as_flagged(-other), accepted).flagged

@@ -50,6 +50,10 @@ class ScreeningConfig:
     * ``strike_limit`` / ``forgive_after`` — ban at ``strike_limit`` strikes; each clean
       message forgives ``strike_limit / forgive_after`` strikes, so any strike count below the
       limit is fully forgiven after ``forgive_after`` clean messages.
+    * ``confirm_share`` — a fence flag becomes a strike only if the flagged tensor is at least
+      this share of its flagged distance away from another replica's accepted recomputation of
+      the same input (``BoundaryScreen.confirm``): with 0.5, the worker must account for at
+      least half of the anomaly. Honest same-input pairs sit at a few percent of the fences.
     * ``drift_fraction`` — when at least this fraction of the recently seen replicas (and at
       least two) have their latest message fence-flagged, the stage moved: recalibrate from
       the median of the replicas' latest statistics instead of striking them.
@@ -71,6 +75,7 @@ class ScreeningConfig:
     strike_limit: int = 3
     forgive_after: int = 100
     drift_fraction: float = 0.5
+    confirm_share: float = 0.5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,6 +95,8 @@ class ScreeningConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+        if not (isinstance(self.confirm_share, (int, float)) and 0.0 < self.confirm_share <= 1.0):
+            raise ValueError(f"confirm_share must be in (0, 1], got {self.confirm_share!r}")
         if not 0.0 < self.drift_fraction <= 1.0:
             raise ValueError(f"drift_fraction must be in (0, 1], got {self.drift_fraction!r}")
         if self.min_history > self.window * self.min_workers and self.min_history > self.window:

@@ -200,18 +200,19 @@ class BoundaryScreen:
 
         Both tensors answer the *same* input, so an honest pair differs only by the replicas'
         small parameter divergence, far less than the batch-to-batch spread the fences were
-        fitted on. The flagged profile is judged against the accepted one with the fences in
-        force when it was flagged: a flag that the input itself explains (an unusual batch, a
-        stage-wide shift the EMA has not followed yet) is cleared, one that the worker alone
-        explains stands. No new threshold: the fences are the boundary's own. Flags without a
-        profile (malformed, non-finite) and accepted verdicts without one always stand.
+        fitted on. A flagged distance stands when the flagged tensor is at least
+        ``confirm_share`` of that distance away from the accepted recomputation too: the
+        worker, not the input, accounts for (at least that share of) the anomaly. A flag that
+        the input explains (an unusual batch, a stage-wide shift the EMA has not followed yet)
+        is cleared. Flags without a profile (malformed, non-finite) always stand.
         """
-        if flagged.profile is None or accepted.profile is None or not flagged.fences:
+        if flagged.profile is None or accepted.profile is None or not flagged.distances:
             return flagged
         if flagged.profile.features != accepted.profile.features:
             return flagged
         d = distances(flagged.profile, accepted.profile, self.config.sign_rel_threshold)
-        reasons = exceeded(d, flagged.fences)
+        share = self.config.confirm_share
+        reasons = tuple(r for r in flagged.reasons if r in d and d[r] >= share * flagged.distances.get(r, 0.0) > 0)
         return Verdict(bool(reasons), reasons, d, dict(flagged.fences), profile=flagged.profile)
 
     def substitute(self, like: torch.Tensor) -> torch.Tensor:
