@@ -342,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = Path(args.workdir or f"runs/swarm-{time.strftime('%Y%m%d-%H%M%S')}")
     swarm = LocalSwarm(cfg, workdir)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not interrupt the shutdown
+        raise KeyboardInterrupt  # same clean shutdown as Ctrl-C: every child stopped, by PID
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     print(f"starting {cfg.stages} stages x {cfg.replicas} replicas + {cfg.verifiers} verifiers "
           f"({cfg.malicious} malicious, attack {cfg.attack if cfg.malicious else '-'}); logs in {workdir}/logs",
           flush=True)
