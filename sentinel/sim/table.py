@@ -341,6 +341,11 @@ def render(t: TableConfig, rows: list[Row], seconds: float, command: str) -> str
         "of honest messages flagged; \"attacked msgs flagged\" the share of attacked messages flagged.",
         "",
     ]
+    missing = [r for r in rows if r.report is None]
+    if missing:
+        lines += [f"**Partial table: {len(missing)} of {len(rows)} planned runs have not run yet** "
+                  f"(first missing: {', '.join(f'{r.part} {r.label}' for r in missing[:6])}"
+                  f"{', ...' if len(missing) > 6 else ''}); the goals below count only the rows present.", ""]
     if matrix:
         table, stats = _attack_table(matrix, pairs)
         lines += ["## Goals", "", *_goals(stats), "", "## Clean runs", "", *_clean_lines(matrix)]
@@ -487,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--cache", type=Path, default=d.cache)
     p.add_argument("--json", type=Path, help="also write every report (with curves) here")
+    p.add_argument("--render-only", action="store_true",
+                   help="run nothing: render the cached runs (rows not yet run are left out, and counted)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="simulations run in parallel, one thread each (default: one per core)")
     return p
@@ -516,8 +523,14 @@ def main(argv: list[str] | None = None, prog: str = "sentinel-sim --table") -> N
                              "pass --data / --wikitext)")
     rows = plan(t)
     print(f"{len(rows)} runs planned", file=sys.stderr, flush=True)
-    seconds = execute(rows, t.cache, jobs=max(1, a.jobs))
-    command = " ".join([prog, *argv])
+    if a.render_only:
+        for row in rows:
+            path = t.cache / f"{_key(row.cfg)}.json"
+            row.report = json.loads(path.read_text()) if path.is_file() else None
+        seconds = 0.0
+    else:
+        seconds = execute(rows, t.cache, jobs=max(1, a.jobs))
+    command = " ".join([prog, *(x for x in argv if x != "--render-only")])
     t.out.mkdir(parents=True, exist_ok=True)
     (t.out / "detection_table.md").write_text(render(t, rows, seconds, command))
     written = plot(t, rows)
