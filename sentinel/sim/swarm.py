@@ -270,7 +270,6 @@ class Simulation:
         self.flagged_honest = 0
         self.retroactive_flags = 0
         self.struck_honest = 0  # flags on honest messages that became strikes (confirmed)
-        self.cleared_flags = 0
         self.train_loss: list[tuple[int, float]] = []
         self.val_loss: list[tuple[int, float]] = []
         self.micro_batches = {"total": 0, "completed": 0, "failed": 0, "retried_hops": 0, "substituted": 0,
@@ -292,8 +291,6 @@ class Simulation:
             self.retroactive_flags += 1
             return
         sent = self.transport.latest.get((ev.stage, ev.direction, ev.worker))
-        if "cleared_by" in ev.meta:
-            self.cleared_flags += 1
         if sent is not None and sent.attacked:
             self.flagged_attacked += 1
         else:
@@ -429,7 +426,7 @@ class Simulation:
             "flag_rate_attacked": self.flagged_attacked / attacked_msgs if attacked_msgs else None,
             "flags": {"total": sum(self.flags_by_boundary.values()), "attacked": self.flagged_attacked,
                       "honest": self.flagged_honest, "honest_struck": self.struck_honest,
-                      "cleared": self.cleared_flags, "retroactive": self.retroactive_flags,
+                      "cleared": self.driver.flags_cleared, "retroactive": self.retroactive_flags,
                       "by_boundary": dict(sorted(self.flags_by_boundary.items()))},
             "flag_rates": flag_rates,
             "honest_workers_flagged": sorted(n for n in self.flags_by_worker if n not in self.malicious),

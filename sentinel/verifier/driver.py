@@ -8,8 +8,9 @@ simulator plugs in in-process stages. The driver owns the decisions the architec
   replica is left is the screen's reference substituted and the micro-batch marked tainted, so
   downstream workers are not struck for anomalies they did not cause;
 - a flag becomes a strike only when it is *confirmed*: the recomputation on another replica was
-  accepted and the flagged tensor is still over the fences when judged against it (same input,
-  so honest replicas agree closely). A flag the input explains is cleared, not struck: this is
+  accepted and the flagged tensor is still at least ``confirm_share`` of its flagged distance
+  away from it (same input, so honest replicas agree closely; ``BoundaryScreen.confirm``). A
+  flag the input explains is cleared, not struck: this is
   what keeps an honest worker's strike count at zero through unusual batches and stage-wide
   shifts. Provable faults (forged, malformed, non-finite) are struck at once;
 - a worker that fails or times out is routed around; the hop is retried, so a micro-batch is

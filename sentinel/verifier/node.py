@@ -81,7 +81,6 @@ class VerifierNode:
         )
         self.evidence: dict[str, deque] = defaultdict(lambda: deque(maxlen=4))
         self.flag_counts: dict[str, int] = defaultdict(int)
-        self.flags_cleared = 0
         self.message_counts: dict[str, int] = defaultdict(int)
         self.first_attack_seen: dict[str, int] = {}
         self.step = 0
@@ -243,7 +242,6 @@ class VerifierNode:
         self.flag_counts[f"stage{ev.stage}/{ev.direction}"] += 1
         METRICS.inc("sentinel_flags_total", stage=str(ev.stage), direction=ev.direction)
         if "cleared_by" in ev.meta:
-            self.flags_cleared += 1
             METRICS.inc("sentinel_flags_cleared_total", stage=str(ev.stage), direction=ev.direction)
         if not ev.struck:
             return
@@ -366,7 +364,7 @@ class VerifierNode:
             },
             "hop_failures": dict(self.driver.hop_failures),
             "flags": dict(self.flag_counts),
-            "flags_cleared": self.flags_cleared,
+            "flags_cleared": self.driver.flags_cleared,
             "flag_rates": flag_rates,
             "strikes": {w: self.ledger.state(w).strikes for w in sorted(self.evidence)},
             "my_votes": sorted(self.bans.my_votes),
