@@ -59,7 +59,7 @@ class Scripted:
         self.real = BoundaryScreen(ScreeningConfig(), "forward")
         self.fences = dict.fromkeys(DISTANCES, 0.5)
 
-    def screen(self, stage, direction, worker, x):
+    def screen(self, stage, direction, worker, x, source=None):
         if not torch.isfinite(x).all():
             return Verdict(True, ("non_finite",), {}, {})
         p = profile_of(compute_stats(x, self.real.config))

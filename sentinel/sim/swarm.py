@@ -54,7 +54,7 @@ from sentinel.verifier.config import ScreeningConfig
 from sentinel.verifier.driver import DriverConfig, FlagEvent, PipelineDriver
 from sentinel.verifier.routing import RouterConfig
 from sentinel.verifier.screen import Screener
-from sentinel.verifier.strikes import StrikeLedger
+from sentinel.verifier.strikes import StrikeLedger, majority_allows_ban
 
 __all__ = ["DEFENSES", "MODEL_SIZES", "TUNED_SCREENING", "SimConfig", "Simulation", "malicious_slots",
            "run_simulation"]
@@ -240,7 +240,8 @@ class Simulation:
         self.active_malicious = {n for n in self.malicious
                                  if not (cfg.direction == "backward" and self.workers[n].stage == 0)}
 
-        self.ledger = StrikeLedger(self.screen_config.strike_limit, self.screen_config.forgive_after)
+        self.ledger = StrikeLedger(self.screen_config.strike_limit, self.screen_config.forgive_after,
+                                   may_ban=self._may_ban)
         defended = cfg.defense != "none"
         self.transport = InProcessTransport(self.workers, self.manifest, is_banned=self._is_banned,
                                             attack_start=cfg.attack_start, seed=cfg.seed,
@@ -283,6 +284,12 @@ class Simulation:
     # -- verifier-side bookkeeping ---------------------------------------------------------------
     def _is_banned(self, worker: str) -> bool:
         return self.cfg.defense != "none" and self.ledger.is_banned(worker)
+
+    def _may_ban(self, worker: str) -> bool:
+        """The live verifier's honest-majority bound (``strikes.majority_allows_ban``)."""
+        stage = self.workers[worker].stage
+        banned = sum(1 for r in range(self.cfg.replicas) if self.ledger.is_banned(worker_name(stage, r)))
+        return majority_allows_ban(self.cfg.replicas, banned)
 
     def _on_flag(self, ev: FlagEvent) -> None:
         self.flags_by_boundary[f"stage{ev.stage}/{ev.direction}"] += 1

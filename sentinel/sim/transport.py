@@ -383,7 +383,8 @@ class DuplicateScreen:
         self._checks += 1
         return others[random.Random(_seed("checker", self.seed, self._checks)).randrange(len(others))]
 
-    def screen(self, stage: int, direction: str, worker: str, x: torch.Tensor) -> _DupVerdict:
+    def screen(self, stage: int, direction: str, worker: str, x: torch.Tensor,
+               source: torch.Tensor | None = None) -> _DupVerdict:
         self.messages += 1
         sent = self.transport.latest.get((stage, direction, worker))
         checker = self.checker_for(stage, worker)

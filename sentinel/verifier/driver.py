@@ -142,10 +142,13 @@ class PipelineDriver:
     async def _hop(
         self, stage: int, direction: str, call: Callable[[str, float], Any], result: MicroBatchResult,
         prefer: str | None = None, screen_like: torch.Tensor | None = None, screen: bool = True,
+        source: torch.Tensor | None = None,
     ) -> tuple[HopResult, str | None]:
         """Run one hop until a replica returns an unflagged tensor; returns (result, worker).
 
         ``worker`` is None when the tensor is the screen's substitute (no clean replica left).
+        ``source`` is what went into the hop (input activation / output gradient), screened
+        against the reply by the ``skip`` distance.
         """
         flagged: set[str] = set()
         pending: list[tuple[str, Any, dict[str, Any], torch.Tensor]] = []  # fence flags awaiting confirmation
@@ -198,7 +201,7 @@ class PipelineDriver:
             if hop.tensor is None or self.screener is None or not screen:
                 return hop, worker
             t1 = time.perf_counter()
-            verdict = self.screener.screen(stage, direction, worker, hop.tensor)
+            verdict = self.screener.screen(stage, direction, worker, hop.tensor, source)
             self.screen_seconds += time.perf_counter() - t1
             self._strike_retroactive(result)
             if verdict.flagged:
@@ -319,7 +322,8 @@ class PipelineDriver:
 
                 like = torch.zeros(()) if s == S - 1 else (
                     torch.zeros(self.hidden_shape) if self.hidden_shape is not None else None)
-                hop, worker = await self._hop(s, "forward", call, res, screen_like=like)
+                src = x if s > 0 and s < S - 1 else None  # hidden state in and out: a residual hop
+                hop, worker = await self._hop(s, "forward", call, res, screen_like=like, source=src)
                 route.append(worker)
                 acts.append(hop.tensor)
             loss = acts[-1]
@@ -333,7 +337,7 @@ class PipelineDriver:
                     return self.transport.backward(w, s, step, micro_batch, x, g, tg, timeout)
 
                 hop, _ = await self._hop(s, "backward", bcall, res, prefer=route[s],
-                                         screen_like=acts[s] if s > 0 else None)
+                                         screen_like=acts[s] if s > 0 else None, source=grad)
                 grad = hop.tensor
             res.completed = True
         except HopError as e:

@@ -34,7 +34,7 @@ from sentinel.verifier.driver import DriverConfig, FlagEvent, MicroBatchResult, 
 from sentinel.verifier.routing import Router, RouterConfig
 from sentinel.verifier.screen import Screener
 from sentinel.verifier.stats import TensorStats, compute_stats
-from sentinel.verifier.strikes import StrikeLedger
+from sentinel.verifier.strikes import StrikeLedger, majority_allows_ban
 from sentinel.verifier.transport import P2PTransport
 
 logger = logging.getLogger(__name__)
@@ -180,14 +180,14 @@ class VerifierNode:
                                      ttl=max(60.0, self.runtime.config.record_ttl_s * 4))
 
     def _ban_within_majority_bound(self, target: str, votes: dict[str, dict[str, Any]]) -> bool:
-        """Never ban a majority of a stage: the honest-majority assumption caps attackers per stage
-        at (replicas - 1) // 2, so bans beyond that are a verifier fault or drift, not attackers."""
+        """Never ban a majority of a stage (``strikes.majority_allows_ban``, the rule the simulator
+        applies too), counted over the committee's effective bans."""
         stage = next((s for s, members in self.stage_members.items() if target in members), None)
         if stage is None:
             return True
         members = self.stage_members[stage]
         banned_here = sum(1 for p in self.bans.effective if p in members)
-        if banned_here + 1 > (len(members) - 1) // 2:
+        if not majority_allows_ban(len(members), banned_here):
             if target not in self._held_bans:
                 self._held_bans.add(target)
                 logger.warning("holding ban of %s: stage %d would lose its honest majority (%d of %d banned)",

@@ -54,9 +54,12 @@ How this differs from the paper's temporal-EMA scheme (and why)
 
 Backward gradients at small batch
     Their batch-mean direction is mostly noise (honest sign mismatch ~49 %): ``l1``/``l2``/
-    ``sign`` simply get wide fences from the honest windows and rarely fire; the norm ratio and
-    the shape distance carry the signal (Gaussian noise of sigma=1 raises the RMS by sqrt(2):
-    ``norm_ratio`` ~0.35 against an honest ~0.05).
+    ``sign`` simply get wide fences from the honest windows and rarely fire. The ``skip``
+    distance carries the signal instead: the gradient a stage returns stays aligned, token by
+    token, with the gradient it was sent (the residual connection passes it straight through),
+    so a sign-flipped or noisy gradient is visible in one message, at any batch size. Only the
+    last stage's backward has no incoming gradient to compare with; there the norm ratio and the
+    shape and spread distances are all there is.
 
 Everything here is deterministic pure tensor math: no I/O, no clocks, no randomness.
 """
@@ -84,7 +87,7 @@ from sentinel.verifier.reference import (
 from sentinel.verifier.stats import TensorStats, compute_stats
 
 DIRECTIONS = ("forward", "backward")
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2  # 2: the ``skip`` distance and ``log_skip`` profile field
 
 
 @dataclass
@@ -167,11 +170,15 @@ class BoundaryScreen:
 
     # ------------------------------------------------------------------ public API
 
-    def screen(self, worker: str, x: torch.Tensor) -> Verdict:
-        """Screen one tensor sent by ``worker``; the shape is checked before any pass over it."""
+    def screen(self, worker: str, x: torch.Tensor, source: torch.Tensor | None = None) -> Verdict:
+        """Screen one tensor sent by ``worker``; the shape is checked before any pass over it.
+
+        ``source`` is what the verifier sent into the hop (the stage's input activation, or the
+        gradient of its output): it enables the ``skip`` distance (``stats.py``).
+        """
         if self._shape_problem(tuple(x.shape), x.numel()):
             return self._count(self._malformed())
-        return self.screen_stats(worker, compute_stats(x, self.config))
+        return self.screen_stats(worker, compute_stats(x, self.config, source))
 
     def screen_stats(self, worker: str, stats: TensorStats) -> Verdict:
         """Screen precomputed stats (also used to re-score another verifier's ban evidence)."""
@@ -595,8 +602,9 @@ class Screener:
                 f"directions {DIRECTIONS}"
             ) from None
 
-    def screen(self, stage: int, direction: str, worker: str, x: torch.Tensor) -> Verdict:
-        return self.boundary(stage, direction).screen(worker, x)
+    def screen(self, stage: int, direction: str, worker: str, x: torch.Tensor,
+               source: torch.Tensor | None = None) -> Verdict:
+        return self.boundary(stage, direction).screen(worker, x, source)
 
     def confirm(self, stage: int, direction: str, flagged: Verdict, accepted: Verdict) -> Verdict:
         """See :meth:`BoundaryScreen.confirm`."""

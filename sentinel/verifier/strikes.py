@@ -6,11 +6,24 @@ row, and an honest worker's rare false positives never add up; ``strike_limit`` 
 (or close together) ban. A ban here is this verifier's *vote*; the swarm-wide ban needs a
 committee quorum (``committee.ban_quorum``). Counting is exact: strikes are kept as integer units
 of ``1 / forgive_after`` so forgiveness has no float drift.
+
+The honest-majority bound lives here too, so the live verifier and the simulator apply the
+same rule: a ban that would leave a stage with fewer than a majority of its replicas is *held*
+(:func:`majority_allows_ban`). The threat model caps attackers at ``(replicas - 1) // 2`` per
+stage, so a ban beyond that is evidence of a verifier fault or of a stage-wide shift the screens
+misread, never of one more attacker; banning would take the stage's honest replicas with it and
+hand the stage to whoever is left.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+
+def majority_allows_ban(replicas: int, banned: int) -> bool:
+    """May one more replica of a stage with ``replicas`` members, ``banned`` of them banned, go?"""
+    return banned + 1 <= (replicas - 1) // 2
 
 
 @dataclass
@@ -20,19 +33,27 @@ class StrikeState:
     strikes: float = 0.0
     banned: bool = False
     banned_now: bool = False
+    held: bool = False  # at the strike limit, but the ban would break its stage's honest majority
     clean_streak: int = 0
     flags: int = 0
     messages: int = 0
 
 
 class StrikeLedger:
-    """Strikes of every worker seen by one verifier."""
+    """Strikes of every worker seen by one verifier.
 
-    def __init__(self, strike_limit: int = 3, forgive_after: int = 100) -> None:
+    ``may_ban(worker)``, when given, is asked before a ban: False *holds* it (the worker stays at
+    the limit, ``held`` is set, and its next flag asks again), which is how callers apply
+    :func:`majority_allows_ban` with their own view of stage membership.
+    """
+
+    def __init__(self, strike_limit: int = 3, forgive_after: int = 100,
+                 may_ban: Callable[[str], bool] | None = None) -> None:
         if strike_limit < 1 or forgive_after < 1:
             raise ValueError("strike_limit and forgive_after must be >= 1")
         self.strike_limit = strike_limit
         self.forgive_after = forgive_after
+        self.may_ban = may_ban
         self._units: dict[str, int] = {}
         self._states: dict[str, StrikeState] = {}
 
@@ -51,9 +72,17 @@ class StrikeLedger:
             st.clean_streak += 1
             if not st.banned:
                 units = max(0, units - self.strike_limit)
-        if not st.banned and units >= self.strike_limit * self.forgive_after:
-            st.banned = True
-            st.banned_now = True
+        limit = self.strike_limit * self.forgive_after
+        if not st.banned and units >= limit and (flagged or not st.held):
+            if self.may_ban is None or self.may_ban(worker):
+                st.banned = True
+                st.banned_now = True
+                st.held = False
+            else:
+                st.held = True
+                units = limit
+        if st.held and units < limit:
+            st.held = False
         self._units[worker] = units
         st.strikes = units / self.forgive_after
         return StrikeState(**vars(st))
