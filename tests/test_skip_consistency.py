@@ -154,6 +154,14 @@ def test_sign_flipped_gradient_is_invisible_without_the_source() -> None:
             hits["without"] += b.flagged
     assert hits["with"] >= 45  # 50 attacker messages after calibration
     assert hits["without"] <= 10
+    # ban evidence carries the statistic: another verifier re-scoring it sees what this one saw
+    g_out = torch.randn(B, T, D, generator=g) * torch.exp(0.5 * torch.randn(B, T, 1, generator=g))
+    honest = stage.backward(torch.randn(B, T, D, generator=g), g_out)
+    cfg = with_src.config
+    flipped = with_src.rescore(TensorStats.from_dict(compute_stats(-honest, cfg, g_out).to_dict()))
+    assert "skip" in flipped.reasons, flipped
+    fine = with_src.rescore(TensorStats.from_dict(compute_stats(honest, cfg, g_out).to_dict()))
+    assert "skip" not in fine.reasons, fine
 
 
 def test_majority_bound_holds_a_ban_and_releases_it() -> None:

