@@ -29,7 +29,12 @@ from typing import Any
 import msgpack
 import torch
 
-from sentinel.protocol.errors import MalformedMessageError, OversizedMessageError, StreamClosedError
+from sentinel.protocol.errors import (
+    MalformedMessageError,
+    OversizedMessageError,
+    StreamClosedError,
+    TruncatedMessageError,
+)
 
 __all__ = [
     "MAGIC",
@@ -247,7 +252,7 @@ async def _read_exactly_into(reader: asyncio.StreamReader, data: bytearray) -> N
     while pos < len(data):
         chunk = await reader.read(min(len(data) - pos, _READ_CHUNK))
         if not chunk:
-            raise MalformedMessageError(f"frame truncated: stream ended {len(data) - pos} bytes early")
+            raise TruncatedMessageError(f"frame truncated: stream ended {len(data) - pos} bytes early")
         view[pos : pos + len(chunk)] = chunk
         pos += len(chunk)
 
@@ -264,7 +269,7 @@ async def read_message(reader: asyncio.StreamReader, limits: Limits = Limits()) 
         header_len = _check_prefix(prefix, limits)
         header_bytes = await reader.readexactly(header_len)
     except asyncio.IncompleteReadError as e:
-        raise MalformedMessageError(
+        raise TruncatedMessageError(
             f"frame truncated: stream ended {e.expected - len(e.partial)} bytes early"
         ) from None
     header, descriptors = _parse_header(header_bytes, limits)

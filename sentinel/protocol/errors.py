@@ -31,6 +31,13 @@ class MalformedMessageError(ProtocolError):
     reason = "malformed"
 
 
+class TruncatedMessageError(MalformedMessageError):
+    """A frame whose stream ended mid-way: what a call cut by its timeout or a peer shutting down
+    looks like, counted apart from bytes that do not parse (``malformed``)."""
+
+    reason = "truncated"
+
+
 class StreamClosedError(MalformedMessageError):
     """The peer closed the stream without sending a single byte (no handler yet, or it died).
 
