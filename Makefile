@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/sentinel-swarm --report runs/demo/report.json
+	$(VENV)/bin/sentinel-swarm --compare-clean --report runs/demo/report.json
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check sentinel tests bench

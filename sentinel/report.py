@@ -141,6 +141,12 @@ def print_summary(report: dict[str, Any]) -> None:
         ("detection latency (steps)", f(report["detection_latency_steps"], 1)),
         ("rejected messages", ", ".join(f"{k}={int(v)}" for k, v in report["rejected_messages"].items()) or "0"),
     ]
+    clean = report.get("clean_run")
+    if clean:
+        gap = report.get("val_loss_vs_clean")
+        rows.append(("val loss last: this run / clean run",
+                     f"{f(report['val_loss_last'])} / {f(clean.get('val_loss_last'))}"
+                     + ("" if gap is None else f" ({gap:+.1%})")))
     for k, v in report["flag_rates"].items():
         rows.append((f"flag rate {k}", f"{v:.3%}"))
     for r in rows:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -280,6 +281,32 @@ class LocalSwarm:
         return swarm_report(self)
 
 
+def clean_baseline(cfg: SwarmConfig, workdir: str | Path, on_tick=None) -> dict[str, Any]:
+    """Run the same swarm with no attacker and no framing verifier; the figures to compare with.
+
+    Same model, data, seed, step count and screening: only the adversaries are gone, so the gap
+    in validation loss is what the attack cost *after* the defense.
+    """
+    clean = dataclasses.replace(cfg, malicious=0, frame_verifiers=0, run_id=f"{cfg.run_id}-clean")
+    swarm = LocalSwarm(clean, Path(workdir))
+    try:
+        swarm.start()
+        swarm.wait(on_tick=on_tick)
+    finally:
+        swarm.stop()
+    r = swarm.report()
+    return {k: r[k] for k in ("steps", "val_loss_first", "val_loss_last", "train_loss_last", "tokens_per_s",
+                              "honest_banned", "flag_rates")}
+
+
+def compare_with_clean(report: dict[str, Any], clean: dict[str, Any]) -> dict[str, Any]:
+    """Attach the clean run to ``report``, with the relative validation-loss gap."""
+    report["clean_run"] = clean
+    a, b = report.get("val_loss_last"), clean.get("val_loss_last")
+    report["val_loss_vs_clean"] = (a - b) / b if a is not None and b else None
+    return report
+
+
 def _progress_printer(plain: bool):
     last = {"t": 0.0}
 
@@ -321,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workdir", default=None, help="where logs, identities and reports go (default: runs/<time>)")
     p.add_argument("--report", default=None, help="write the final JSON report here")
+    p.add_argument("--compare-clean", action="store_true",
+                   help="afterwards, run the same swarm without attackers and report the loss against it")
     return p
 
 
@@ -366,6 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         swarm.stop()
     report = swarm.report()
+    if args.compare_clean and (cfg.malicious or cfg.frame_verifiers):
+        print("clean run for comparison: the same swarm without attackers", flush=True)
+        try:
+            compare_with_clean(report, clean_baseline(cfg, workdir / "clean",
+                                                      on_tick=_progress_printer(plain=not sys.stdout.isatty())))
+        except KeyboardInterrupt:
+            print("clean run interrupted; reporting without it", flush=True)
+        except (RuntimeError, TimeoutError) as e:
+            print(f"sentinel-swarm: clean run failed: {e}; reporting without it", file=sys.stderr)
     out = Path(args.report) if args.report else workdir / "report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
