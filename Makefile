@@ -24,7 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check sentinel tests bench
 	bash scripts/install-browser.sh
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sentinel tests bench

@@ -125,6 +125,39 @@ def test_stage_wide_step_change_is_drift_not_strikes() -> None:
     assert sum(tail[-200:]) <= 4
 
 
+@pytest.mark.parametrize("attack", ["sign_flip", "scale_x10", "gaussian"])
+def test_one_attacker_and_an_honest_false_positive_are_no_drift(attack: str) -> None:
+    """3 replicas, one attacking from message 300: its flags never count towards a stage-wide
+    shift, so no recalibration (a window without distance checks) is ever started."""
+    for seed in range(6):
+        screen = BoundaryScreen(ScreeningConfig(), "forward")
+        for i, (_, x, g) in enumerate(forward_stream(900, seed, 1.0)):
+            worker = f"w{i % 3}"
+            screen.screen(worker, ATTACKS[attack](x, g) if i >= 300 and worker == "w2" else x)
+        assert screen.counters.recalibrations == 0, (attack, seed)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_recalibration_is_no_amnesty_for_a_persistent_attacker(seed: int) -> None:
+    """A genuine stage-wide jump recalibrates the fences while an attacker keeps sign-flipping:
+    every one of its messages is still flagged during and after the recalibration."""
+    screen = BoundaryScreen(ScreeningConfig(), "forward")
+    perm = torch.randperm(D, generator=torch.Generator().manual_seed(7))
+    missed = honest_flags = 0
+    for i, (_, x, _) in enumerate(forward_stream(900, seed, 1.0)):
+        worker = f"w{i % 3}"
+        if i >= 450:
+            x = 5 * x[..., perm]
+        bad = worker == "w2" and i >= 150
+        v = screen.screen(worker, -x if bad else x)
+        if i >= 150:
+            missed += bad and not v.flagged
+            honest_flags += v.flagged and not bad
+    assert screen.counters.recalibrations >= 1
+    assert missed == 0
+    assert honest_flags <= 12
+
+
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_fast_drift_50x_in_200_messages_recovers(direction: str) -> None:
     """A brutal drift (50x within 200 messages, during calibration): may flag a few, never locks up."""

@@ -366,6 +366,7 @@ class VerifierNode:
             "flags": dict(self.flag_counts),
             "flags_cleared": self.driver.flags_cleared,
             "flag_rates": flag_rates,
+            "screen_events": self.screener.counters() if self.screener is not None else {},
             "strikes": {w: self.ledger.state(w).strikes for w in sorted(self.evidence)},
             "my_votes": sorted(self.bans.my_votes),
             "committee": self.bans.committee,

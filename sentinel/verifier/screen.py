@@ -40,12 +40,16 @@ How this differs from the paper's temporal-EMA scheme (and why)
        worker with at least half of its calibration messages flagged loses its EMA and its
        distance window, so nothing it sent during calibration survives.
     5. *Drift, not mass attack.* If a message is fence-flagged and at least ``drift_fraction``
-       of the recently seen replicas (and at least two) have their latest message fence-flagged,
-       the stage moved (or this verifier is wrong). The message is re-scored against the
-       coordinate-wise median of the *latest* profiles of the recent replicas (flagged or not);
-       if it fits that fresh consensus, every recent replica's EMA is re-seeded to it and the
+       of the recently seen replicas (and at least two) have their latest message fence-flagged
+       *and* those flagged messages fit the coordinate-wise median of the *latest* profiles of
+       the recent replicas (flagged or not), the stage moved together (or this verifier is
+       wrong); an attacker's flag next to one honest replica's unlucky batch is no such vote.
+       The message is re-scored against that fresh consensus;
+       if it fits, every recent replica's EMA is re-seeded to it and the
        verdict is ``drift=True`` (not flagged, nothing to strike). A message that does not fit
        even the fresh consensus is still flagged, so an attacker cannot hide behind a drift.
+       A replica still flagged after the re-seeding keeps being judged by the previous fences
+       while the others recalibrate, so a recalibration is no amnesty for an attacker.
        Between them, (1) and (5) make lock-up impossible: a step change costs the first one or
        two replicas one forgivable strike each, never a frozen reference.
     6. *Flagged messages never move the reference* (EMA or fence windows). They only update the
@@ -167,6 +171,9 @@ class BoundaryScreen:
         self._warm_ref: Profile | None = None
         self._warm_fences: dict[str, float] | None = None
         self._fence_floor: dict[str, float] | None = None
+        # replicas being banned when a recalibration began: still judged by the fences from
+        # before it, so a recalibration is no amnesty (see ``_recalibrate``)
+        self._suspects: set[str] = set()
 
     # ------------------------------------------------------------------ public API
 
@@ -431,6 +438,8 @@ class BoundaryScreen:
         ref = self._reference_for(name)
         d = distances(p, ref, cfg.sign_rel_threshold) if ref is not None else None
         fences = self.fences()
+        if fences is None and name in self._suspects:
+            fences = self._fence_floor
         if d is None or fences is None:
             self._accept(name, w, p, d)
             if not self._trusted:
@@ -442,6 +451,7 @@ class BoundaryScreen:
 
         reasons = exceeded(d, fences)
         if not reasons:
+            self._suspects.discard(name)
             self._accept(name, w, p, d)
             if not self._trusted:
                 self._maybe_trust()
@@ -450,9 +460,9 @@ class BoundaryScreen:
         w.latest = p
         w.latest_flagged = True
         w.flag_streak += 1
-        if self._drift_vote():
+        fresh = self._drift_consensus(fences)
+        if fresh is not None:
             voters = self._voters()
-            fresh = median_profile([o.latest for _, o in voters if o.latest is not None])
             d2 = distances(p, fresh, cfg.sign_rel_threshold)
             if not exceeded(d2, fences):
                 # The stage moved: every flagged replica whose latest message agrees with the
@@ -472,11 +482,21 @@ class BoundaryScreen:
     def _recalibrate(self) -> None:
         """After a stage-wide shift the *distances* may follow a new regime too: refit the
         fences from scratch (calibration again, with retroactive re-scoring when they are
-        trusted), instead of letting a stale window ratchet up only through values below it."""
+        trusted), instead of letting a stale window ratchet up only through values below it.
+
+        Calibration judges no distances, which must not become an amnesty: a replica whose
+        latest message was flagged and did not join the shift (it still has ``latest_flagged``
+        after the drift re-seeded the others: an attacker, or a replica being banned) keeps
+        being judged by the fences from before the shift until one of its messages passes
+        them. Measured with 3 replicas and a persistent Gaussian-gradient attacker, two honest
+        false positives in a row made a "drift" in about one run in 36, and the attacker's
+        messages were then accepted for the ``min_history`` messages of calibration.
+        """
         previous = self.fences()
         if previous is not None:
             floor = self._fence_floor or previous
             self._fence_floor = {n: max(v, floor[n]) for n, v in previous.items()}
+        self._suspects = {n for n, w in self._recent() if w.latest_flagged}
         self._history = DistanceHistory(self.config.window, self.config.eligibility_ratio)
         self._trusted = False
         self._warm_fences = None
@@ -500,10 +520,27 @@ class BoundaryScreen:
             return recent  # most replicas flagged again and again: that is lock-up, let them vote
         return [(n, w) for n, w in recent if w.flag_streak < limit]
 
-    def _drift_vote(self) -> bool:
+    def _drift_consensus(self, fences: dict[str, float]) -> Profile | None:
+        """The fresh consensus of a stage-wide shift, or None when the flags are no such thing.
+
+        A shift moves the honest replicas *together*: at least two, and at least
+        ``drift_fraction`` of the voters, must be flagged **and** agree with the coordinate-wise
+        median of the voters' latest profiles. Counting flagged replicas alone would let an
+        attacker's flagged message plus one honest replica's unlucky batch pass for a shift;
+        the recalibration that follows is a window of ``min_history`` messages in which
+        distances are not judged (measured on the live swarm: a Gaussian-gradient attacker went
+        unstruck for ten steps at one verifier that way). An attacker's message does not agree
+        with a median of mostly honest profiles, so it cannot supply the second vote.
+        """
         voters = self._voters()
-        flagged = sum(1 for _, w in voters if w.latest_flagged)
-        return flagged >= 2 and flagged >= self.config.drift_fraction * len(voters)
+        flagged = [w.latest for _, w in voters if w.latest_flagged and w.latest is not None]
+        need = max(2.0, self.config.drift_fraction * len(voters))
+        if len(flagged) < need:
+            return None
+        fresh = median_profile([w.latest for _, w in voters if w.latest is not None])
+        thr = self.config.sign_rel_threshold
+        agreeing = sum(1 for lp in flagged if not exceeded(distances(lp, fresh, thr), fences))
+        return fresh if agreeing >= need else None
 
     def _maybe_trust(self) -> None:
         cfg = self.config
@@ -513,6 +550,7 @@ class BoundaryScreen:
         if workers < cfg.min_workers and self._t < cfg.solo_history:
             return
         self._trusted = True
+        self._suspects.clear()
         self._rescore_calibration()
 
     def _robust_reference(self, worker: str) -> bool:
@@ -619,6 +657,10 @@ class Screener:
 
     def flag_rates(self) -> dict[str, float]:
         return {f"stage{s}/{d}": b.flag_rate() for (s, d), b in self._boundaries.items()}
+
+    def counters(self) -> dict[str, dict[str, Any]]:
+        """Per-boundary screening events (messages, flags, drifts, recalibrations, ...) for reports."""
+        return {f"stage{s}/{d}": dataclasses.asdict(b.counters) for (s, d), b in self._boundaries.items()}
 
     def summaries(self) -> dict[str, Any]:
         return {f"stage{s}/{d}": b.summary() for (s, d), b in self._boundaries.items()}
