@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from sentinel.verifier.config import ScreeningConfig
 from sentinel.verifier.reference import Profile, profile_of
 from sentinel.verifier.screen import BoundaryScreen
-from sentinel.verifier.stats import TensorStats, compute_stats
+from sentinel.verifier.stats import TensorStats, _row_dots, compute_stats
 from sentinel.verifier.strikes import StrikeLedger, majority_allows_ban
 
 B, T, D = 4, 16, 48
@@ -178,3 +178,12 @@ def test_majority_bound_holds_a_ban_and_releases_it() -> None:
     allow["a"] = True
     st_ = ledger.record("a", True)
     assert st_.banned and st_.banned_now and not st_.held
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (4097, 64), (300, 1000), (2, 300000)])
+def test_chunked_row_dots_match_one_matmul_per_row(shape: tuple[int, int]) -> None:
+    """The chunked dot pass (chunks of 2**18 elements, with a remainder) equals a per-row matmul."""
+    g = torch.Generator().manual_seed(shape[0])
+    a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    expected = torch.bmm(a.unsqueeze(1).double(), b.unsqueeze(2).double()).view(-1)
+    torch.testing.assert_close(_row_dots(a, b).double(), expected, rtol=1e-5, atol=1e-3)
