@@ -24,7 +24,7 @@ ATTACK_START = 12
 TARGET_LATENCY = 10  # the target, steps from the first attack to the effective ban
 # What the test enforces: banned by a committee majority before the run ends. On this 2-core
 # machine the 10-step target held for the sign flip in all 5 live runs (0-3 steps) and for the
-# Gaussian-backward attacker in 4 of 6 (4-7 steps; 11 and 16 in the other two), so asserting it
+# Gaussian-backward attacker in 4 of 7 (4-7 steps; 11, 16 and 11 in the others), so asserting it
 # would make the suite flaky; it is printed (pytest -rA shows it) and tracked as an open
 # acceptance point.
 MAX_LATENCY = STEPS - ATTACK_START
