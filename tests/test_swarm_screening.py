@@ -2,8 +2,9 @@
 
 One malicious worker in the middle stage, separately: sign flip on its activations, and Gaussian
 noise on its gradients. Each must be banned by a committee majority before the run ends (the
-issue's 10-step target is printed, not enforced: see TARGET_LATENCY), with no honest worker banned, and the final validation loss within 5 % of a clean run of
-the same length (one clean run serves both). The Gaussian run also has a byzantine verifier in
+issue's 10-step target is printed, not enforced: see TARGET_LATENCY), with no honest worker
+banned, and the final validation loss within 5 % of a clean run of the same length (one clean
+run serves both). The Gaussian run also has a byzantine verifier in
 the committee of 3, which votes to ban an honest worker and never votes against the attacker:
 the honest worker must survive and the attacker must still be banned by the two honest votes.
 """
@@ -67,8 +68,8 @@ def _check_attacker_banned(cfg: SwarmConfig, report: dict, clean: dict, record_p
     print(f"ban latency {latency} steps (target {TARGET_LATENCY}): {'met' if latency <= TARGET_LATENCY else 'MISSED'}")
     if record_property is not None:
         record_property("ban_latency_steps", latency)
-        record_property("within_target_latency", ban["step"] - cfg.attack_start <= TARGET_LATENCY)
-    assert ban["step"] - cfg.attack_start <= MAX_LATENCY, ban
+        record_property("within_target_latency", latency <= TARGET_LATENCY)
+    assert latency <= MAX_LATENCY, ban
     assert report["micro_batches"]["lost"] == 0
     gap = (report["val_loss_last"] - clean["val_loss_last"]) / clean["val_loss_last"]
     assert gap <= MAX_VAL_GAP, (report["val_loss_last"], clean["val_loss_last"])

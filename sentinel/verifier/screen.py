@@ -460,21 +460,19 @@ class BoundaryScreen:
         w.latest = p
         w.latest_flagged = True
         w.flag_streak += 1
-        fresh = self._drift_consensus(fences)
-        if fresh is not None:
-            voters = self._voters()
+        drift = self._drift_consensus(fences)
+        if drift is not None:
+            fresh, agreeing = drift
             d2 = distances(p, fresh, cfg.sign_rel_threshold)
             if not exceeded(d2, fences):
                 # The stage moved: every flagged replica whose latest message agrees with the
                 # fresh consensus restarts its EMA there (its message is accepted after all);
                 # a replica that disagrees even with the fresh consensus stays flagged.
-                for _, o in voters:
-                    if o.latest_flagged and o.latest is not None:
-                        if o is w or not exceeded(distances(o.latest, fresh, cfg.sign_rel_threshold), fences):
-                            o.ema = o.latest
-                            o.accepted_log_rms = o.latest.log_rms
-                            o.latest_flagged = False
-                            o.flag_streak = 0
+                for o in agreeing:
+                    o.ema = o.latest
+                    o.accepted_log_rms = o.latest.log_rms
+                    o.latest_flagged = False
+                    o.flag_streak = 0
                 self._recalibrate()
                 return Verdict(False, (), d2, fences, drift=True, profile=p)
         return Verdict(True, reasons, d, fences, profile=p)
@@ -520,8 +518,9 @@ class BoundaryScreen:
             return recent  # most replicas flagged again and again: that is lock-up, let them vote
         return [(n, w) for n, w in recent if w.flag_streak < limit]
 
-    def _drift_consensus(self, fences: dict[str, float]) -> Profile | None:
-        """The fresh consensus of a stage-wide shift, or None when the flags are no such thing.
+    def _drift_consensus(self, fences: dict[str, float]) -> tuple[Profile, list[_Worker]] | None:
+        """The fresh consensus of a stage-wide shift and the flagged voters that agree with it,
+        or None when the flags are no such thing.
 
         A shift moves the honest replicas *together*: at least two, and at least
         ``drift_fraction`` of the voters, must be flagged **and** agree with the coordinate-wise
@@ -533,14 +532,14 @@ class BoundaryScreen:
         with a median of mostly honest profiles, so it cannot supply the second vote.
         """
         voters = self._voters()
-        flagged = [w.latest for _, w in voters if w.latest_flagged and w.latest is not None]
+        flagged = [w for _, w in voters if w.latest_flagged and w.latest is not None]
         need = max(2.0, self.config.drift_fraction * len(voters))
         if len(flagged) < need:
             return None
         fresh = median_profile([w.latest for _, w in voters if w.latest is not None])
         thr = self.config.sign_rel_threshold
-        agreeing = sum(1 for lp in flagged if not exceeded(distances(lp, fresh, thr), fences))
-        return fresh if agreeing >= need else None
+        agreeing = [w for w in flagged if not exceeded(distances(w.latest, fresh, thr), fences)]
+        return (fresh, agreeing) if len(agreeing) >= need else None
 
     def _maybe_trust(self) -> None:
         cfg = self.config
