@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sentinel.verifier.bans import BanBook
 from sentinel.verifier.committee import ban_quorum, elect_committee
 from sentinel.verifier.strikes import StrikeLedger
 
@@ -114,6 +115,35 @@ def test_quorum_needs_strict_majority_of_committee() -> None:
     assert not ban_quorum({"a": True}, [])
 
 
+def test_quorum_is_counted_over_the_configured_seats() -> None:
+    # 3 seats, but only the byzantine member is still online: its lone vote is 1 of 3
+    assert not ban_quorum({"c": True}, ["c"], seats=3)
+    assert not ban_quorum({"b": True, "c": True}, ["b", "c"], seats=5)
+    assert ban_quorum({"b": True, "c": True}, ["b", "c"], seats=3)
+    # more members online than seats (a pinned list longer than the size): the members count
+    assert not ban_quorum({"a": True}, ["a", "b", "c"], seats=1)
+
+
+def test_a_shrunken_committee_does_not_let_a_lone_member_ban() -> None:
+    """The live-swarm failure: two honest verifiers finished their run and went offline, the
+    byzantine third re-elected a committee of itself and recorded its framing vote as a ban."""
+    book = BanBook("run", "c", committee_size=3)
+    book.elect(["a", "b", "c"])
+    vote = {"c": {"target": "w", "run": "run", "stage": 1}}
+    assert book.tally("w", vote, step=5) is None
+    book.elect(["c"])  # a and b went offline
+    assert book.committee == ["c"]
+    assert book.tally("w", vote, step=30) is None and "w" not in book.effective
+    both = {**vote, "b": {"target": "w", "run": "run", "stage": 1}}
+    book.elect(["b", "c"])
+    rec = book.tally("w", both, step=31)
+    assert rec is not None and rec.votes == ["b", "c"]
+    # trusted mode: the pinned list is the seat count
+    pinned = BanBook("run", "c", committee_size=1, trusted=["a", "b", "c"])
+    pinned.elect([])
+    assert pinned.tally("w", vote, step=1) is None
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     committee=st.lists(st.sampled_from(PEERS[:12]), min_size=1, max_size=12, unique=True),
@@ -123,3 +153,5 @@ def test_quorum_property(committee: list[str], yes: set[str]) -> None:
     votes = {p: p in yes for p in PEERS}
     members_yes = len(set(committee) & yes)
     assert ban_quorum(votes, committee) == (members_yes * 2 > len(committee))
+    seats = len(PEERS) // 2
+    assert ban_quorum(votes, committee, seats) == (members_yes * 2 > max(len(committee), seats))

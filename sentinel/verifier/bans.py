@@ -8,8 +8,10 @@
   messages, the flagged tensors' statistics and the fences used.
 - Other members re-score that evidence against their OWN reference and fences; they endorse
   (vote too) only if it is anomalous to them as well and they have seen the worker flagged
-  themselves. A ban takes effect with a strict majority of the committee, so a malicious
-  minority can neither ban an honest worker nor, by withholding votes, shield an attacker.
+  themselves. A ban takes effect with a strict majority of the committee's configured seats
+  (not of the members that happen to be online), so a malicious minority can neither ban an
+  honest worker, even once the honest members have left, nor, by withholding votes, shield an
+  attacker.
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ class BanBook:
             self.committee = elect_committee(self.run, epoch, sorted(set(candidates)), self.committee_size)
         return self.committee
 
+    @property
+    def seats(self) -> int:
+        """The committee's configured size (the pinned list in trusted mode): a majority is
+        always counted over at least this many seats, however many members are online."""
+        return len(self.trusted) if self.trusted else self.committee_size
+
     def vote(self, target: str, stage: int, direction: str, step: int, evidence: list[dict[str, Any]]) -> None:
         self.my_votes[target] = {"target": target, "stage": stage, "direction": direction, "step": step,
                                  "evidence": evidence[-MAX_EVIDENCE:]}
@@ -68,7 +76,7 @@ class BanBook:
         yes = {v: True for v, p in votes.items() if p.get("target") == target and p.get("run") == self.run}
         if target in self.effective:
             return self.effective[target]
-        if not self.committee or not ban_quorum(yes, self.committee):
+        if not self.committee or not ban_quorum(yes, self.committee, self.seats):
             return None
         voters = sorted(v for v in yes if v in self.committee)
         first = next(iter(votes.values()))

@@ -31,14 +31,19 @@ def elect_committee(run_id: str, epoch: int, candidates: Sequence[str], size: in
     return ranked[:size]
 
 
-def ban_quorum(votes: Mapping[str, bool], committee: Sequence[str]) -> bool:
+def ban_quorum(votes: Mapping[str, bool], committee: Sequence[str], seats: int = 0) -> bool:
     """True iff a strict majority OF THE COMMITTEE voted to ban (non-members' votes ignored).
 
     Abstentions count against: a minority of malicious members can neither ban an honest worker
-    nor, by staying silent, block a ban the honest majority agrees on.
+    nor, by staying silent, block a ban the honest majority agrees on. ``seats`` is the size
+    the committee is configured to have: the majority is counted over ``max(seats,
+    len(committee))``, so a committee that shrank because honest members went offline (or were
+    never there) does not let the remaining minority pass for a majority. Measured on the live
+    swarm before this rule: when two honest verifiers finished their run, the byzantine third
+    was the whole committee it could still see and "banned" an honest worker with its own vote.
     """
     members = set(committee)
     if not members:
         return False
     yes = sum(1 for m in members if votes.get(m) is True)
-    return 2 * yes > len(members)
+    return 2 * yes > max(len(members), seats)
