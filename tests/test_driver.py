@@ -149,3 +149,33 @@ def test_confirmation_uses_the_boundary_fences_learned_from_honest_traffic():
     noisy = other + other.pow(2).mean().sqrt() * torch.randn(other.shape, generator=gen)
     assert screen.confirm(as_flagged(noisy), accepted).flagged
     assert screen.confirm(as_flagged(torch.zeros_like(other)), accepted).flagged
+
+
+class Retroactive(Scripted):
+    """Accepts everything live, and reports a burst of retroactive flags once, as a boundary
+    does when its calibration ends: ``suspect`` with most of its messages flagged, ``honest-b``
+    with one stray flag."""
+
+    def __init__(self):
+        super().__init__(set())
+        self.pending = [("suspect", True)] * 3 + [("honest-b", False)]
+
+    def take_retroactive(self):
+        out, self.pending = self.pending, []
+        return [(0, "forward", w, Verdict(True, ("skip",), {}, {}, mostly_flagged=m)) for w, m in out]
+
+
+def test_mostly_flagged_calibration_is_probation_not_a_ban():
+    ledger = StrikeLedger(strike_limit=3, forgive_after=100)
+    events: list[FlagEvent] = []
+    driver = PipelineDriver(2, Arithmetic(["suspect", "honest-b"]), screener=Retroactive(), ledger=ledger,
+                            is_banned=ledger.is_banned, config=DriverConfig(poll_s=0.0, wait_for_replica_s=0.0),
+                            on_flag=events.append, hidden_shape=HIDDEN)
+    x = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(2))
+    asyncio.run(driver.train_micro_batch(1, 0, x, torch.zeros(2, 8)))
+    retro = [e for e in events if e.meta.get("retroactive")]
+    assert len(retro) == 4 and not any(e.struck for e in retro)
+    suspect = ledger.state("suspect")
+    assert not suspect.banned and suspect.flags == 3
+    assert 1.9 < suspect.strikes <= 2  # one strike short (minus what its accepted live hops forgave)
+    assert ledger.state("honest-b").strikes == 0  # a stray retroactive flag is no strike

@@ -158,6 +158,47 @@ def test_recalibration_is_no_amnesty_for_a_persistent_attacker(seed: int) -> Non
     assert honest_flags <= 12
 
 
+@pytest.mark.parametrize("attack", ["sign_flip", "scale_x10", "gaussian"])
+def test_an_attacker_starting_as_a_recalibration_begins_is_judged_soon(attack: str) -> None:
+    """A stage-wide jump recalibrates the fences and an attacker starts right after it, while no
+    distance is judged: the recalibration lasts at most ``min_history`` messages (half the pooled
+    history of a first calibration), and when it ends the attacker, flagged on most of what it
+    sent meanwhile, is put on probation (``mostly_flagged``) rather than forgotten. No honest
+    replica ever is. The previous code calibrated for 36 messages and caught the attacker live,
+    36 messages after its first attack."""
+    cfg = ScreeningConfig()
+    perm = torch.randperm(D, generator=torch.Generator().manual_seed(7))
+    for seed in range(4):
+        screen = BoundaryScreen(cfg, "forward")
+        recal_at = first = caught = None
+        calibrating = honest_marked = 0
+        for i, (_, x, g) in enumerate(forward_stream(600, seed, 1.0)):
+            worker = f"w{i % 3}"
+            if i >= 450:
+                x = 5 * x[..., perm]
+            bad = worker == "w2" and recal_at is not None
+            before = screen.counters.recalibrations
+            v = screen.screen(worker, ATTACKS[attack](x, g) if bad else x)
+            if recal_at is None and i >= 450 and screen.counters.recalibrations > before:
+                recal_at = i
+            if recal_at is not None:
+                calibrating += v.calibrating
+            if bad and first is None:
+                first = i
+            for w, rv in screen.take_retroactive():
+                honest_marked += rv.mostly_flagged and w != "w2"
+                if rv.mostly_flagged and w == "w2" and caught is None:
+                    caught = i - first
+            if bad and v.flagged and caught is None:
+                caught = i - first
+        assert recal_at is not None, seed
+        assert calibrating <= cfg.min_history, (seed, calibrating)
+        assert honest_marked == 0, seed
+        assert caught is not None, seed
+        if attack != "gaussian":  # the unambiguous ones: on probation as soon as the fences exist
+            assert caught <= cfg.min_history, (seed, caught)
+
+
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_fast_drift_50x_in_200_messages_recovers(direction: str) -> None:
     """A brutal drift (50x within 200 messages, during calibration): may flag a few, never locks up."""

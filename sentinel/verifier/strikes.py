@@ -87,6 +87,22 @@ class StrikeLedger:
         st.strikes = units / self.forgive_after
         return StrikeState(**vars(st))
 
+    def probation(self, worker: str, flags: int = 1) -> StrikeState:
+        """Raise ``worker`` to one strike short of a ban (never lower it, never ban by itself).
+
+        For evidence that cannot be confirmed but is not noise either: most of a worker's
+        messages, re-scored once a calibration ended, were over the fences. ``flags`` such
+        sightings are counted; the next confirmed flag bans, and ``forgive_after`` clean messages
+        forgive it like any other strikes.
+        """
+        st = self._states.setdefault(worker, StrikeState())
+        st.flags += max(0, int(flags))
+        if not st.banned:
+            units = max(self._units.get(worker, 0), (self.strike_limit - 1) * self.forgive_after)
+            self._units[worker] = units
+            st.strikes = units / self.forgive_after
+        return StrikeState(**vars(st))
+
     def is_banned(self, worker: str) -> bool:
         st = self._states.get(worker)
         return st is not None and st.banned
