@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sentinel.verifier.bans import BanBook
+from sentinel.verifier.bans import BanBook, committee_bans
 from sentinel.verifier.committee import ban_quorum, elect_committee
 from sentinel.verifier.strikes import StrikeLedger
 
@@ -64,6 +64,23 @@ def test_strike_properties(limit: int, forgive: int, flags: list[bool]) -> None:
 def test_unknown_worker_state_is_clean() -> None:
     ledger = StrikeLedger()
     assert ledger.state("nobody").strikes == 0 and not ledger.is_banned("nobody")
+
+
+def test_probation_is_one_strike_short_of_a_ban_and_forgivable() -> None:
+    ledger = StrikeLedger(strike_limit=3, forgive_after=10)
+    st = ledger.probation("w", flags=4)
+    assert st.strikes == 2 and not st.banned and st.flags == 4
+    assert ledger.probation("w").strikes == 2  # never adds up by itself
+    assert ledger.record("w", True).banned_now  # the next flag bans
+    ledger.probation("h")
+    for _ in range(10):
+        ledger.record("h", False)
+    assert ledger.state("h").strikes == 0  # forgiven like any strikes
+    ledger.record("h", True)
+    ledger.record("h", True)
+    assert ledger.probation("h").strikes == 2  # never lowers a count
+    assert ledger.banned() == ["w"]
+    assert not StrikeLedger(strike_limit=1).probation("x").strikes  # a limit of 1: nothing to spare
 
 
 # ----------------------------------------------------------------------------- committee
@@ -142,6 +159,15 @@ def test_a_shrunken_committee_does_not_let_a_lone_member_ban() -> None:
     pinned = BanBook("run", "c", committee_size=1, trusted=["a", "b", "c"])
     pinned.elect([])
     assert pinned.tally("w", vote, step=1) is None
+
+
+def test_workers_see_a_ban_only_when_a_majority_of_seats_lists_it() -> None:
+    records = {"v1": {"banned": ["w", "h"]}, "v2": {"banned": ["w", "w"]}, "v3": {"banned": ["x"]},
+               "junk": {"banned": "w"}, "junk2": {"banned": [7, None]}, "junk3": "not a record"}
+    assert committee_bans(records, seats=3) == {"w"}  # 2 of 3; a lone listing (h, x) is not enough
+    assert committee_bans(records, seats=5) == set()
+    assert committee_bans(records, seats=3, trusted=["v1", "v3"]) == set()  # only pinned ones count
+    assert committee_bans({}, seats=3) == set()
 
 
 @settings(max_examples=60, deadline=None)

@@ -78,6 +78,7 @@ class WorkerNode:
         self.stage: int = -1
         self.state = "JOINING"
         self.attack = attack
+        self._excluded: set[str] = set()  # banned replicas already reported as left out of averaging
         self.attack_seed = attack_seed
         self.runner: StageRunner | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
@@ -240,7 +241,9 @@ class WorkerNode:
     # -- parameters from replicas ------------------------------------------------------------------
     async def _fetch_replica_params(self, timeout: float = 20.0) -> list[torch.Tensor]:
         claims = (await read_stage_claims(self.runtime, self.run, self.manifest.num_stages)).get(self.stage, {})
-        peers = [p for p, v in claims.items() if p != self.runtime.peer_id and v.get("state") == "ONLINE"]
+        banned = await self._banned_peers()
+        peers = [p for p, v in claims.items()
+                 if p != self.runtime.peer_id and v.get("state") == "ONLINE" and p not in banned]
         n = self.runner.num_parameters()
         spec = {"params": TensorSpec("float32", (n,))}
 
@@ -257,6 +260,25 @@ class WorkerNode:
 
         got = await asyncio.gather(*(fetch(p) for p in peers))
         return [g for g in got if g is not None]
+
+    async def _banned_peers(self) -> set[str]:
+        """Replicas the verifier committee banned: never averaged with. A banned worker keeps
+        its stage claim but gets no more traffic, so its parameters go stale (or were poisoned
+        all along), and one average with it pulls every honest replica of the stage towards them."""
+        from sentinel.verifier.bans import committee_bans
+
+        m = self.manifest
+        trusted = list(m.trusted_verifiers)
+        try:
+            records = await self.runtime.get(verifiers_key(self.run))
+        except Exception as e:  # noqa: BLE001 - a DHT hiccup: average as before rather than not at all
+            logger.debug("cannot read verifier records: %s", e)
+            return set()
+        banned = committee_bans(records, len(trusted) or m.committee_size, trusted)
+        for peer in banned - self._excluded:
+            logger.info("leaving banned replica %s out of averaging", peer[-8:])
+        self._excluded |= banned
+        return banned
 
     async def _join_from_replica(self) -> None:
         """A (re)joining worker adopts its live replicas' parameters instead of the initial ones."""

@@ -32,6 +32,30 @@ def ban_key(run: str, target: str) -> str:
     return record_key(run, "ban", target)
 
 
+def committee_bans(verifier_records: dict[str, Any], seats: int, trusted: list[str] | None = None) -> set[str]:
+    """Workers listed as banned by a strict majority of ``seats`` distinct verifiers.
+
+    What a *worker* uses to leave banned replicas out of its stage's averaging: each verifier's
+    signed record lists the bans effective in its own view (already committee-quorum decisions),
+    and requiring a majority of the configured seats to agree means a byzantine minority of
+    verifiers cannot cut an honest worker out of averaging. Records of verifiers that went
+    offline still count (a ban does not lapse when the verifiers that decided it leave). In
+    trusted mode only the pinned verifiers' records count.
+    """
+    counts: dict[str, int] = {}
+    allowed = set(trusted) if trusted else None
+    for peer, value in verifier_records.items():
+        if allowed is not None and peer not in allowed:
+            continue
+        listed = value.get("banned") if isinstance(value, dict) else None
+        if not isinstance(listed, list):
+            continue
+        for target in {t for t in listed if isinstance(t, str)}:
+            counts[target] = counts.get(target, 0) + 1
+    need = max(1, seats) // 2 + 1
+    return {t for t, c in counts.items() if c >= need}
+
+
 @dataclass
 class BanRecord:
     peer: str
