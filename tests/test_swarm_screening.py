@@ -24,10 +24,11 @@ STEPS = 30
 ATTACK_START = 12
 TARGET_LATENCY = 10  # the target, steps from the first attack to the effective ban
 # What the test enforces: banned by a committee majority before the run ends. On this 2-core
-# machine the 10-step target held for the sign flip in all 5 live runs (0-3 steps) and for the
-# Gaussian-backward attacker in 4 of 7 (4-7 steps; 11, 16 and 11 in the others), so asserting it
-# would make the suite flaky; it is printed (pytest -rA shows it) and tracked as an open
-# acceptance point.
+# machine the 10-step target held for the sign flip in every live run (0-3 steps); for the
+# Gaussian-backward attacker it held in 4 of 7 runs (4-7 steps; 11, 16 and 11 in the others)
+# until probation and short recalibrations (``screen.py``), and in every run since (2-3 steps),
+# too few yet to assert it without risking a flaky suite; it is printed (pytest -rA shows it)
+# and tracked as an open acceptance point.
 MAX_LATENCY = STEPS - ATTACK_START
 MAX_VAL_GAP = 0.05
 
