@@ -241,7 +241,10 @@ class WorkerNode:
     # -- parameters from replicas ------------------------------------------------------------------
     async def _fetch_replica_params(self, timeout: float = 20.0) -> list[torch.Tensor]:
         claims = (await read_stage_claims(self.runtime, self.run, self.manifest.num_stages)).get(self.stage, {})
-        banned = await self._banned_peers()
+        banned = await self._banned_peers() & set(claims)
+        for peer in banned - self._excluded:
+            logger.info("leaving banned replica %s out of averaging", peer[-8:])
+        self._excluded |= banned
         peers = [p for p, v in claims.items()
                  if p != self.runtime.peer_id and v.get("state") == "ONLINE" and p not in banned]
         n = self.runner.num_parameters()
@@ -274,11 +277,7 @@ class WorkerNode:
         except Exception as e:  # noqa: BLE001 - a DHT hiccup: average as before rather than not at all
             logger.debug("cannot read verifier records: %s", e)
             return set()
-        banned = committee_bans(records, len(trusted) or m.committee_size, trusted)
-        for peer in banned - self._excluded:
-            logger.info("leaving banned replica %s out of averaging", peer[-8:])
-        self._excluded |= banned
-        return banned
+        return committee_bans(records, len(trusted) or m.committee_size, trusted)
 
     async def _join_from_replica(self) -> None:
         """A (re)joining worker adopts its live replicas' parameters instead of the initial ones."""
