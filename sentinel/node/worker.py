@@ -240,11 +240,8 @@ class WorkerNode:
 
     # -- parameters from replicas ------------------------------------------------------------------
     async def _fetch_replica_params(self, timeout: float = 20.0) -> list[torch.Tensor]:
-        # both DHT reads at once: an averaging round that takes longer is skipped more often
-        all_claims, banned = await asyncio.gather(
-            read_stage_claims(self.runtime, self.run, self.manifest.num_stages), self._banned_peers())
-        claims = all_claims.get(self.stage, {})
-        banned &= set(claims)
+        claims = (await read_stage_claims(self.runtime, self.run, self.manifest.num_stages)).get(self.stage, {})
+        banned = await self._banned_peers() & set(claims)
         for peer in banned - self._excluded:
             logger.info("leaving banned replica %s out of averaging", peer[-8:])
         self._excluded |= banned
