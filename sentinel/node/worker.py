@@ -30,6 +30,8 @@ from sentinel.protocol.codec import Message
 from sentinel.protocol.errors import ProtocolError, WrongSenderError
 from sentinel.protocol.records import record_key
 from sentinel.protocol.signing import sign_message
+from sentinel.verifier.bans import committee_bans
+from sentinel.verifier.committee import configured_seats
 
 logger = logging.getLogger(__name__)
 
@@ -268,16 +270,13 @@ class WorkerNode:
         """Replicas the verifier committee banned: never averaged with. A banned worker keeps
         its stage claim but gets no more traffic, so its parameters go stale (or were poisoned
         all along), and one average with it pulls every honest replica of the stage towards them."""
-        from sentinel.verifier.bans import committee_bans
-
-        m = self.manifest
-        trusted = list(m.trusted_verifiers)
         try:
             records = await self.runtime.get(verifiers_key(self.run))
         except Exception as e:  # noqa: BLE001 - a DHT hiccup: average as before rather than not at all
             logger.debug("cannot read verifier records: %s", e)
             return set()
-        return committee_bans(records, len(trusted) or m.committee_size, trusted)
+        trusted = list(self.manifest.trusted_verifiers)
+        return committee_bans(records, configured_seats(self.manifest.committee_size, trusted), trusted)
 
     async def _join_from_replica(self) -> None:
         """A (re)joining worker adopts its live replicas' parameters instead of the initial ones."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sentinel.protocol.records import record_key
-from sentinel.verifier.committee import ban_quorum, elect_committee
+from sentinel.verifier.committee import ban_quorum, configured_seats, elect_committee
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ def ban_key(run: str, target: str) -> str:
 
 
 def committee_bans(verifier_records: dict[str, Any], seats: int, trusted: list[str] | None = None) -> set[str]:
-    """Workers listed as banned by a strict majority of ``seats`` distinct verifiers.
+    """Workers listed as banned by a strict majority of ``seats`` distinct verifiers
+    (:func:`~sentinel.verifier.committee.configured_seats`).
 
     What a *worker* uses to leave banned replicas out of its stage's averaging: each verifier's
     signed record lists the bans effective in its own view (already committee-quorum decisions),
@@ -52,8 +53,7 @@ def committee_bans(verifier_records: dict[str, Any], seats: int, trusted: list[s
             continue
         for target in {t for t in listed if isinstance(t, str)}:
             counts[target] = counts.get(target, 0) + 1
-    need = max(1, seats) // 2 + 1
-    return {t for t, c in counts.items() if c >= need}
+    return {t for t, c in counts.items() if 2 * c > max(1, seats)}
 
 
 @dataclass
@@ -89,7 +89,7 @@ class BanBook:
     def seats(self) -> int:
         """The committee's configured size (the pinned list in trusted mode): a majority is
         always counted over at least this many seats, however many members are online."""
-        return len(self.trusted) if self.trusted else self.committee_size
+        return configured_seats(self.committee_size, self.trusted)
 
     def vote(self, target: str, stage: int, direction: str, step: int, evidence: list[dict[str, Any]]) -> None:
         self.my_votes[target] = {"target": target, "stage": stage, "direction": direction, "step": step,

@@ -31,6 +31,12 @@ def elect_committee(run_id: str, epoch: int, candidates: Sequence[str], size: in
     return ranked[:size]
 
 
+def configured_seats(committee_size: int, trusted: Sequence[str] = ()) -> int:
+    """Seats of the committee a ban majority is counted over: the pinned list in trusted mode,
+    else the manifest's ``committee_size`` (however many members happen to be online)."""
+    return len(trusted) if trusted else committee_size
+
+
 def ban_quorum(votes: Mapping[str, bool], committee: Sequence[str], seats: int = 0) -> bool:
     """True iff a strict majority OF THE COMMITTEE voted to ban (non-members' votes ignored).
 
