@@ -600,14 +600,12 @@ class BoundaryScreen:
         the calibration, not the workers).
         """
         fences = self._fit()
+        hits = [(name, d, reasons) for name, d in self._calibration if (reasons := exceeded(d, fences))]
         flags: dict[str, int] = {}
-        retro: list[tuple[str, Verdict]] = []
-        for name, d in self._calibration:
-            reasons = exceeded(d, fences)
-            if reasons:
-                retro.append((name, Verdict(True, reasons, d, fences)))
-                flags[name] = flags.get(name, 0) + 1
-        self.counters.retroactive += sum(flags.values())
+        for name, _, _ in hits:
+            flags[name] = flags.get(name, 0) + 1
+        self.counters.retroactive += len(hits)
+        marked: set[str] = set()
         guilty = [
             n for n, k in flags.items() if n in self._workers and 2 * k >= self._workers[n].calibration_messages
         ]
@@ -622,8 +620,7 @@ class BoundaryScreen:
             # Without this, an attacker that began during a (re)calibration collected no strike
             # for any of the messages it sent then, and needed ``strike_limit`` more live flags.
             marked = {n for n in guilty if flags[n] >= 2}
-            retro = [(n, dataclasses.replace(v, mostly_flagged=n in marked)) for n, v in retro]
-        self._retro.extend(retro)
+        self._retro.extend((n, Verdict(True, r, d, fences, mostly_flagged=n in marked)) for n, d, r in hits)
         self._calibration = []
 
 
