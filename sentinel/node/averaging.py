@@ -7,7 +7,10 @@ can do (the replicas of a stage trust each other no more than the verifiers trus
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -51,3 +54,44 @@ def centered_clip(stacked: torch.Tensor, tau: float = 0.0, iters: int = 3) -> to
         norms = diff.norm(dim=1, keepdim=True).clamp_min(1e-12)
         v = v + (diff * torch.clamp(tau / norms, max=1.0)).mean(0)
     return v
+
+
+@dataclass(frozen=True)
+class AveragingGap:
+    """How far this replica had drifted from its stage when one averaging round pulled it back."""
+
+    step: int  # highest verifier step seen
+    optimizer_steps: int  # since the previous successful round
+    seconds: float  # since the previous successful round
+    divergence: float  # |own - average| / |average| of the flat parameters
+    peers: int
+
+
+class AveragingLog:
+    """Drift between rounds, kept for the node's report: replicas that drift apart look
+    different to the verifiers' screen, so the largest gaps say how tight averaging keeps them."""
+
+    def __init__(self, keep: int = 10) -> None:
+        self.keep = keep
+        self.rounds = 0
+        self.divergence_sum = 0.0
+        self.largest: list[AveragingGap] = []
+        self._last: tuple[int, float] | None = None
+
+    def record(self, step: int, version: int, own: torch.Tensor, agg: torch.Tensor, peers: int) -> AveragingGap:
+        now = time.time()
+        last_version, last_time = self._last or (0, now)
+        div = float((own.float() - agg).norm() / agg.norm().clamp_min(1e-12))
+        gap = AveragingGap(step, version - last_version, round(now - last_time, 3), div, peers)
+        self._last = (version, now)
+        self.rounds += 1
+        self.divergence_sum += div
+        self.largest = sorted([*self.largest, gap], key=lambda g: -g.divergence)[: self.keep]
+        return gap
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "rounds": self.rounds,
+            "divergence_mean": self.divergence_sum / self.rounds if self.rounds else 0.0,
+            "largest": [asdict(g) for g in self.largest],
+        }

@@ -240,9 +240,11 @@ def _write_node_report(args: argparse.Namespace, node: Any) -> None:
     from sentinel.metrics import METRICS
     from sentinel.verifier.node import write_json
 
+    averaging = getattr(node, "averaging_log", None)
     with contextlib.suppress(Exception):
         write_json(args.report, {"role": "worker", "peer": node.runtime.peer_id, **node.status(),
-                                 "attack": args.attack, "metrics": METRICS.snapshot()})
+                                 "attack": args.attack, "metrics": METRICS.snapshot(),
+                                 **({"averaging": averaging.summary()} if averaging else {})})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 from sentinel import __version__
 from sentinel.bootstrap.manifest import RunManifest
 from sentinel.metrics import METRICS
-from sentinel.node.averaging import aggregate
+from sentinel.node.averaging import AveragingLog, aggregate
 from sentinel.node.runtime import PeerCallError, SwarmRuntime
 from sentinel.node.stage_runner import StageRunner
 from sentinel.node.stage_selection import choose_stage, should_move
@@ -92,6 +92,7 @@ class WorkerNode:
         self.started_at = time.time()
         self._averaging_task: asyncio.Task | None = None
         self._last_averaged_version = 0
+        self.averaging_log = AveragingLog()
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -305,5 +306,7 @@ class WorkerNode:
             agg = aggregate([own, *peers], self.manifest.training.averaging)
             await self._in_thread(self.runner.load_flat_parameters, agg)
             METRICS.inc("sentinel_averaging_rounds_total")
+            gap = self.averaging_log.record(self.max_step, self.runner.version, own, agg, len(peers))
+            METRICS.set("sentinel_averaging_divergence", gap.divergence)
         except Exception as e:  # noqa: BLE001 - averaging is best-effort; training goes on
             logger.warning("averaging round failed: %s", e)
