@@ -42,3 +42,63 @@ def test_averaging_log_measures_drift_and_keeps_the_largest_gaps():
     assert summary["rounds"] == 3
     assert summary["divergence_mean"] == pytest.approx(0.2, rel=1e-5)
     assert [g["divergence"] for g in summary["largest"]] == pytest.approx([0.5, 0.1], rel=1e-5)
+
+
+# -- bounded staleness: a worker holds optimizer steps while an overdue round is in flight ------
+
+def _stage_runner(stage: int = 1):
+    from sentinel.bootstrap.manifest import RunManifest
+    from sentinel.node.stage_runner import StageRunner
+
+    torch.manual_seed(0)
+    return StageRunner(RunManifest(), stage)
+
+
+def _backward(runner, i: int, hold: bool) -> None:
+    cfg = runner.manifest.model
+    x = torch.randn(2, cfg.seq_len, cfg.d_model)
+    y = runner.forward(("v", i, 0), x)
+    runner.backward(("v", i, 0), x, torch.randn_like(y), hold=hold)
+
+
+def test_held_passes_accumulate_and_step_once_when_the_round_ends():
+    runner = _stage_runner()
+    before = runner.flat_parameters()
+    _backward(runner, 0, hold=True)
+    _backward(runner, 1, hold=True)
+    assert runner.version == 0 and runner.pending == 2 and runner.stats.held_steps == 2
+    assert torch.equal(runner.flat_parameters(), before)  # nothing applied while held
+    assert runner.step_if_due()
+    assert runner.version == 1 and runner.pending == 0
+    assert not torch.equal(runner.flat_parameters(), before)
+    assert not runner.step_if_due()  # nothing left to apply
+    _backward(runner, 2, hold=False)
+    assert runner.version == 2  # not held: steps as usual
+
+
+def test_worker_holds_only_while_a_round_that_began_max_local_steps_ago_is_in_flight():
+    import asyncio
+
+    from sentinel.bootstrap.manifest import ManifestError, RunManifest, TrainingConfig
+    from sentinel.node.worker import WorkerNode
+
+    async def scenario() -> list[bool]:
+        node = WorkerNode(runtime=None, manifest=RunManifest(training=TrainingConfig(max_local_steps=3)))
+        node.runner = _stage_runner()
+        seen = [node._round_overdue()]  # no round yet
+        gate = asyncio.Event()
+        node._averaging_task = asyncio.create_task(gate.wait())
+        node._last_averaged_version = 0
+        node.runner.version = 2
+        seen.append(node._round_overdue())  # in flight, 2 steps since it began
+        node.runner.version = 3
+        seen.append(node._round_overdue())  # in flight, 3 steps: overdue
+        gate.set()
+        await node._averaging_task
+        seen.append(node._round_overdue())  # finished: never hold
+        node.executor.shutdown(wait=False)
+        return seen
+
+    assert asyncio.run(scenario()) == [False, False, True, False]
+    with pytest.raises(ManifestError, match="max_local_steps"):
+        RunManifest(training=TrainingConfig(max_local_steps=-1))

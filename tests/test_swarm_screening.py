@@ -1,9 +1,8 @@
 """SENTINEL screening on a live multi-process swarm (3 stages x 3 replicas, 3 verifiers, tinyshakespeare).
 
 One malicious worker in the middle stage, separately: sign flip on its activations, and Gaussian
-noise on its gradients. Each must be banned by a committee majority before the run ends (the
-issue's 10-step target is printed, not enforced: see TARGET_LATENCY), with no honest worker
-banned, and the final validation loss within 5 % of a clean run of the same length (one clean
+noise on its gradients. Each must be banned by a committee majority within 10 steps of its
+first attack (see MAX_LATENCY), with no honest worker banned, and the final validation loss within 5 % of a clean run of the same length (one clean
 run serves both). The Gaussian run also has a byzantine verifier in
 the committee of 3, which votes to ban an honest worker and never votes against the attacker:
 the honest worker must survive and the attacker must still be banned by the two honest votes.
@@ -22,14 +21,12 @@ pytestmark = pytest.mark.swarm
 
 STEPS = 30
 ATTACK_START = 12
-TARGET_LATENCY = 10  # the issue's target, steps from the first attack to the effective ban
-# What the test enforces: banned by a committee majority before the run ends. On this 2-core
-# machine the 10-step target held for the sign flip in every live run (0-3 steps); for the
-# Gaussian-backward attacker it held in 4 of 7 runs (4-7 steps; 11, 16 and 11 in the others)
-# until probation and short recalibrations (``screen.py``), and in every run since (2-3 steps),
-# too few yet to assert it without risking a flaky suite; it is printed (pytest -rA shows it)
-# and tracked as an open acceptance point.
-MAX_LATENCY = STEPS - ATTACK_START
+# The issue's target: steps from the first attack to the effective ban. On this 2-core machine
+# the sign flip was banned within 0-3 steps in every live run; the Gaussian-backward attacker
+# within 4-7 steps in 4 of 7 runs (11, 16 and 11 in the others) until probation and short
+# recalibrations (``screen.py``), and within 2-4 steps in every live run since (6 runs); the
+# simulator with this test's settings took 2-8 steps over 8 seeds.
+MAX_LATENCY = 10
 MAX_VAL_GAP = 0.05
 
 
@@ -66,10 +63,9 @@ def _check_attacker_banned(cfg: SwarmConfig, report: dict, clean: dict, record_p
     ban = report["banned"][0]
     assert len(ban["votes"]) >= 2, ban  # a strict majority of the 3-member committee
     latency = ban["step"] - cfg.attack_start
-    print(f"ban latency {latency} steps (target {TARGET_LATENCY}): {'met' if latency <= TARGET_LATENCY else 'MISSED'}")
+    print(f"ban latency {latency} steps (limit {MAX_LATENCY})")
     if record_property is not None:
         record_property("ban_latency_steps", latency)
-        record_property("within_target_latency", latency <= TARGET_LATENCY)
     assert latency <= MAX_LATENCY, ban
     assert report["micro_batches"]["lost"] == 0
     gap = (report["val_loss_last"] - clean["val_loss_last"]) / clean["val_loss_last"]

@@ -51,6 +51,11 @@ class TrainingConfig:
     average_every: int = 2  # a worker averages parameters with its stage's replicas every N optimizer steps
     # (replicas that drift apart between rounds look different to the screen: keep rounds frequent)
     averaging: str = "mean"  # aggregation rule for within-stage averaging
+    # Bounded staleness: once this many optimizer steps have passed since the averaging round in
+    # flight began (a slow replica, a loaded machine), the worker holds further steps, keeps
+    # accumulating gradients, and applies them when the round ends. Unchecked, a stalled round
+    # lets a replica drift from its stage until the verifiers flag it. 0 turns holding off.
+    max_local_steps: int = 6
     eval_batches: int = 4  # validation micro-batches per evaluation
     eval_every: int = 50  # verifier steps between validation evaluations
     hop_timeout_min_s: float = 20.0  # floor of the adaptive per-hop timeout
@@ -93,6 +98,8 @@ class RunManifest:
         for name in ("micro_batch_size", "micro_batches_per_step", "accumulate", "average_every"):
             if getattr(t, name) < 1:
                 raise ManifestError(f"training.{name} must be >= 1, got {getattr(t, name)}")
+        if t.max_local_steps < 0:
+            raise ManifestError(f"training.max_local_steps must be >= 0 (0 = never hold), got {t.max_local_steps}")
         if t.averaging not in ("mean", "centered-clip", "trimmed-mean"):
             raise ManifestError(f"training.averaging must be mean|centered-clip|trimmed-mean, got {t.averaging!r}")
         if self.committee_size < 1:

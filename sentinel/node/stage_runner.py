@@ -30,6 +30,7 @@ class StageRunnerStats:
     recomputes: int = 0
     optimizer_steps: int = 0
     averaging_rounds: int = 0
+    held_steps: int = 0  # optimizer steps deferred while an overdue averaging round was in flight
 
 
 class StageRunner:
@@ -85,9 +86,14 @@ class StageRunner:
         return self.module(x, targets if self.is_last else None).detach()
 
     def backward(
-        self, key: tuple, x: torch.Tensor, grad_out: torch.Tensor | None, targets: torch.Tensor | None = None
+        self, key: tuple, x: torch.Tensor, grad_out: torch.Tensor | None, targets: torch.Tensor | None = None,
+        hold: bool = False,
     ) -> torch.Tensor | None:
-        """Accumulate parameter gradients; return the gradient w.r.t. the stage input (None on stage 0)."""
+        """Accumulate parameter gradients; return the gradient w.r.t. the stage input (None on stage 0).
+
+        ``hold`` defers the optimizer step this pass would take (its gradient stays accumulated
+        for :meth:`step_if_due`): the worker holds steps while an overdue averaging round is in flight.
+        """
         cached = self._cache.pop(key, None)
         if cached is not None and cached[3] == self.version and torch.equal(cached[0].detach(), x):
             leaf, out = cached[0], cached[1]
@@ -105,10 +111,20 @@ class StageRunner:
         self.stats.backwards += 1
         self.pending += 1
         if self.pending >= self.manifest.training.accumulate:
-            self.step()
+            if hold:
+                self.stats.held_steps += 1
+            else:
+                self.step()
         if self.is_first:
             return None
         return leaf.grad.detach()
+
+    def step_if_due(self) -> bool:
+        """Apply the gradients of held passes (one optimizer step for all of them)."""
+        if self.pending < self.manifest.training.accumulate:
+            return False
+        self.step()
+        return True
 
     def step(self) -> None:
         clip = self.manifest.optimizer.grad_clip
