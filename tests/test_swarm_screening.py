@@ -24,7 +24,7 @@ ATTACK_START = 12
 # The target: steps from the first attack to the effective ban. On this 2-core machine
 # the sign flip was banned within 0-3 steps in every live run; the Gaussian-backward attacker
 # within 4-7 steps in 4 of 7 runs (11, 16 and 11 in the others) until probation and short
-# recalibrations (``screen.py``), and within 2-4 steps in every live run since (6 runs); the
+# recalibrations (``screen.py``), and within 2-4 steps in every live run since (7 runs); the
 # simulator with this test's settings took 2-8 steps over 8 seeds.
 MAX_LATENCY = 10
 MAX_VAL_GAP = 0.05
