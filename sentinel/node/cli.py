@@ -240,11 +240,10 @@ def _write_node_report(args: argparse.Namespace, node: Any) -> None:
     from sentinel.metrics import METRICS
     from sentinel.verifier.node import write_json
 
-    averaging = getattr(node, "averaging_log", None)
     with contextlib.suppress(Exception):
         write_json(args.report, {"role": "worker", "peer": node.runtime.peer_id, **node.status(),
-                                 "attack": args.attack, "metrics": METRICS.snapshot(),
-                                 **({"averaging": averaging.summary()} if averaging else {})})
+                                 "attack": args.attack, "averaging": node.averaging_log.summary(),
+                                 "metrics": METRICS.snapshot()})
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from sentinel.verifier.committee import configured_seats
 logger = logging.getLogger(__name__)
 
 # Parameter drift from the stage average, at one averaging round, worth a warning. Measured on
-# the 3 x 3 live swarm (300 steps, averaging every 2 optimizer steps): 1.2-1.8 % on average per
+# the 3 x 3 live swarm (300 steps, averaging every 2 optimizer steps): 1.1-1.8 % on average per
 # round, at most 4-6 % after the first steps; a replica that drifts further than this between
 # rounds produces outputs that differ from its replicas', which is what the verifiers flag.
 DRIFT_WARNING = 0.10
