@@ -60,7 +60,7 @@ class SwarmConfig:
     committee_size: int = 3
     micro_batch_size: int = 8
     micro_batches_per_step: int = 4
-    lr: float = 3e-3
+    lr: float = 1e-3  # the manifest's default (OptimizerConfig.lr; not imported here: it pulls in torch)
     eval_every: int = 50
     eval_batches: int = 4
     seed: int = 0

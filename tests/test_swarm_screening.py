@@ -27,6 +27,10 @@ ATTACK_START = 12
 # recalibrations (``screen.py``), and within 2-4 steps in every live run since (7 runs); the
 # simulator with this test's settings took 2-8 steps over 8 seeds.
 MAX_LATENCY = 10
+# The bound on the final validation loss against one clean run of the same length. Two
+# clean runs differ too (asynchronous training); at lr 3e-3 by up to 11 % at step 30, because
+# runs left the unigram plateau at different steps, and this check failed in 2 of 5 clean-clone
+# runs; at lr 1e-3 (the default since) see BENCHMARKS.md for the measured gaps.
 MAX_VAL_GAP = 0.05
 
 
@@ -69,6 +73,9 @@ def _check_attacker_banned(cfg: SwarmConfig, report: dict, clean: dict, record_p
     assert latency <= MAX_LATENCY, ban
     assert report["micro_batches"]["lost"] == 0
     gap = (report["val_loss_last"] - clean["val_loss_last"]) / clean["val_loss_last"]
+    print(f"val loss {report['val_loss_last']:.4f} vs clean {clean['val_loss_last']:.4f}: {gap:+.1%}")
+    if record_property is not None:
+        record_property("val_gap", round(gap, 4))
     assert gap <= MAX_VAL_GAP, (report["val_loss_last"], clean["val_loss_last"])
     return ban
 

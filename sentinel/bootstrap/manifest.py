@@ -31,7 +31,12 @@ class ManifestError(ValueError):
 class OptimizerConfig:
     """AdamW settings each worker applies to its own stage."""
 
-    lr: float = 3e-3
+    # Each replica takes one AdamW step per micro-batch of 8 sequences. At 3e-3 (the default until
+    # 2026-11-24) a 3 x 3 swarm sat on the unigram plateau (val loss ~3.1) for a run-dependent 20-50
+    # verifier steps, so two clean runs of the same length differed by up to 19 % at step 30; at 1e-3
+    # every measured run left the plateau by step ~15 and ended closer and lower (BENCHMARKS.md,
+    # "Learning rate and run-to-run spread").
+    lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.0
