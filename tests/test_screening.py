@@ -199,6 +199,58 @@ def test_an_attacker_starting_as_a_recalibration_begins_is_judged_soon(attack: s
             assert caught <= cfg.min_history, (seed, caught)
 
 
+@pytest.mark.parametrize("guard", [0.0, 3.0])
+def test_a_gross_attack_beginning_inside_a_recalibration_is_flagged_live(guard: float) -> None:
+    """The guard (``recalibration_guard``): an attacker that starts sign-flipping or scaling x10
+    on the first message after a stage-wide jump, when it was no suspect, is flagged on every
+    message while the fences are refitted, not only retroactively; with the guard off the same
+    messages pass as calibration. Honest replicas are not flagged by the guard."""
+    perm = torch.randperm(D, generator=torch.Generator().manual_seed(7))
+    for attack in ("sign_flip", "scale_x10"):
+        for seed in range(4):
+            screen = BoundaryScreen(ScreeningConfig(recalibration_guard=guard), "forward")
+            recal_at = None
+            live = passed = honest_guard_flags = 0
+            for i, (_, x, g) in enumerate(forward_stream(600, seed, 1.0)):
+                worker = f"w{i % 3}"
+                if i >= 450:
+                    x = 5 * x[..., perm]
+                bad = worker == "w2" and recal_at is not None
+                before = screen.counters.recalibrations
+                trusted_before = screen._trusted
+                v = screen.screen(worker, ATTACKS[attack](x, g) if bad else x)
+                if recal_at is None and i >= 450 and screen.counters.recalibrations > before:
+                    recal_at = i
+                if recal_at is None or trusted_before:
+                    continue
+                if bad:
+                    live += v.flagged
+                    passed += v.calibrating
+                else:
+                    honest_guard_flags += v.flagged
+            assert recal_at is not None, (attack, seed)
+            assert live + passed > 0, (attack, seed)  # the attacker did send inside the window
+            if guard:
+                assert passed == 0 and live > 0, (attack, seed, live, passed)
+                assert honest_guard_flags == 0, (attack, seed)
+            else:
+                assert live == 0 and passed > 0, (attack, seed, live, passed)
+
+
+def test_the_guard_judges_ban_evidence_while_recalibrating() -> None:
+    """With the guard on, a verifier in a recalibration window still re-scores a grossly scaled
+    tensor as anomalous (so it can endorse another member's ban), and an honest one as not."""
+    screen = warmed_screen("forward", guard=3.0)
+    floor = screen.fences()
+    screen._recalibrate()
+    assert screen.fences() is None and floor is not None
+    *_, (_, x, _) = forward_stream(121, 4, 1.0)  # the next message of the stream it was warmed on
+    honest = compute_stats(x, ScreeningConfig())
+    scaled = compute_stats(10 * x, ScreeningConfig())
+    assert screen.rescore(scaled).flagged
+    assert not screen.rescore(honest).flagged and not screen.rescore(honest).calibrating
+
+
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_fast_drift_50x_in_200_messages_recovers(direction: str) -> None:
     """A brutal drift (50x within 200 messages, during calibration): may flag a few, never locks up."""
@@ -223,8 +275,8 @@ def test_single_replica_stage_falls_back_to_temporal_screening() -> None:
 # ----------------------------------------------------------------------------- properties
 
 
-def warmed_screen(direction: str = "forward", n: int = 120) -> BoundaryScreen:
-    screen = BoundaryScreen(ScreeningConfig(), direction)
+def warmed_screen(direction: str = "forward", n: int = 120, guard: float = 0.0) -> BoundaryScreen:
+    screen = BoundaryScreen(ScreeningConfig(recalibration_guard=guard), direction)
     stream = forward_stream if direction == "forward" else backward_stream
     for worker, x, _ in stream(n, 4, 1.0):
         screen.screen(worker, x)

@@ -57,6 +57,18 @@ class ScreeningConfig:
     * ``drift_fraction`` — when at least this fraction of the recently seen replicas (and at
       least two) have their latest message fence-flagged, the stage moved: recalibrate from
       the median of the replicas' latest statistics instead of striking them.
+    * ``recalibration_guard`` — off (0) by default. While a boundary recalibrates after a shift
+      its own fences are not trusted; with a factor k > 0 every message is still judged by the
+      fences from before the shift times k, so a gross attack that begins inside the window (a
+      sign flip: 3.4-4x the fences on ``sign`` and ``skip``, measured live) is flagged instead of
+      passed on. Measured cost, and why it is off: in the simulator (3 x 3, default model, 12
+      micro-batches per step, 60 clean steps, seeds 0-1) k=3 raised the honest flags from 74 to
+      108 and the honest strikes from 8 to 22 on seed 0 and banned an honest stage-0 replica at
+      step 8 (none with the guard off): early in training the stage moves too fast for fences
+      a few steps old, and the recomputation that should clear an honest flag comes from a
+      replica that has drifted too. With 4 micro-batches per step (8 seeds, attack from step
+      12 of 30) k=2 doubled the honest flags and k=3 added a sixth, without changing the ban
+      latencies.
     """
 
     beta_forward: float = 0.9
@@ -76,6 +88,7 @@ class ScreeningConfig:
     forgive_after: int = 100
     drift_fraction: float = 0.5
     confirm_share: float = 0.5
+    recalibration_guard: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,7 +104,8 @@ class ScreeningConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("fence_k", "fence_iqr_floor", "sign_rel_threshold", "eligibility_ratio"):
+        for name in ("fence_k", "fence_iqr_floor", "sign_rel_threshold", "eligibility_ratio",
+                     "recalibration_guard"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")

@@ -53,7 +53,11 @@ How this differs from the paper's temporal-EMA scheme (and why)
        A replica still flagged after the re-seeding keeps being judged by the previous fences
        while the others recalibrate, so a recalibration is no amnesty for an attacker, and it
        is short: half of ``min_history``, with a doubled fence multiplier until the pool has
-       grown (``_fit``).
+       grown (``_fit``). An attack that *begins* inside the window, when its worker
+       was no suspect yet, goes unjudged until the refit (then probation, from the
+       retroactive re-scoring); the optional ``recalibration_guard`` judges every other replica
+       by those previous fences times a factor meanwhile (off by default: it strikes honest
+       replicas early in training, see ``ScreeningConfig``).
        Between them, (1) and (5) make lock-up impossible: a step change costs the first one or
        two replicas one forgivable strike each, never a frozen reference.
     6. *Flagged messages never move the reference* (EMA or fence windows). They only update the
@@ -210,7 +214,7 @@ class BoundaryScreen:
         if problem is not None:
             return problem
         ref = self._consensus()
-        fences = self.fences()
+        fences = self.fences() or self._guard_fences()
         if ref is None or fences is None:
             return Verdict(False, (), {}, {}, calibrating=True)
         d = distances(profile_of(stats), ref, self.config.sign_rel_threshold)
@@ -270,6 +274,17 @@ class BoundaryScreen:
                     fences = {n: max(v, self._fence_floor[n]) for n, v in fences.items()}
             return fences
         return dict(self._warm_fences) if self._warm_fences is not None else None
+
+    def _guard_fences(self) -> dict[str, float] | None:
+        """While recalibrating after a shift: the fences from before it, widened by
+        ``recalibration_guard`` (None otherwise, or with the guard off). A recalibration judges
+        no distances by its own fences until they are refitted; without this bound an attack
+        that began inside that window was passed on (live: sign-flipped activations for five
+        steps at one verifier while the others banned the attacker)."""
+        k = self.config.recalibration_guard
+        if self._trusted or self._fence_floor is None or k <= 0:
+            return None
+        return {n: v * k for n, v in self._fence_floor.items()}
 
     def _fit(self) -> dict[str, float]:
         """Tukey fences of the accepted distances. A recalibration trusts a fit of half of
@@ -466,6 +481,8 @@ class BoundaryScreen:
         fences = self.fences()
         if fences is None and name in self._suspects:
             fences = self._fence_floor
+        elif fences is None and d is not None and (guard := self._guard_fences()) is not None:
+            fences = guard if exceeded(d, guard) else None  # under the guard: a calibration message
         if d is None or fences is None:
             self._accept(name, w, p, d)
             if not self._trusted:
