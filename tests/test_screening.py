@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sentinel.verifier.config import ScreeningConfig
-from sentinel.verifier.screen import BoundaryScreen, Screener
+from sentinel.verifier.screen import BoundaryScreen, Screener, Verdict
 from sentinel.verifier.stats import TensorStats, compute_stats
 
 B, T, D = 8, 8, 64
@@ -158,6 +158,27 @@ def test_recalibration_is_no_amnesty_for_a_persistent_attacker(seed: int) -> Non
     assert honest_flags <= 12
 
 
+def jump_then_attack(
+    screen: BoundaryScreen, attack: str, seed: int, n: int = 600, jump_at: int = 450
+) -> Iterator[tuple[int, str, bool, Verdict, int | None, bool]]:
+    """Three replicas; at ``jump_at`` the whole stage jumps (x5, features permuted), which starts
+    a recalibration, and "w2" applies ``attack`` from the message after that. Yields
+    ``(i, worker, bad, verdict, recal_at, trusted_before)`` per message, before the next one."""
+    perm = torch.randperm(D, generator=torch.Generator().manual_seed(7))
+    recal_at = None
+    for i, (_, x, g) in enumerate(forward_stream(n, seed, 1.0)):
+        worker = f"w{i % 3}"
+        if i >= jump_at:
+            x = 5 * x[..., perm]
+        bad = worker == "w2" and recal_at is not None
+        before = screen.counters.recalibrations
+        trusted_before = screen._trusted
+        v = screen.screen(worker, ATTACKS[attack](x, g) if bad else x)
+        if recal_at is None and i >= jump_at and screen.counters.recalibrations > before:
+            recal_at = i
+        yield i, worker, bad, v, recal_at, trusted_before
+
+
 @pytest.mark.parametrize("attack", ["sign_flip", "scale_x10", "gaussian"])
 def test_an_attacker_starting_as_a_recalibration_begins_is_judged_soon(attack: str) -> None:
     """A stage-wide jump recalibrates the fences and an attacker starts right after it, while no
@@ -167,20 +188,11 @@ def test_an_attacker_starting_as_a_recalibration_begins_is_judged_soon(attack: s
     replica ever is. The previous code calibrated for 36 messages and caught the attacker live,
     36 messages after its first attack."""
     cfg = ScreeningConfig()
-    perm = torch.randperm(D, generator=torch.Generator().manual_seed(7))
     for seed in range(4):
         screen = BoundaryScreen(cfg, "forward")
         recal_at = first = caught = None
         calibrating = honest_marked = 0
-        for i, (_, x, g) in enumerate(forward_stream(600, seed, 1.0)):
-            worker = f"w{i % 3}"
-            if i >= 450:
-                x = 5 * x[..., perm]
-            bad = worker == "w2" and recal_at is not None
-            before = screen.counters.recalibrations
-            v = screen.screen(worker, ATTACKS[attack](x, g) if bad else x)
-            if recal_at is None and i >= 450 and screen.counters.recalibrations > before:
-                recal_at = i
+        for i, _, bad, v, recal_at, _ in jump_then_attack(screen, attack, seed):
             if recal_at is not None:
                 calibrating += v.calibrating
             if bad and first is None:
@@ -205,22 +217,12 @@ def test_a_gross_attack_beginning_inside_a_recalibration_is_flagged_live(guard: 
     on the first message after a stage-wide jump, when it was no suspect, is flagged on every
     message while the fences are refitted, not only retroactively; with the guard off the same
     messages pass as calibration. Honest replicas are not flagged by the guard."""
-    perm = torch.randperm(D, generator=torch.Generator().manual_seed(7))
     for attack in ("sign_flip", "scale_x10"):
         for seed in range(4):
             screen = BoundaryScreen(ScreeningConfig(recalibration_guard=guard), "forward")
             recal_at = None
             live = passed = honest_guard_flags = 0
-            for i, (_, x, g) in enumerate(forward_stream(600, seed, 1.0)):
-                worker = f"w{i % 3}"
-                if i >= 450:
-                    x = 5 * x[..., perm]
-                bad = worker == "w2" and recal_at is not None
-                before = screen.counters.recalibrations
-                trusted_before = screen._trusted
-                v = screen.screen(worker, ATTACKS[attack](x, g) if bad else x)
-                if recal_at is None and i >= 450 and screen.counters.recalibrations > before:
-                    recal_at = i
+            for _, _, bad, v, recal_at, trusted_before in jump_then_attack(screen, attack, seed):
                 if recal_at is None or trusted_before:
                     continue
                 if bad:
