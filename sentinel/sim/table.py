@@ -88,6 +88,11 @@ class TableConfig:
     micro_batches_per_step: int = 8
     attack_start: int = 20
     model_size: str = "tiny"
+    #: The tiny 16-layer model's own rate, not the live swarm's default (1e-3, tuned for the
+    #: 3-stage base model): at 1e-3 this model is still at val 3.80 after 80 clean steps (3.01 at
+    #: 3e-3, 3.27 at 2e-3; 3.31 vs 2.54 after 160), so attacks would be judged on a model that has
+    #: barely started learning. Measured 2026-11-24, seed 0, undefended 16 x 8.
+    lr: float = 3e-3
     eval_every: int = 20
     seed: int = 0
     noise_seeds: tuple[int, ...] = (1, 2)
@@ -102,7 +107,8 @@ class TableConfig:
     def sim(self, **kw: Any) -> SimConfig:
         base = dict(stages=self.stages, replicas=self.replicas, malicious_fraction=self.malicious_fraction,
                     steps=self.steps, micro_batches_per_step=self.micro_batches_per_step,
-                    attack_start=self.attack_start, model_size=self.model_size, eval_every=self.eval_every,
+                    attack_start=self.attack_start, model_size=self.model_size, lr=self.lr,
+                    eval_every=self.eval_every,
                     seed=self.seed, data=self.data, screening=dict(self.screening))
         base.update(kw)
         return SimConfig(**base)
@@ -329,7 +335,8 @@ def render(t: TableConfig, rows: list[Row], seconds: float, command: str) -> str
         f"({t.malicious_fraction:.1%}, first and last stages included), one verifier (committee of one). "
         f"Model: d_model {model.get('d_model')}, {model.get('n_layers')} layers (one per stage), seq_len "
         f"{model.get('seq_len')}, {first['parameters'] if first else '?'} parameters. Training: {t.steps} steps x "
-        f"{t.micro_batches_per_step} micro-batches of 8 sequences, attackers active from step {t.attack_start}. "
+        f"{t.micro_batches_per_step} micro-batches of 8 sequences, lr {t.lr}, attackers active from step "
+        f"{t.attack_start}. "
         f"Data: `{Path(t.data).name}`. Screening: "
         f"{'defaults' if not t.screening else ', '.join(f'{k}={v}' for k, v in t.screening.items())} "
         f"(`ScreeningConfig`).",
@@ -482,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=d.replicas)
     p.add_argument("--malicious-fraction", type=float, default=d.malicious_fraction)
     p.add_argument("--model-size", default=d.model_size)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr}: this model's own)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--data", default=d.data)
     p.add_argument("--wikitext", default=d.wikitext)
@@ -514,7 +522,7 @@ def main(argv: list[str] | None = None, prog: str = "sentinel-sim --table") -> N
     attacks = tuple(x.strip() for x in a.attacks.split(";") if x.strip())
     t = TableConfig(stages=a.stages, replicas=a.replicas, malicious_fraction=a.malicious_fraction, steps=a.steps,
                     micro_batches_per_step=a.micro_batches_per_step, attack_start=a.attack_start,
-                    model_size=a.model_size, seed=a.seed, data=a.data, wikitext=a.wikitext,
+                    model_size=a.model_size, lr=a.lr, seed=a.seed, data=a.data, wikitext=a.wikitext,
                     screening={**({} if a.library_defaults else TUNED_SCREENING), **parse_overrides(a.screen)},
                     attacks=attacks, parts=parts, out=a.out, cache=a.cache)
     for path in (t.data, t.wikitext if "wikitext" in parts else t.data):
