@@ -9,6 +9,7 @@ syntax and :mod:`sentinel.attacks.catalogue` for the built-ins.
 from sentinel.attacks.adaptive import Alie, Collusion, EmaMimic
 from sentinel.attacks.base import DIRECTIONS, Attack, AttackContext
 from sentinel.attacks.catalogue import BUILTIN_ATTACKS
+from sentinel.attacks.lazy import LazyPartial, LazyRandom, LazySkip, LazyStale
 from sentinel.attacks.loader import AttackSpecError, DirectionFilter, available_attacks, load_attack
 from sentinel.attacks.simple import (
     Bias,
@@ -40,6 +41,10 @@ __all__ = [
     "Gaussian",
     "Intermittent",
     "Invisible",
+    "LazyPartial",
+    "LazyRandom",
+    "LazySkip",
+    "LazyStale",
     "Random",
     "Scaling",
     "SignFlip",

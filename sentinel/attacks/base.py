@@ -48,6 +48,13 @@ class AttackContext:
         generator: seeded by the caller; attacks draw all their randomness from it.
         stage_input: what the worker received for this message, if the caller passes it.
         num_stages: number of pipeline stages, 0 if unknown.
+        targets: the micro-batch's target tokens where the stage has them (the last stage).
+        grad_output: backward only: the gradient the worker received for its output (None on
+            the last stage, whose output is the loss).
+        grad_scale: the factor the worker applies to ``grad_output`` before back-propagating
+            (``1 / accumulate``), so a recomputed gradient matches the honest one's scale.
+        stage_module: the worker's own stage module (read it, never train it): what a lazy
+            worker skips, snapshots or imitates (:mod:`sentinel.attacks.lazy`).
     """
 
     step: int
@@ -58,6 +65,10 @@ class AttackContext:
     generator: torch.Generator
     stage_input: torch.Tensor | None = None
     num_stages: int = 0
+    targets: torch.Tensor | None = None
+    grad_output: torch.Tensor | None = None
+    grad_scale: float = 1.0
+    stage_module: torch.nn.Module | None = None
 
 
 class Attack:

@@ -1,14 +1,16 @@
 """The registry of built-in attacks, by name.
 
-The classes live in three small modules grouped by what the adversary exploits:
+The classes live in four small modules grouped by what the adversary exploits:
 :mod:`~sentinel.attacks.simple` (one message at a time), :mod:`~sentinel.attacks.temporal`
-(history and timing) and :mod:`~sentinel.attacks.adaptive` (knowledge of the screening).
+(history and timing), :mod:`~sentinel.attacks.adaptive` (knowledge of the screening) and
+:mod:`~sentinel.attacks.lazy` (credit without the work).
 """
 
 from __future__ import annotations
 
 from sentinel.attacks.adaptive import Alie, Collusion, EmaMimic
 from sentinel.attacks.base import Attack
+from sentinel.attacks.lazy import LazyPartial, LazyRandom, LazySkip, LazyStale
 from sentinel.attacks.simple import (
     Bias,
     Constant,
@@ -41,4 +43,8 @@ BUILTIN_ATTACKS: tuple[type[Attack], ...] = (
     Alie,
     EmaMimic,
     Collusion,
+    LazySkip,
+    LazyStale,
+    LazyRandom,
+    LazyPartial,
 )

@@ -184,7 +184,8 @@ class WorkerNode:
         await self._authorize(remote)
         METRICS.inc("sentinel_messages_total", kind="request", direction=handler.rsplit(".", 1)[-1])
 
-    def _attack_ctx(self, msg: Message, direction: str, x: torch.Tensor):
+    def _attack_ctx(self, msg: Message, direction: str, x: torch.Tensor, targets: torch.Tensor | None = None,
+                    grad: torch.Tensor | None = None):
         from sentinel.attacks.base import AttackContext
 
         h = msg.header
@@ -193,7 +194,9 @@ class WorkerNode:
         gen = torch.Generator().manual_seed(seed % (2**63))
         return AttackContext(step=int(h["step"]), stage=self.stage, worker=self.runtime.peer_id,
                              micro_batch=int(h["micro_batch"]), direction=direction, generator=gen,
-                             stage_input=x, num_stages=self.manifest.num_stages)
+                             stage_input=x, num_stages=self.manifest.num_stages, targets=targets,
+                             grad_output=grad, grad_scale=1.0 / self.manifest.training.accumulate,
+                             stage_module=self.runner.module)
 
     # -- handlers ----------------------------------------------------------------------------------
     async def _on_forward(self, msg: Message, remote: str) -> Message:
@@ -209,7 +212,7 @@ class WorkerNode:
             self.max_step = max(self.max_step, int(h["step"]))
             self.tokens += x.shape[0] * x.shape[1]
         if self.attack is not None:
-            y = self.attack.forward(y, self._attack_ctx(msg, "forward", x))
+            y = self.attack.forward(y, self._attack_ctx(msg, "forward", x, targets))
         return sign_message(wire.reply(msg, "forward_result", {"y": y.contiguous()}), self.runtime.identity)
 
     async def _on_backward(self, msg: Message, remote: str) -> Message:
@@ -225,7 +228,7 @@ class WorkerNode:
         tensors = {}
         if grad_x is not None:
             if self.attack is not None:
-                grad_x = self.attack.backward(grad_x, self._attack_ctx(msg, "backward", x))
+                grad_x = self.attack.backward(grad_x, self._attack_ctx(msg, "backward", x, targets, grad))
             tensors["grad_x"] = grad_x.contiguous()
         return sign_message(wire.reply(msg, "backward_result", tensors), self.runtime.identity)
 

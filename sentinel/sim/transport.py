@@ -219,16 +219,20 @@ class InProcessTransport:
         return list(self._by_stage.get(stage, []))
 
     # -- attack ------------------------------------------------------------------------------------
-    def _ctx(self, w: SimWorker, step: int, micro_batch: int, direction: str, x: torch.Tensor) -> AttackContext:
+    def _ctx(self, w: SimWorker, step: int, micro_batch: int, direction: str, x: torch.Tensor,
+             targets: torch.Tensor | None = None, grad: torch.Tensor | None = None) -> AttackContext:
         gen = torch.Generator().manual_seed(_seed("attack", self.seed, w.name, step, micro_batch, direction))
         return AttackContext(step=step, stage=w.stage, worker=w.name, micro_batch=micro_batch, direction=direction,
-                             generator=gen, stage_input=x, num_stages=self.num_stages)
+                             generator=gen, stage_input=x, num_stages=self.num_stages, targets=targets,
+                             grad_output=grad, grad_scale=1.0 / w.runner.manifest.training.accumulate,
+                             stage_module=w.runner.module)
 
     def _attack(self, w: SimWorker, y: torch.Tensor, step: int, micro_batch: int, direction: str,
-                x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+                x: torch.Tensor, targets: torch.Tensor | None = None,
+                grad: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
         if w.attack is None or step < self.attack_start:
             return y, False
-        ctx = self._ctx(w, step, micro_batch, direction, x)
+        ctx = self._ctx(w, step, micro_batch, direction, x, targets, grad)
         sent = w.attack.forward(y, ctx) if direction == "forward" else w.attack.backward(y, ctx)
         changed = sent is not y and not torch.equal(sent, y)
         return sent, changed
@@ -248,7 +252,7 @@ class InProcessTransport:
         expected = self._check_forward(w, key, x, targets) if self.duplicate else None
         if w.runner.is_last:
             self.honest_loss[key] = float(y)
-        sent, attacked = self._attack(w, y, step, micro_batch, "forward", x)
+        sent, attacked = self._attack(w, y, step, micro_batch, "forward", x, targets)
         w.messages += 1
         w.attacked_messages += attacked
         self.latest[(stage, "forward", worker)] = _Sent(sent, attacked, expected)
@@ -270,7 +274,7 @@ class InProcessTransport:
         if grad_x is None:  # stage 0: token ids have no gradient; nothing is sent back
             self.latest[(stage, "backward", worker)] = _Sent(None, False)
             return HopResult(None, {"sender": worker})
-        sent, attacked = self._attack(w, grad_x, step, micro_batch, "backward", x)
+        sent, attacked = self._attack(w, grad_x, step, micro_batch, "backward", x, targets, grad)
         w.messages += 1
         w.attacked_messages += attacked
         self.latest[(stage, "backward", worker)] = _Sent(sent, attacked, expected)
