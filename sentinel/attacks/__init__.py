@@ -6,7 +6,7 @@ for your own), then call ``attack.forward(x, ctx)`` / ``attack.backward(g, ctx)`
 syntax and :mod:`sentinel.attacks.catalogue` for the built-ins.
 """
 
-from sentinel.attacks.adaptive import Alie, Collusion, EmaMimic
+from sentinel.attacks.adaptive import Alie, Collusion, EmaMimic, WhiteBox
 from sentinel.attacks.base import DIRECTIONS, Attack, AttackContext
 from sentinel.attacks.catalogue import BUILTIN_ATTACKS
 from sentinel.attacks.lazy import LazyPartial, LazyRandom, LazySkip, LazyStale
@@ -49,6 +49,7 @@ __all__ = [
     "Scaling",
     "SignFlip",
     "SlowRamp",
+    "WhiteBox",
     "Zeros",
     "available_attacks",
     "load_attack",

@@ -1,8 +1,9 @@
 """Attacks that know how screening works and shape their tensors to pass it.
 
 These are the ones a serious adversary would run: they look at the honest distribution (ALIE),
-keep their own model of the verifier's reference and stay inside its fences (EMA-mimic), or
-coordinate with other malicious workers so their pushes add up instead of cancelling (collusion).
+keep their own model of the verifier's reference and stay inside its fences (EMA-mimic), read
+the verifier's exact reference and fences and ride just below them (white box), or coordinate
+with other malicious workers so their pushes add up instead of cancelling (collusion).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from sentinel.attacks.base import Attack, AttackContext, rms, unit_direction
 
-__all__ = ["Alie", "Collusion", "EmaMimic", "parse_stages"]
+__all__ = ["Alie", "Collusion", "EmaMimic", "WhiteBox", "parse_stages"]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -179,6 +180,75 @@ class EmaMimic(Attack):
         r_s = float(sent_rows.pow(2).mean().sqrt())
         dist = float((sent_rows.mean(dim=0) - mu_e).norm()) / (r_e * math.sqrt(sent_rows.shape[1]) + 1e-30)
         return abs(r_s / (r_e + 1e-30) - 1.0) <= self.budget and dist <= self.budget
+
+
+class WhiteBox(Attack):
+    """Adaptive, white box: knows the verifier's exact reference and fences and rides just below them.
+
+    Each message it sends ``x + m * rms(x) * v``, with ``v`` a fixed random direction of the
+    feature dimension per worker, stage and direction (unit rms per element, drawn from the
+    first message's generator) and ``m`` the largest push in ``[0, max_push]`` that the verifier
+    would accept *now*, found by bisection on the verifier's own decision (``ctx.oracle``),
+    times ``margin``. While the verifier has no fences (calibrating) it sends the honest tensor:
+    an attacker that pushed then would only widen fences it wants to learn first.
+
+    Args:
+        max_push: the largest push tried, relative to the message's rms.
+        margin: fraction of the largest accepted push actually sent (1.0 = on the fence).
+        iters: bisection steps (each one screening pass over the candidate tensor).
+
+    Why it matters: the upper bound on what per-message screening lets through — any attacker
+    with less knowledge does at most this much without being flagged. Needs the verifier's
+    state, which only the simulator can hand over (``ctx.oracle``); a live worker refuses it.
+    """
+
+    name = "white_box"
+
+    def __init__(self, max_push: float = 4.0, margin: float = 0.9, iters: int = 10, *,
+                 directions: str = "both", start_step: int = 0) -> None:
+        super().__init__(directions=directions, start_step=start_step)
+        if max_push <= 0:
+            raise ValueError(f"max_push must be > 0; got {max_push}")
+        if not 0.0 < margin <= 1.0:
+            raise ValueError(f"margin must be in (0, 1]; got {margin}")
+        if iters < 1:
+            raise ValueError(f"iters must be >= 1; got {iters}")
+        self.max_push, self.margin, self.iters = float(max_push), float(margin), int(iters)
+        self._dirs: dict[tuple[Hashable, ...], torch.Tensor] = {}
+        #: the push ``m`` of each message sent, per state key (what the attack managed, for reports)
+        self.pushes: dict[tuple[Hashable, ...], list[float]] = {}
+
+    def reset(self) -> None:
+        self._dirs.clear()
+        self.pushes.clear()
+
+    def perturb(self, x: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
+        if ctx.oracle is None:
+            raise ValueError("white_box needs the verifier's state (ctx.oracle), which only the simulator "
+                             "provides; use ema_mimic for a live worker")
+        key = self.state_key(ctx)
+        if key not in self._dirs:
+            self._dirs[key] = unit_direction(x, ctx.generator)
+        step = rms(x) * self._dirs[key].to(dtype=x.dtype)
+
+        def send(m: float) -> torch.Tensor:
+            return x + m * step
+
+        if ctx.oracle(send(0.0)) is None:  # no fences yet
+            return x
+        lo, hi = 0.0, self.max_push
+        if ctx.oracle(send(hi)) is False:
+            lo = hi
+        else:
+            for _ in range(self.iters):
+                mid = 0.5 * (lo + hi)
+                if ctx.oracle(send(mid)):
+                    hi = mid
+                else:
+                    lo = mid
+        m = lo * self.margin
+        self.pushes.setdefault(key, []).append(m)
+        return send(m) if m > 0 else x
 
 
 def parse_stages(text: str) -> frozenset[int] | None:

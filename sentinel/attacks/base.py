@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -55,6 +55,8 @@ class AttackContext:
             (``1 / accumulate``), so a recomputed gradient matches the honest one's scale.
         stage_module: the worker's own stage module (read it, never train it): what a lazy
             worker skips, snapshots or imitates (:mod:`sentinel.attacks.lazy`).
+        oracle: white box only (the simulator provides it): ``oracle(tensor)`` says whether the
+            verifier would flag that tensor from this worker now (None while it has no fences).
     """
 
     step: int
@@ -69,6 +71,7 @@ class AttackContext:
     grad_output: torch.Tensor | None = None
     grad_scale: float = 1.0
     stage_module: torch.nn.Module | None = None
+    oracle: Callable[[torch.Tensor], bool | None] | None = None
 
 
 class Attack:

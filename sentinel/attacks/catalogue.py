@@ -8,7 +8,7 @@ The classes live in four small modules grouped by what the adversary exploits:
 
 from __future__ import annotations
 
-from sentinel.attacks.adaptive import Alie, Collusion, EmaMimic
+from sentinel.attacks.adaptive import Alie, Collusion, EmaMimic, WhiteBox
 from sentinel.attacks.base import Attack
 from sentinel.attacks.lazy import LazyPartial, LazyRandom, LazySkip, LazyStale
 from sentinel.attacks.simple import (
@@ -43,6 +43,7 @@ BUILTIN_ATTACKS: tuple[type[Attack], ...] = (
     Alie,
     EmaMimic,
     Collusion,
+    WhiteBox,
     LazySkip,
     LazyStale,
     LazyRandom,

@@ -253,6 +253,14 @@ class Simulation:
                                             seed=cfg.seed, rtol=cfg.duplicate_rtol)
         else:
             self.screener = None
+        # what a white-box attacker reads: the verifier's own decision; undefended nothing is
+        # ever flagged; against duplication any change is caught, so it has no fence to ride
+        if cfg.defense == "sentinel":
+            self.transport.oracle = self.screener.would_flag
+        elif cfg.defense == "none":
+            self.transport.oracle = lambda *args: False
+        else:
+            self.transport.oracle = lambda *args: None
         self._now = 0.0
         self.router = SimRouter(RouterConfig(), clock=lambda: self._now, salt=f"sim-{cfg.seed}",
                                 latency_of=LatencyModel(cfg.seed))

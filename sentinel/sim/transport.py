@@ -209,6 +209,9 @@ class InProcessTransport:
         for name, w in self.workers.items():
             self._by_stage[w.stage].append(name)
         self.compute = ComputeCounter()
+        #: ``(stage, direction, worker, tensor, source) -> bool | None``: the verifier's decision,
+        #: handed to white-box attacks (set by the simulation once its screener exists)
+        self.oracle: Callable[..., bool | None] | None = None
         self.latest: dict[tuple[int, str, str], _Sent] = {}
         self.honest_loss: dict[tuple[int, int], float] = {}
         self.averaging_rounds = 0
@@ -222,10 +225,19 @@ class InProcessTransport:
     def _ctx(self, w: SimWorker, step: int, micro_batch: int, direction: str, x: torch.Tensor,
              targets: torch.Tensor | None = None, grad: torch.Tensor | None = None) -> AttackContext:
         gen = torch.Generator().manual_seed(_seed("attack", self.seed, w.name, step, micro_batch, direction))
+        oracle = None
+        if self.oracle is not None:
+            # the source the driver screens this hop with: the hidden state into a middle stage's
+            # forward, the output gradient into a backward
+            src = grad if direction == "backward" else (x if 0 < w.stage < self.num_stages - 1 else None)
+            check = self.oracle
+
+            def oracle(t: torch.Tensor, s: int = w.stage, d: str = direction, n: str = w.name) -> bool | None:
+                return check(s, d, n, t, src)
         return AttackContext(step=step, stage=w.stage, worker=w.name, micro_batch=micro_batch, direction=direction,
                              generator=gen, stage_input=x, num_stages=self.num_stages, targets=targets,
                              grad_output=grad, grad_scale=1.0 / w.runner.manifest.training.accumulate,
-                             stage_module=w.runner.module)
+                             stage_module=w.runner.module, oracle=oracle)
 
     def _attack(self, w: SimWorker, y: torch.Tensor, step: int, micro_batch: int, direction: str,
                 x: torch.Tensor, targets: torch.Tensor | None = None,

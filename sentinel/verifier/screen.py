@@ -221,6 +221,26 @@ class BoundaryScreen:
         reasons = exceeded(d, fences)
         return Verdict(bool(reasons), reasons, d, fences)
 
+    def would_flag(self, worker: str, x: torch.Tensor, source: torch.Tensor | None = None) -> bool | None:
+        """Whether :meth:`screen` would flag ``x`` from ``worker`` now, changing nothing; None while
+        this boundary has no fences (calibrating: everything is accepted).
+
+        The white-box attacker's oracle in the simulator (``sentinel.attacks.adaptive.WhiteBox``):
+        the strongest adversary knows the exact reference and fences it is judged by. It is not
+        the full verdict (no drift consensus, no confirmation by recomputation), both of which can
+        only clear a flag, so a tensor it passes is passed by :meth:`screen` too.
+        """
+        if self._shape_problem(tuple(x.shape), x.numel()):
+            return True
+        stats = compute_stats(x, self.config, source)
+        if self._static_problem(stats) is not None:
+            return True
+        ref = self._reference_for(worker)
+        fences = self.fences()
+        if ref is None or fences is None:
+            return None
+        return bool(exceeded(distances(profile_of(stats), ref, self.config.sign_rel_threshold), fences))
+
     def confirm(self, flagged: Verdict, accepted: Verdict) -> Verdict:
         """Does a flag stand once the same hop, recomputed by another replica, was accepted?
 
@@ -697,6 +717,11 @@ class Screener:
     def screen(self, stage: int, direction: str, worker: str, x: torch.Tensor,
                source: torch.Tensor | None = None) -> Verdict:
         return self.boundary(stage, direction).screen(worker, x, source)
+
+    def would_flag(self, stage: int, direction: str, worker: str, x: torch.Tensor,
+                   source: torch.Tensor | None = None) -> bool | None:
+        """See :meth:`BoundaryScreen.would_flag`."""
+        return self.boundary(stage, direction).would_flag(worker, x, source)
 
     def confirm(self, stage: int, direction: str, flagged: Verdict, accepted: Verdict) -> Verdict:
         """See :meth:`BoundaryScreen.confirm`."""
