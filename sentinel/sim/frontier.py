@@ -1,0 +1,389 @@
+"""The detect-or-harmless frontier: every parametric attack swept from harmless to obvious.
+
+    python bench/frontier.py                 # the full sweep at 16 x 8 (results/frontier.md + PNGs)
+    python bench/frontier.py --smoke         # a reduced sweep (4 x 4, 3 strengths) for a quick look
+
+A detector that catches strong attacks and ignores weak ones is only useful if nothing in between
+does real damage. For each attack below, eight strengths ordered weakest to strongest, in both
+directions, undefended and defended, on the detection table's swarm (16 stages x 8 replicas,
+37.5 % malicious per stage, the tiny model, lr 3e-3, 80 steps, attack from step 20). Each point
+reports recall, F1 and honest bans of the defended run, and the *damage*: final validation loss
+minus that of the clean run of the same defense, relative to it (so the defense's own cost on a
+clean run is not counted as damage). The goal per point (issue "Detect-or-harmless"): recall >= 0.9
+or defended damage <= 1 %; the points that miss are listed with their numbers.
+
+Also here, in the ``lazy`` and ``adaptive`` parts: the lazy workers of
+:mod:`sentinel.attacks.lazy` in both directions, and the two adaptive attackers (``ema_mimic``,
+``white_box``) over a run ``long_factor`` times as long, to see what riding under the fences adds
+up to.
+
+Runs are cached exactly as the detection table's (keyed by full configuration), so the sweep resumes
+where it stopped and the undefended clean runs are shared with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import os
+import platform
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sentinel.sim.swarm import TUNED_SCREENING, SimConfig
+from sentinel.sim.table import REPO, SHARED_DATA, Row, _code_versions, _f, execute
+
+#: attack -> (parameter, strengths from weakest to strongest). Scaling is ordered by how far the
+#: factor is from 1 (0 = zeros, -1 = sign flip); the rest grow monotonically.
+SWEEPS: dict[str, tuple[str, tuple[float, ...]]] = {
+    "scaling": ("factor", (1.1, 0.9, 1.5, 0.5, 2.0, 0.0, -1.0, 10.0)),
+    "gaussian": ("sigma", (0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 3.0)),
+    "bias": ("bias", (0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)),
+    "invisible": ("eps", (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3)),
+    "element_flip": ("fraction", (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)),
+    "intermittent": ("p", (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)),
+    "delay": ("k", (1, 2, 3, 5, 10, 20, 40, 60)),
+    "alie": ("z", (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)),
+    "slow_ramp": ("rate", (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)),
+}
+LAZY: tuple[str, ...] = ("lazy_skip", "lazy_stale", "lazy_random", "lazy_partial")
+ADAPTIVE: tuple[str, ...] = ("ema_mimic", "white_box")
+PARTS = ("sweep", "lazy", "adaptive")
+DIRECTIONS = ("forward", "backward")
+#: the goal of a point: recall at least this, or damage at most ``HARMLESS``
+RECALL_GOAL = 0.9
+HARMLESS = 0.01
+
+
+def spec(attack: str, param: str, value: float) -> str:
+    return f"{attack},{param}={value:g}"
+
+
+@dataclass
+class FrontierConfig:
+    """What the sweep runs; defaults are the recorded configuration of ``results/frontier.md``
+    (the detection table's swarm and budget)."""
+
+    stages: int = 16
+    replicas: int = 8
+    malicious_fraction: float = 0.375
+    steps: int = 80
+    micro_batches_per_step: int = 8
+    attack_start: int = 20
+    model_size: str = "tiny"
+    lr: float = 3e-3
+    eval_every: int = 20
+    seed: int = 0
+    #: the adaptive part runs this many times ``steps`` (its attack start scaled alike)
+    long_factor: int = 3
+    data: str = str(SHARED_DATA / "tinyshakespeare.txt")
+    screening: dict[str, Any] = field(default_factory=lambda: dict(TUNED_SCREENING))
+    sweeps: dict[str, tuple[str, tuple[float, ...]]] = field(default_factory=lambda: dict(SWEEPS))
+    parts: tuple[str, ...] = PARTS
+    out: Path = REPO / "results"
+    cache: Path = REPO / "runs" / "detection_table"
+    #: output names (``frontier.md``, ``frontier_recall.png``, ``frontier_damage.png``)
+    name: str = "frontier"
+
+    def sim(self, **kw: Any) -> SimConfig:
+        base = dict(stages=self.stages, replicas=self.replicas, malicious_fraction=self.malicious_fraction,
+                    steps=self.steps, micro_batches_per_step=self.micro_batches_per_step,
+                    attack_start=self.attack_start, model_size=self.model_size, lr=self.lr,
+                    eval_every=self.eval_every, seed=self.seed, data=self.data, screening=dict(self.screening))
+        base.update(kw)
+        if base.get("defense") == "none":
+            base["screening"] = {}  # unused undefended: one run serves every screening config
+        return SimConfig(**base)
+
+
+def smoke(out: Path | None = None, cache: Path | None = None) -> FrontierConfig:
+    """The reduced sweep: 4 x 4 (one attacker per stage), 24 steps, three strengths per attack
+    (weakest, middle, strongest); ``--smoke`` runs it in a few minutes on two cores."""
+    d = FrontierConfig()
+    sweeps = {a: (p, (v[0], v[len(v) // 2], v[-1])) for a, (p, v) in SWEEPS.items()}
+    return replace(d, stages=4, replicas=4, malicious_fraction=0.25, steps=24, micro_batches_per_step=4,
+                   attack_start=8, eval_every=8, sweeps=sweeps, long_factor=2, name="frontier_smoke",
+                   out=out or d.out, cache=cache or d.cache)
+
+
+def plan(f: FrontierConfig) -> list[Row]:
+    rows: list[Row] = []
+    for d in ("none", "sentinel"):
+        rows.append(Row("clean", f"clean/{d}", f.sim(attack="none", defense=d)))
+    if "sweep" in f.parts:
+        for attack, (param, values) in f.sweeps.items():
+            for v in values:
+                for direction in DIRECTIONS:
+                    for d in ("none", "sentinel"):
+                        rows.append(Row("sweep", f"{spec(attack, param, v)}/{direction}/{d}",
+                                        f.sim(attack=spec(attack, param, v), direction=direction, defense=d)))
+    if "lazy" in f.parts:
+        for attack in LAZY:
+            for direction in DIRECTIONS:
+                for d in ("none", "sentinel"):
+                    rows.append(Row("lazy", f"{attack}/{direction}/{d}",
+                                    f.sim(attack=attack, direction=direction, defense=d)))
+    if "adaptive" in f.parts:
+        long = dict(steps=f.steps * f.long_factor, attack_start=f.attack_start * f.long_factor)
+        for d in ("none", "sentinel"):
+            rows.append(Row("adaptive", f"clean/{d}", f.sim(attack="none", defense=d, **long)))
+        for attack in ADAPTIVE:
+            for direction in DIRECTIONS:
+                for d in ("none", "sentinel"):
+                    rows.append(Row("adaptive", f"{attack}/{direction}/{d}",
+                                    f.sim(attack=attack, direction=direction, defense=d, **long)))
+    return rows
+
+
+# -- scoring ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Point:
+    """One attack x strength x direction: the defended run against its undefended twin."""
+
+    attack: str
+    value: float | None
+    direction: str
+    recall: float | None
+    f1: float | None
+    honest_bans: int
+    damage: float | None  # defended, relative to the clean defended run
+    damage_undefended: float | None  # relative to the clean undefended run
+    flagged: float | None  # share of attacked messages flagged
+
+    @property
+    def meets_goal(self) -> bool:
+        caught = self.recall is not None and self.recall >= RECALL_GOAL
+        harmless = self.damage is not None and self.damage <= HARMLESS
+        return (caught or harmless) and self.honest_bans == 0
+
+    def miss_reason(self) -> str:
+        parts = []
+        if self.honest_bans:
+            parts.append(f"{self.honest_bans} honest ban(s)")
+        if not (self.recall is not None and self.recall >= RECALL_GOAL) and not (
+                self.damage is not None and self.damage <= HARMLESS):
+            parts.append(f"recall {_f(self.recall, 2)} and damage {_pct(self.damage)} "
+                         f"(undefended {_pct(self.damage_undefended)})")
+        return "; ".join(parts)
+
+
+def _rel(v: float | None, ref: float | None) -> float | None:
+    if ref is None:
+        return None
+    if v is None or not math.isfinite(v):
+        return math.inf
+    return (v - ref) / ref
+
+
+def _pct(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if not math.isfinite(v):
+        return "diverged"
+    return f"{100 * v:+.1f}%"
+
+
+def points(rows: list[Row], part: str, clean_part: str = "clean") -> list[Point]:
+    """Score every (attack, strength, direction) of ``part`` that has both runs."""
+    reports = {(r.part, r.label): r.report for r in rows if r.report is not None}
+    clean = {d: (reports.get((clean_part, f"clean/{d}")) or {}).get("val_loss_final") for d in ("none", "sentinel")}
+    out: list[Point] = []
+    for r in rows:
+        if r.part != part or not r.label.endswith("/sentinel") or r.label.startswith("clean/"):
+            continue
+        name, direction, _ = r.label.rsplit("/", 2)
+        dfd, und = reports.get((part, r.label)), reports.get((part, f"{name}/{direction}/none"))
+        if dfd is None or und is None:
+            continue
+        attack, _, kv = name.partition(",")
+        value = float(kv.split("=", 1)[1]) if kv else None
+        out.append(Point(attack, value, direction, dfd["recall"], dfd["f1"], len(dfd["honest_banned"]),
+                         _rel(dfd["val_loss_final"], clean["sentinel"]),
+                         _rel(und["val_loss_final"], clean["none"]), dfd.get("flag_rate_attacked")))
+    return out
+
+
+# -- rendering --------------------------------------------------------------------------------------
+
+
+def _point_cells(p: Point | None) -> str:
+    if p is None:
+        return "| - | - | - | - | - |"
+    mark = "yes" if p.meets_goal else "**no**"
+    return (f"| {_f(p.recall, 2)} | {p.honest_bans} | {_pct(p.damage)} | {_pct(p.damage_undefended)} "
+            f"| {mark} |")
+
+
+def render(f: FrontierConfig, rows: list[Row], seconds: float, command: str) -> str:
+    sweep = points(rows, "sweep")
+    first = next((r.report for r in rows if r.report is not None), None)
+    clean = {r.label: r.report for r in rows if r.part == "clean" and r.report is not None}
+    lines = [
+        "# Detect-or-harmless frontier",
+        "",
+        f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `{command}` "
+        f"({seconds / 60:.0f} min wall time in this invocation; cached runs are reused).",
+        f"Machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch "
+        f"{first['machine']['torch'] if first else '?'}, 1 thread per run. Code: {_code_versions(rows)}.",
+        "",
+        f"Swarm: {f.stages} x {f.replicas}, {math.floor(f.malicious_fraction * f.replicas + 1e-9)} malicious per "
+        f"stage ({f.malicious_fraction:.1%}, first and last stages included), one verifier. Model `{f.model_size}`, "
+        f"lr {f.lr}, {f.steps} steps x {f.micro_batches_per_step} micro-batches, attack from step "
+        f"{f.attack_start}. Data `{Path(f.data).name}`. Screening: "
+        f"{', '.join(f'{k}={v}' for k, v in f.screening.items()) or 'defaults'}.",
+        "",
+        "Damage = final validation loss minus the clean run's of the same defense, relative to it "
+        f"(clean: undefended {_f((clean.get('clean/none') or {}).get('val_loss_final'))}, "
+        f"defended {_f((clean.get('clean/sentinel') or {}).get('val_loss_final'))}). "
+        f"Goal per point: recall >= {RECALL_GOAL} or defended damage <= {HARMLESS:.0%}, with no honest ban. "
+        "Two clean runs with different seeds differ by about 2 % on this budget "
+        "(`results/detection_table.md`), so damages within a couple of percent are noise.",
+        "",
+    ]
+    if sweep:
+        met = sum(p.meets_goal for p in sweep)
+        lines += [f"## Strength sweep: {met} of {len(sweep)} points meet the goal", ""]
+        lines += ["![recall](frontier_recall.png)" if f.name == "frontier" else "", ""]
+        for attack, (param, values) in f.sweeps.items():
+            lines += [f"### {attack} ({param})", "",
+                      f"| {param} | fwd recall | fwd honest bans | fwd damage | fwd undefended | fwd goal "
+                      "| bwd recall | bwd honest bans | bwd damage | bwd undefended | bwd goal |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for v in values:
+                cells = [next((p for p in sweep if p.attack == attack and p.value == float(v)
+                               and p.direction == d), None) for d in DIRECTIONS]
+                lines.append(f"| {v:g} " + _point_cells(cells[0]) + _point_cells(cells[1])[1:])
+            lines.append("")
+        misses = [p for p in sweep if not p.meets_goal]
+        lines += ["### Points that miss the goal", ""]
+        lines += [f"- {p.attack} {SWEEPS.get(p.attack, ('?',))[0]}={p.value:g} {p.direction}: {p.miss_reason()}"
+                  for p in misses] or ["- none"]
+        lines.append("")
+    for part, title in (("lazy", "Lazy workers"), ("adaptive", f"Adaptive attackers, {f.long_factor}x longer runs")):
+        pts = points(rows, part, clean_part="clean" if part == "lazy" else "adaptive")
+        if not pts:
+            continue
+        lines += [f"## {title}", "",
+                  "| attack | dir | recall | F1 | honest bans | attacked msgs flagged | damage | undefended damage "
+                  "| goal |", "|---|---|---|---|---|---|---|---|---|"]
+        for p in pts:
+            lines.append(f"| {p.attack} | {p.direction} | {_f(p.recall, 2)} | {_f(p.f1, 2)} | {p.honest_bans} "
+                         f"| {'-' if p.flagged is None else f'{p.flagged:.1%}'} | {_pct(p.damage)} "
+                         f"| {_pct(p.damage_undefended)} | {'yes' if p.meets_goal else '**no**'} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(f: FrontierConfig, rows: list[Row]) -> list[Path]:
+    """Recall vs strength and damage vs strength, one panel per attack (defended vs undefended)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = points(rows, "sweep")
+    if not sweep:
+        return []
+    attacks = list(f.sweeps)
+    cols = 3
+    nrows = math.ceil(len(attacks) / cols)
+    written = []
+    for what in ("recall", "damage"):
+        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+        for ax, attack in zip(axes.flat, attacks, strict=False):
+            param, values = f.sweeps[attack]
+            xs = range(len(values))
+            for direction, colour in (("forward", "tab:blue"), ("backward", "tab:orange")):
+                pts = {p.value: p for p in sweep if p.attack == attack and p.direction == direction}
+                row = [pts.get(float(v)) for v in values]
+                if what == "recall":
+                    ax.plot(xs, [p.recall if p else math.nan for p in row], "o-", color=colour, label=direction)
+                else:
+                    ax.plot(xs, [100 * _cap(p.damage) if p else math.nan for p in row], "o-", color=colour,
+                            label=f"{direction}, sentinel")
+                    ax.plot(xs, [100 * _cap(p.damage_undefended) if p else math.nan for p in row], "x--",
+                            color=colour, alpha=0.6, label=f"{direction}, undefended")
+            if what == "recall":
+                ax.axhline(RECALL_GOAL, color="grey", lw=0.8, ls=":")
+                ax.set_ylim(-0.05, 1.05)
+            else:
+                ax.axhline(100 * HARMLESS, color="grey", lw=0.8, ls=":")
+            ax.set_xticks(list(xs), [f"{v:g}" for v in values], fontsize=7)
+            ax.set_title(f"{attack} ({param}, weak -> strong)", fontsize=9)
+        for ax in list(axes.flat)[len(attacks):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7)
+        fig.supylabel("recall of the defended run" if what == "recall"
+                      else "damage: val loss vs clean (%), capped at 30")
+        fig.tight_layout()
+        path = f.out / f"{f.name}_{what}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _cap(v: float | None) -> float:
+    if v is None:
+        return math.nan
+    return min(v, 0.30)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = FrontierConfig()
+    p = argparse.ArgumentParser(prog="python bench/frontier.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="the reduced sweep (4 x 4, 24 steps, 3 strengths)")
+    p.add_argument("--parts", default=",".join(d.parts), help=f"comma-separated subset of {', '.join(PARTS)}")
+    p.add_argument("--attacks", default=",".join(SWEEPS), help="swept attacks, comma-separated")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--data", default=d.data)
+    p.add_argument("--out", type=Path, default=d.out)
+    p.add_argument("--cache", type=Path, default=d.cache)
+    p.add_argument("--render-only", action="store_true", help="run nothing: render the cached runs")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="simulations in parallel, one thread each (default: one per core)")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "python bench/frontier.py") -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    parser.prog = prog
+    a = parser.parse_args(argv)
+    parts = tuple(x.strip() for x in a.parts.split(",") if x.strip())
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"unknown --parts {unknown}; choose from {', '.join(PARTS)}")
+    chosen = [x.strip() for x in a.attacks.split(",") if x.strip()]
+    bad = sorted(set(chosen) - set(SWEEPS))
+    if bad:
+        raise SystemExit(f"unknown --attacks {bad}; choose from {', '.join(SWEEPS)}")
+    f = smoke(a.out, a.cache) if a.smoke else FrontierConfig(out=a.out, cache=a.cache)
+    f = replace(f, parts=parts, seed=a.seed, data=a.data, sweeps={k: f.sweeps[k] for k in chosen})
+    if not Path(f.data).is_file():
+        raise SystemExit(f"corpus not found: {f.data} (the sweep reads ../shared/data beside the repo; pass --data)")
+    rows = plan(f)
+    print(f"{len(rows)} runs planned", file=sys.stderr)
+    if a.render_only:
+        import json
+
+        from sentinel.sim.table import _key
+
+        for row in rows:
+            path = f.cache / f"{_key(row.cfg)}.json"
+            if path.is_file():
+                row.report = json.loads(path.read_text())
+        seconds = 0.0
+    else:
+        seconds = execute(rows, f.cache, jobs=max(1, a.jobs))
+    f.out.mkdir(parents=True, exist_ok=True)
+    command = " ".join([prog, *argv])
+    md = f.out / f"{f.name}.md"
+    md.write_text(render(f, rows, seconds, command))
+    written = [md, *plot(f, rows)]
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
