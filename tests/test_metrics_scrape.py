@@ -7,6 +7,7 @@ line, a duplicate family or a bad label escape fails here instead of in somebody
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import urllib.request
 from pathlib import Path
@@ -204,7 +205,7 @@ def test_a_real_node_serves_metrics(tmp_path):
             time.sleep(0.2)
         maddr = maddr_file.read_text().split()[0]
         worker = spawn("-m", "sentinel.node.cli", "join", "--initial-peers", maddr, "--stage", "0",
-                       "--metrics-port", str(port))
+                       "--metrics-port", str(port), "--status-every", "1")
         deadline = time.monotonic() + 300
         while True:
             try:
@@ -215,6 +216,27 @@ def test_a_real_node_serves_metrics(tmp_path):
                 time.sleep(0.5)
         assert ctype == PROMETHEUS_CONTENT_TYPE
         assert all(name.startswith("sentinel_") for name, _ in samples)
+
+        # the volunteer's view: `sentinel-node status` reads /status beside /metrics
+        def status(*extra: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "sentinel.node.cli", "status", "--metrics-port", str(port),
+                                   *extra], capture_output=True, text=True, env=env, timeout=120)
+
+        deadline = time.monotonic() + 300
+        while True:
+            r = status("--json")
+            if r.returncode == 0 and json.loads(r.stdout).get("state") == "ONLINE":
+                break
+            assert time.monotonic() < deadline and worker.poll() is None, f"no ONLINE status:\n{r.stderr}\n{logs()}"
+            time.sleep(0.5)
+        st = json.loads(r.stdout)
+        assert (st["role"], st["stage"], st["banned"], st["strikes"]) == ("worker", 0, False, 0)
+        assert st["peers"] >= 1  # the bootstrap at least
+        assert status().stdout.startswith("status: worker stage 0 ONLINE | step 0 |")
+        deadline = time.monotonic() + 120
+        while "status: worker stage 0 ONLINE" not in (tmp_path / "node1.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline, f"the node never printed its status line:\n{logs()}"
+            time.sleep(0.5)
         second = spawn("-m", "sentinel.node.cli", "join", "--initial-peers", maddr, "--metrics-port", str(port))
         assert second.wait(timeout=120) == 3
         assert "port is taken" in (tmp_path / "node2.log").read_text()

@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--metrics-port", type=int, default=0,
                    help="serve this node's Prometheus /metrics on this port (default 0: off)")
     j.add_argument("--metrics-host", default="127.0.0.1", help="where /metrics listens (default: %(default)s)")
+    j.add_argument("--status-every", type=float, default=30.0, metavar="SECONDS",
+                   help="print a one-line status this often (default %(default)s; 0 = never); with "
+                        "--metrics-port it is also served at /status for `sentinel-node status`")
+    st = sub.add_parser("status", help="print a running node's one-line status (it needs --metrics-port)",
+                        description="Ask a node running on this machine for its status, through the "
+                                    "/status endpoint beside its /metrics.")
+    st.add_argument("--metrics-port", type=int, required=True, help="the --metrics-port the node was started with")
+    st.add_argument("--metrics-host", default="127.0.0.1", help="where the node serves it (default: %(default)s)")
+    st.add_argument("--json", action="store_true", help="print the whole status object as JSON")
     return p
 
 
@@ -84,9 +93,33 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from sentinel.node.status import fetch_status, format_status
+
+    if not 1 <= args.metrics_port <= 65535:
+        print(f"sentinel-node: error: --metrics-port {args.metrics_port}: need 1..65535", file=sys.stderr)
+        return EXIT_USAGE
+    host = f"[{args.metrics_host}]" if ":" in args.metrics_host else args.metrics_host
+    try:
+        status = fetch_status(f"http://{host}:{args.metrics_port}/status")
+    except OSError as e:
+        print(f"sentinel-node: error: {e}", file=sys.stderr)
+        return EXIT_NETWORK
+    print(json.dumps(status, indent=2) if args.json else status.get("line") or format_status(status))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "status":
+        return _status(args)
     if args.command == "join":
+        if not args.status_every >= 0:
+            print(f"sentinel-node: error: --status-every {args.status_every}: need seconds >= 0 (0 = never)",
+                  file=sys.stderr)
+            return EXIT_USAGE
         if args.stage != "auto":
             try:
                 int(args.stage)
@@ -144,13 +177,13 @@ async def _join(args: argparse.Namespace) -> int:
     if metrics is not None:
         print(f"metrics: {metrics.url}", flush=True)
     try:
-        return await _join_swarm(args)
+        return await _join_swarm(args, metrics)
     finally:
         if metrics is not None:
             metrics.close()
 
 
-async def _join_swarm(args: argparse.Namespace) -> int:
+async def _join_swarm(args: argparse.Namespace, metrics: Any = None) -> int:
     import torch
 
     from sentinel.node.runtime import BootstrapUnreachableError, SwarmRuntime, peer_id_of_maddr
@@ -169,15 +202,17 @@ async def _join_swarm(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - p2pd start failures
         print(f"sentinel-node: error: cannot start networking: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_NETWORK
-    node = None
+    node = board = None
     try:
         manifest = await fetch_manifest(runtime, trusted)
         log.info("joined run %s as %s (peer %s)", manifest.run_id, args.role, runtime.peer_id)
         if args.role == "worker":
             node = await _start_worker(args, runtime, manifest)
+            board = _status_board(args, runtime, node, metrics)
             await stop.wait()
             return 0
         node = await _start_verifier(args, runtime, manifest)
+        board = _status_board(args, runtime, node, metrics)
         train = asyncio.create_task(node.train() if args.steps > 0 else asyncio.Event().wait())
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({train, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -190,6 +225,8 @@ async def _join_swarm(args: argparse.Namespace) -> int:
         print(f"sentinel-node: error: {e}", file=sys.stderr)
         return EXIT_NETWORK
     finally:
+        if board is not None:
+            await board.stop()
         if node is not None:
             _write_node_report(args, node)
             await node.shutdown()
@@ -226,6 +263,30 @@ async def _start_verifier(args: argparse.Namespace, runtime: Any, manifest: Any)
     await node.wait_for_pipeline()
     print(f"verifier {runtime.peer_id} ONLINE", flush=True)
     return node
+
+
+def _status_board(args: argparse.Namespace, runtime: Any, node: Any, metrics: Any) -> Any:
+    """Start the node's one-line status (printed every ``--status-every`` s, served at /status)."""
+    from sentinel.node.status import StatusBoard
+
+    async def swarm_view() -> dict[str, Any]:
+        view: dict[str, Any] = {"peers": len(await runtime.p2p.list_peers())}
+        if args.role == "worker":
+            from sentinel.node.status import strikes_against
+            from sentinel.node.worker import verifiers_key
+
+            records = await runtime.get(verifiers_key(node.run))
+            view["strikes"] = strikes_against(runtime.peer_id, records)
+            view["banned"] = runtime.peer_id in await node.banned_peers()
+        return view
+
+    board = StatusBoard(node.status, swarm_view, print_s=args.status_every)
+    board.start()
+    if metrics is not None:
+        metrics.add_route("/status", board.response)
+        print(f"status: {metrics.base_url}/status (or: sentinel-node status --metrics-port {metrics.port})",
+              flush=True)
+    return board
 
 
 def _stable_seed(text: str) -> int:

@@ -100,6 +100,10 @@ class RouteServer:
                                         name=f"http-{self.port}", daemon=True)
         self._thread.start()
 
+    def add_route(self, path: str, route: Route) -> None:
+        """Serve ``route`` at ``path`` from now on (e.g. a node's ``/status`` once the node exists)."""
+        self._server.routes = {**self._server.routes, path: route}  # replaced whole: read by other threads
+
     @property
     def base_url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host

@@ -257,7 +257,7 @@ class WorkerNode:
     # -- parameters from replicas ------------------------------------------------------------------
     async def _fetch_replica_params(self, timeout: float = 20.0) -> list[torch.Tensor]:
         claims = (await read_stage_claims(self.runtime, self.run, self.manifest.num_stages)).get(self.stage, {})
-        banned = await self._banned_peers() & set(claims)
+        banned = await self.banned_peers() & set(claims)
         for peer in banned - self._excluded:
             logger.info("leaving banned replica %s out of averaging", peer[-8:])
         self._excluded |= banned
@@ -280,7 +280,7 @@ class WorkerNode:
         got = await asyncio.gather(*(fetch(p) for p in peers))
         return [g for g in got if g is not None]
 
-    async def _banned_peers(self) -> set[str]:
+    async def banned_peers(self) -> set[str]:
         """Replicas the verifier committee banned: never averaged with. A banned worker keeps
         its stage claim but gets no more traffic, so its parameters go stale (or were poisoned
         all along), and one average with it pulls every honest replica of the stage towards them."""

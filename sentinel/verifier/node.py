@@ -108,7 +108,7 @@ class VerifierNode:
         return self.runtime.record_value(
             "verifier", verifiers_key(self.run), self.run, state=self.state, step=int(self.step),
             version=__version__, accusations=sorted(self.bans.my_votes)[:64],
-            banned=sorted(self.bans.effective)[:256],
+            banned=sorted(self.bans.effective)[:256], strikes=self.ledger.struck(),
         )
 
     def _progress_record(self) -> dict[str, Any]:

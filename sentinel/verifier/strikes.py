@@ -113,3 +113,10 @@ class StrikeLedger:
 
     def banned(self) -> list[str]:
         return sorted(w for w, st in self._states.items() if st.banned)
+
+    def struck(self, limit: int = 64) -> dict[str, int]:
+        """Workers with strikes now (not banned), most strikes first, at most ``limit``: what the
+        verifier publishes so a volunteer's node can show its own strikes."""
+        live = [(w, st.strikes) for w, st in self._states.items() if st.strikes > 0 and not st.banned]
+        live.sort(key=lambda item: (-item[1], item[0]))
+        return dict(live[:limit])
