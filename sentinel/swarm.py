@@ -175,7 +175,9 @@ class LocalSwarm:
         args = [sys.executable, "-m", "sentinel.node.cli", "join", "--initial-peers", self.maddr,
                 "--identity-path", str(node.identity_path), "--role", node.role, "--report", str(node.report_path)]
         if node.role == "worker":
-            args += ["--stage", str(node.stage)]
+            # stages are assigned here, and every local worker shares this machine: measuring
+            # throughput in each (all at once, on the same cores) would only measure contention
+            args += ["--stage", str(node.stage), "--throughput", "1"]
             if node.attack:
                 args += ["--attack", node.attack, "--attack-direction", c.attack_direction,
                          "--attack-start", str(c.attack_start)]

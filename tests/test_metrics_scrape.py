@@ -205,7 +205,8 @@ def test_a_real_node_serves_metrics(tmp_path):
             time.sleep(0.2)
         maddr = maddr_file.read_text().split()[0]
         worker = spawn("-m", "sentinel.node.cli", "join", "--initial-peers", maddr, "--stage", "0",
-                       "--metrics-port", str(port), "--status-every", "1")
+                       "--metrics-port", str(port), "--status-every", "1",
+                       "--throughput-cache", str(tmp_path / "throughput.json"))
         deadline = time.monotonic() + 300
         while True:
             try:
@@ -237,6 +238,9 @@ def test_a_real_node_serves_metrics(tmp_path):
         while "status: worker stage 0 ONLINE" not in (tmp_path / "node1.log").read_text(errors="replace"):
             assert time.monotonic() < deadline, f"the node never printed its status line:\n{logs()}"
             time.sleep(0.5)
+        # --throughput auto measured this machine once and cached it for the next start
+        assert re.search(r"throughput: \d+ tokens/s on cpu \(measured\)", (tmp_path / "node1.log").read_text())
+        assert json.loads((tmp_path / "throughput.json").read_text())
         second = spawn("-m", "sentinel.node.cli", "join", "--initial-peers", maddr, "--metrics-port", str(port))
         assert second.wait(timeout=120) == 3
         assert "port is taken" in (tmp_path / "node2.log").read_text()

@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--metrics-port", type=int, default=0,
                    help="serve this node's Prometheus /metrics on this port (default 0: off)")
     j.add_argument("--metrics-host", default="127.0.0.1", help="where /metrics listens (default: %(default)s)")
+    j.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="worker: where the stage computes (default auto: a CUDA GPU if torch sees one)")
+    j.add_argument("--throughput", default="auto", metavar="auto|TOKENS_PER_S",
+                   help="worker: training tokens/s announced for stage choice; 'auto' measures it once "
+                        "(about 2 s) and caches it per device and model (default: %(default)s)")
+    j.add_argument("--throughput-cache", default=None, metavar="PATH",
+                   help="where 'auto' caches its measurement (default: ~/.cache/sentinel/throughput.json)")
     j.add_argument("--status-every", type=float, default=30.0, metavar="SECONDS",
                    help="print a one-line status this often (default %(default)s; 0 = never); with "
                         "--metrics-port it is also served at /status for `sentinel-node status`")
@@ -116,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return _status(args)
     if args.command == "join":
+        if args.throughput != "auto":
+            try:
+                value = float(args.throughput)
+            except ValueError:
+                value = float("nan")
+            if not (value > 0 and value < float("inf")):
+                print(f"sentinel-node: error: --throughput {args.throughput!r}: 'auto' or tokens/s > 0",
+                      file=sys.stderr)
+                return EXIT_USAGE
         if not args.status_every >= 0:
             print(f"sentinel-node: error: --status-every {args.status_every}: need seconds >= 0 (0 = never)",
                   file=sys.stderr)
@@ -244,8 +260,20 @@ async def _start_worker(args: argparse.Namespace, runtime: Any, manifest: Any) -
         attack = load_attack(args.attack, directions=args.attack_direction)
         if args.attack_start is not None and hasattr(attack, "start_step"):
             attack.start_step = args.attack_start
+    from pathlib import Path
+
+    from sentinel.node.device import cached_throughput, resolve_device
+
+    device = resolve_device(args.device)  # DeviceError is a ValueError: a clear exit 3 in _join_swarm
+    if args.throughput == "auto":
+        cache = Path(args.throughput_cache) if args.throughput_cache else None
+        throughput, hit = cached_throughput(manifest, device, cache)
+        print(f"throughput: {throughput:.0f} tokens/s on {device} ({'cached' if hit else 'measured'})", flush=True)
+    else:
+        throughput = float(args.throughput)
     stage = None if args.stage == "auto" else int(args.stage)
-    node = WorkerNode(runtime, manifest, stage=stage, attack=attack, attack_seed=_stable_seed(runtime.peer_id))
+    node = WorkerNode(runtime, manifest, stage=stage, attack=attack, attack_seed=_stable_seed(runtime.peer_id),
+                      device=device, throughput=throughput)
     await node.start()
     print(f"worker {runtime.peer_id} ONLINE on stage {node.stage}", flush=True)
     return node

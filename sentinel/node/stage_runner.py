@@ -36,10 +36,14 @@ class StageRunnerStats:
 class StageRunner:
     """Holds a stage's module and optimizer; applies gradients as backward passes arrive."""
 
-    def __init__(self, manifest: RunManifest, stage: int, cache_size: int = 64):
+    def __init__(self, manifest: RunManifest, stage: int, cache_size: int = 64,
+                 device: torch.device | str = "cpu"):
         self.manifest = manifest
         self.stage = stage
-        self.module: StageModule = build_stage(manifest.model, stage, manifest.num_stages, seed=manifest.seed)
+        #: where the stage computes; tensors in and out of this class are always on the CPU (the wire's side)
+        self.device = torch.device(device)
+        self.module: StageModule = build_stage(manifest.model, stage, manifest.num_stages,
+                                               seed=manifest.seed).to(self.device)
         opt = manifest.optimizer
         self.optimizer = torch.optim.AdamW(
             self.module.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay
@@ -60,7 +64,15 @@ class StageRunner:
         return self.module.is_last
 
     # -- compute ---------------------------------------------------------------------------------
+    def _on_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(self.device)
+
+    @staticmethod
+    def _on_cpu(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().cpu()
+
     def _run(self, x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x, targets = self._on_device(x), self._on_device(targets)
         if self.is_first:
             leaf = x
         else:
@@ -78,12 +90,12 @@ class StageRunner:
             self._cache.popitem(last=False)
         if self.is_last:
             self.last_loss = float(out.detach())
-        return out.detach()
+        return self._on_cpu(out)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Forward without graph or side effects, for validation."""
-        return self.module(x, targets if self.is_last else None).detach()
+        return self._on_cpu(self.module(self._on_device(x), self._on_device(targets) if self.is_last else None))
 
     def backward(
         self, key: tuple, x: torch.Tensor, grad_out: torch.Tensor | None, targets: torch.Tensor | None = None,
@@ -95,7 +107,7 @@ class StageRunner:
         for :meth:`step_if_due`): the worker holds steps while an overdue averaging round is in flight.
         """
         cached = self._cache.pop(key, None)
-        if cached is not None and cached[3] == self.version and torch.equal(cached[0].detach(), x):
+        if cached is not None and cached[3] == self.version and torch.equal(cached[0].detach(), self._on_device(x)):
             leaf, out = cached[0], cached[1]
             self.stats.cache_hits += 1
         else:
@@ -107,7 +119,7 @@ class StageRunner:
         else:
             if grad_out is None:
                 raise ValueError("backward on a non-last stage needs grad_out")
-            out.backward(grad_out * scale)
+            out.backward(self._on_device(grad_out) * scale)
         self.stats.backwards += 1
         self.pending += 1
         if self.pending >= self.manifest.training.accumulate:
@@ -117,7 +129,7 @@ class StageRunner:
                 self.step()
         if self.is_first:
             return None
-        return leaf.grad.detach()
+        return self._on_cpu(leaf.grad)
 
     def step_if_due(self) -> bool:
         """Apply the gradients of held passes (one optimizer step for all of them)."""
@@ -141,7 +153,7 @@ class StageRunner:
 
     # -- parameter exchange (within-stage averaging, checkpoints) --------------------------------
     def flat_parameters(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()]).clone()
+        return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()]).cpu().clone()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
@@ -153,7 +165,7 @@ class StageRunner:
         with torch.no_grad():
             for p in self.module.parameters():
                 n = p.numel()
-                p.copy_(flat[offset : offset + n].view_as(p))
+                p.copy_(flat[offset : offset + n].view_as(p))  # copy_ moves it to p's device
                 offset += n
         self._cache.clear()
         self.stats.averaging_rounds += 1

@@ -1,8 +1,8 @@
 """Which stage a joining worker serves: pure decisions on the swarm's state, no I/O.
 
-Petals-style: fill the bottleneck. A stage's service is the total throughput of its live
-replicas; a new worker takes the stage with the least service (ties broken by a hash of its
-peer id, so many workers joining at the same instant spread out instead of piling onto stage 0).
+Petals-style: fill the bottleneck. A new worker takes a stage with the fewest replicas and, among
+those, the least service (total throughput of its live replicas); ties are broken by a hash of its
+peer id, so many workers joining at the same instant spread out instead of piling onto stage 0.
 A worker on an over-served stage moves when another stage is starved, but only the one whose
 hash ranks first moves, so two replicas never swap back and forth.
 """
@@ -23,10 +23,20 @@ def stage_service(num_stages: int, claims: Mapping[int, Mapping[str, float]]) ->
 
 
 def choose_stage(num_stages: int, claims: Mapping[int, Mapping[str, float]], peer_id: str) -> int:
-    """The least-served stage; among equally served stages, a per-peer pseudo-random pick."""
+    """The stage with the fewest replicas; among those, the one whose replicas announce the least
+    total throughput (measured tokens/s, ``sentinel.node.device``); then a per-peer pseudo-random pick.
+
+    Replica count comes first, not throughput alone as in Petals: every stage needs an honest
+    majority of *replicas* for screening and robust averaging, and a stage held by one fast GPU
+    is one attacker away from being lost. Throughput decides among equally staffed stages.
+    Equal totals (e.g. every claim unmeasured, 1.0 each) fall through to the per-peer pick.
+    """
     counts = [len(claims.get(s, {})) for s in range(num_stages)]
     low = min(counts)
     candidates = [s for s in range(num_stages) if counts[s] == low]
+    service = stage_service(num_stages, claims)
+    least = min(service[s] for s in candidates)
+    candidates = [s for s in candidates if service[s] <= least * (1 + 1e-9)]
     return min(candidates, key=lambda s: _rank(peer_id, f"stage{s}"))
 
 

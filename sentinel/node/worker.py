@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -68,6 +69,14 @@ async def read_stage_claims(runtime: SwarmRuntime, run: str, num_stages: int) ->
     return claims
 
 
+def _throughput_of(claim: dict) -> float:
+    """A claim's announced tokens/s; anything but a positive finite number counts as 1 (unmeasured)."""
+    t = claim.get("throughput", 1.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        return 1.0
+    return float(t)
+
+
 class WorkerNode:
     """Serves one stage of the run; one thread does all compute so parameters need no locks."""
 
@@ -78,8 +87,13 @@ class WorkerNode:
         stage: int | None = None,
         attack: Any | None = None,
         attack_seed: int = 0,
+        device: Any = "cpu",
+        throughput: float = 1.0,
     ):
         self.runtime = runtime
+        self.device = device
+        #: training tokens/s announced in the stage claim (``sentinel.node.device``); 1.0 = unmeasured
+        self.throughput = float(throughput)
         self.manifest = manifest
         self.run = manifest.run_id
         self.requested_stage = stage
@@ -109,10 +123,10 @@ class WorkerNode:
             self.stage = self.requested_stage
         else:
             claims = await read_stage_claims(self.runtime, self.run, S)
-            live = {s: {p: float(v.get("throughput", 1.0)) for p, v in c.items() if v.get("state") != "OFFLINE"}
+            live = {s: {p: _throughput_of(v) for p, v in c.items() if v.get("state") != "OFFLINE"}
                     for s, c in claims.items()}
             self.stage = choose_stage(S, live, self.runtime.peer_id)
-        self.runner = await self._in_thread(StageRunner, self.manifest, self.stage)
+        self.runner = await self._in_thread(StageRunner, self.manifest, self.stage, 64, self.device)
         self.runtime.announce(stage_key(self.run, self.stage), self._claim)
         await self.runtime.announce_now()
         await self._join_from_replica()
@@ -135,7 +149,7 @@ class WorkerNode:
         runner = self.runner
         return self.runtime.record_value(
             "stage_claim", stage_key(self.run, self.stage), self.run,
-            stage=self.stage, state=self.state, throughput=1.0, step=int(self.max_step),
+            stage=self.stage, state=self.state, throughput=self.throughput, step=int(self.max_step),
             version=__version__, optimizer_steps=runner.version if runner else 0,
         )
 
@@ -158,7 +172,7 @@ class WorkerNode:
             "stage_claim", stage_key(self.run, old), self.run, stage=old, state="OFFLINE",
             throughput=0.0, step=int(self.max_step), version=__version__))
         self.stage = target
-        self.runner = await self._in_thread(StageRunner, self.manifest, target)
+        self.runner = await self._in_thread(StageRunner, self.manifest, target, 64, self.device)
         self.runtime.announce(stage_key(self.run, target), self._claim)
         await self._join_from_replica()
         self.state = "ONLINE"
