@@ -262,6 +262,7 @@ class WorkerNode:
         r = self.runner
         return {
             "role": "worker", "stage": self.stage, "state": self.state, "step": int(self.max_step),
+            "device": str(self.device), "throughput": self.throughput,
             "tokens": int(self.tokens), "optimizer_steps": r.version if r else 0,
             "averaging_rounds": r.stats.averaging_rounds if r else 0,
             "held_steps": r.stats.held_steps if r else 0,
