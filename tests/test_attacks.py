@@ -28,6 +28,8 @@ ALL_NAMES = [
 # Need more context than a tensor: the verifier's state (white_box) or the stage module (lazy
 # workers, tests/test_lazy_attacks.py).
 CONTEXT_NAMES = ["white_box", "lazy_skip", "lazy_stale", "lazy_random", "lazy_partial"]
+# Honest on the pipeline, poisoned in averaging: tests/test_averaging.py.
+AVERAGING_NAMES = ["avg_scaling", "avg_random", "avg_alie"]
 # Specs under which each attack changes every message from the second one on.
 ALWAYS_FIRES = {name: name for name in ALL_NAMES} | {"intermittent": "intermittent,p=1"}
 
@@ -57,7 +59,7 @@ def run(attack: Attack, xs: list[torch.Tensor], *, seed: int = 0, direction: str
 
 
 def test_catalogue_lists_every_builtin() -> None:
-    assert list(available_attacks()) == ALL_NAMES + CONTEXT_NAMES
+    assert list(available_attacks()) == ALL_NAMES + CONTEXT_NAMES + AVERAGING_NAMES
     for name, cls in available_attacks().items():
         assert cls.name == name
         assert cls.__doc__ and "Why it matters" in (cls.__doc__ + (cls.__mro__[1].__doc__ or ""))

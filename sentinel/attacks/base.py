@@ -57,6 +57,10 @@ class AttackContext:
             worker skips, snapshots or imitates (:mod:`sentinel.attacks.lazy`).
         oracle: white box only (the simulator provides it): ``oracle(tensor)`` says whether the
             verifier would flag that tensor from this worker now (None while it has no fences).
+        anchor: averaging only: this worker's flat parameters right after its previous averaging
+            round (the point its honest update moved away from).
+        peers: averaging only: the other replicas' contributions to this round, where the caller
+            lets the attacker see them (the ALIE threat model: colluders know the honest spread).
     """
 
     step: int
@@ -72,6 +76,8 @@ class AttackContext:
     grad_scale: float = 1.0
     stage_module: torch.nn.Module | None = None
     oracle: Callable[[torch.Tensor], bool | None] | None = None
+    anchor: torch.Tensor | None = None
+    peers: list[torch.Tensor] | None = None
 
 
 class Attack:
@@ -103,6 +109,12 @@ class Attack:
     def backward(self, g: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
         """What a malicious worker sends instead of its true input-gradient ``g``."""
         return self._apply(g, ctx, "backward")
+
+    def average(self, params: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
+        """What a malicious worker contributes to its stage's averaging round instead of its true
+        flat ``params``. Pipeline attacks are honest here; :mod:`sentinel.attacks.averaging`
+        holds the ones that are not."""
+        return params
 
     def attacks(self, direction: str) -> bool:
         """Whether this attack corrupts messages going in ``direction``."""

@@ -1,14 +1,16 @@
 """The registry of built-in attacks, by name.
 
-The classes live in four small modules grouped by what the adversary exploits:
+The classes live in five small modules grouped by what the adversary exploits:
 :mod:`~sentinel.attacks.simple` (one message at a time), :mod:`~sentinel.attacks.temporal`
 (history and timing), :mod:`~sentinel.attacks.adaptive` (knowledge of the screening) and
-:mod:`~sentinel.attacks.lazy` (credit without the work).
+:mod:`~sentinel.attacks.lazy` (credit without the work), plus
+:mod:`~sentinel.attacks.averaging` (honest on the pipeline, poisoned in the stage's average).
 """
 
 from __future__ import annotations
 
 from sentinel.attacks.adaptive import Alie, Collusion, EmaMimic, WhiteBox
+from sentinel.attacks.averaging import AvgAlie, AvgRandom, AvgScaling
 from sentinel.attacks.base import Attack
 from sentinel.attacks.lazy import LazyPartial, LazyRandom, LazySkip, LazyStale
 from sentinel.attacks.simple import (
@@ -48,4 +50,7 @@ BUILTIN_ATTACKS: tuple[type[Attack], ...] = (
     LazyStale,
     LazyRandom,
     LazyPartial,
+    AvgScaling,
+    AvgRandom,
+    AvgAlie,
 )

@@ -56,6 +56,22 @@ def centered_clip(stacked: torch.Tensor, tau: float = 0.0, iters: int = 3) -> to
     return v
 
 
+def contribution_outliers(vectors: Sequence[torch.Tensor], ratio: float = 3.0) -> list[bool]:
+    """Which contributions to one averaging round lie more than ``ratio`` times the median
+    distance from the coordinate-wise median of all of them.
+
+    Distances are taken to the median, not to the aggregate the round uses: a plain mean is
+    pulled towards a poisoned contribution, which would make honest replicas look far too.
+    Fewer than three contributions cannot say which one is odd: none is flagged.
+    """
+    if ratio <= 0 or len(vectors) < 3:
+        return [False] * len(vectors)
+    stacked = torch.stack([v.reshape(-1).float() for v in vectors])
+    dist = (stacked - stacked.median(0).values).norm(dim=1)
+    bound = ratio * float(dist.median())
+    return [bool(d > bound) and bool(d > 0) for d in dist]
+
+
 @dataclass(frozen=True)
 class AveragingGap:
     """How far this replica had drifted from its stage when one averaging round pulled it back."""

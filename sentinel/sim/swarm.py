@@ -39,7 +39,7 @@ from sentinel.attacks.loader import load_attack
 from sentinel.bootstrap.manifest import OptimizerConfig, RunManifest, TrainingConfig
 from sentinel.model.config import ModelConfig
 from sentinel.model.corpus import load_corpus
-from sentinel.node.averaging import aggregate
+from sentinel.node.averaging import aggregate, contribution_outliers
 from sentinel.node.stage_runner import StageRunner
 from sentinel.report import detection_scores
 from sentinel.sim.transport import (
@@ -275,6 +275,9 @@ class Simulation:
         self.step = 0
         self.flags_by_boundary: dict[str, int] = defaultdict(int)
         self.flags_by_worker: dict[str, int] = defaultdict(int)
+        self.averaging_flags = {"honest": 0, "attacked": 0}
+        if cfg.defense == "sentinel" and self.screen_config.averaging_outlier_ratio > 0:
+            self.transport.contribution_screen = self._screen_contributions
         self.flagged_attacked = 0
         self.flagged_honest = 0
         self.retroactive_flags = 0
@@ -311,6 +314,20 @@ class Simulation:
         else:
             self.flagged_honest += 1
             self.struck_honest += ev.struck
+
+    def _screen_contributions(self, stage: int, step: int, names: list[str], vectors: list[torch.Tensor]) -> None:
+        """The verifier's view of one averaging round: a replica whose contribution is an
+        outlier gets a strike through the same ledger as pipeline flags (one ban path, two kinds
+        of evidence). The averaging worker's own vector is not sent to anyone: only peers are judged.
+        Clean contributions forgive nothing (forgiveness counts pipeline messages)."""
+        flags = contribution_outliers(vectors, self.screen_config.averaging_outlier_ratio)
+        for name, flagged in zip(names[1:], flags[1:], strict=True):
+            if not flagged:
+                continue
+            w = self.workers[name]
+            self.averaging_flags["attacked" if w.malicious and step >= self.cfg.attack_start else "honest"] += 1
+            self.flags_by_worker[name] += 1
+            self.ledger.record(name, True)
 
     def _strike_retroactive(self) -> None:
         """Count what a boundary found when its calibration ended (those tensors were already used)."""
@@ -448,6 +465,11 @@ class Simulation:
             "micro_batches": dict(self.micro_batches),
             "errors": self.errors,
             "averaging_rounds": self.transport.averaging_rounds,
+            "averaging": {"rule": self.manifest.training.averaging, "rounds": self.transport.averaging_rounds,
+                          "contributions": sum(w.contributions for w in self.workers.values()),
+                          "attacked": sum(w.attacked_contributions for w in attackers),
+                          "flagged_honest": self.averaging_flags["honest"],
+                          "flagged_attacked": self.averaging_flags["attacked"]},
             "honest_optimizer_steps": sum(w.runner.stats.optimizer_steps for w in honest),
             "code": CODE_VERSION,
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

@@ -10,7 +10,9 @@ Parts (all by default):
 * ``wide`` — the headline rows at 16 x 11 (176 workers, 4 malicious per stage = 36.4 %);
 * ``cost`` — ``sentinel`` vs ``duplicate`` (Lu et al.) on the same run: tokens/s and compute;
 * ``wikitext`` — the headline rows on wikitext-2 with the same defaults (no re-tuning);
-* ``noise`` — the clean undefended run with other seeds, to say what "within 1 %" can mean.
+* ``noise`` — the clean undefended run with other seeds, to say what "within 1 %" can mean;
+* ``averaging`` — attackers honest on the pipeline that poison their stage's average
+  (``sentinel.attacks.averaging``), with plain mean vs CenteredClip, against the clean run of each.
 
 Each run's report is cached under ``--cache`` (keyed by its full configuration), so an
 interrupted table resumes where it stopped and a re-run only re-renders. Results go to
@@ -67,7 +69,11 @@ HEADLINE: tuple[tuple[str, str], ...] = (
     ("ema_mimic", "forward"),
 )
 
-PARTS = ("matrix", "wide", "cost", "wikitext", "noise")
+#: Attacks on within-stage averaging (honest on the pipeline), run with each aggregation rule.
+AVERAGING_ATTACKS: tuple[str, ...] = ("avg_scaling", "avg_random", "avg_alie")
+AVERAGING_RULES: tuple[str, ...] = ("mean", "centered-clip")
+
+PARTS = ("matrix", "wide", "cost", "wikitext", "noise", "averaging")
 
 
 @dataclass
@@ -163,6 +169,11 @@ def plan(t: TableConfig) -> list[Row]:
     if "noise" in t.parts:
         for s in t.noise_seeds:
             add("noise", f"clean/none/seed{s}", attack="none", defense="none", seed=s)
+    if "averaging" in t.parts:
+        for rule in AVERAGING_RULES:
+            add("averaging", f"clean/{rule}", attack="none", defense="sentinel", averaging=rule)
+            for attack in AVERAGING_ATTACKS:
+                add("averaging", f"{attack}/{rule}", attack=attack, defense="sentinel", averaging=rule)
     return rows
 
 
@@ -398,6 +409,24 @@ def render(t: TableConfig, rows: list[Row], seconds: float, command: str) -> str
                 lines.append(f"- {d}: undefended {_f(u['val_loss_final'])} ({_pct(u['val_loss_final'], clean)} vs "
                              f"clean), defended {_f(s['val_loss_final'])} ({_pct(s['val_loss_final'], clean)}); "
                              f"F1 {_f(s['f1'], 2)}, attacked messages flagged {_rate(s['flag_rate_attacked'])}")
+        lines.append("")
+    avg = _by(rows, "averaging")
+    if avg:
+        lines += ["## Averaging axis: honest on the pipeline, poisoned in the stage's average", "",
+                  f"Every malicious worker ({math.floor(t.malicious_fraction * t.replicas + 1e-9)} of {t.replicas} "
+                  "per stage) sends honest activations and gradients and lies only in its averaging "
+                  "contributions (`sentinel/attacks/averaging.py`); SENTINEL screening on, contribution "
+                  "screening off (`averaging_outlier_ratio`). Final validation loss (vs the clean run with "
+                  "the same rule):", "",
+                  "| attack | " + " | ".join(AVERAGING_RULES) + " |", "|---|" + "---|" * len(AVERAGING_RULES)]
+        for attack in ("clean", *AVERAGING_ATTACKS):
+            cells = []
+            for rule in AVERAGING_RULES:
+                r, c = avg.get(f"{attack}/{rule}"), avg.get(f"clean/{rule}")
+                v = r["val_loss_final"] if r else None
+                ref = c["val_loss_final"] if c else None
+                cells.append("-" if r is None else _f(v) if attack == "clean" else f"{_f(v)} ({_pct(v, ref)})")
+            lines.append(f"| {attack} | " + " | ".join(cells) + " |")
         lines.append("")
     wiki = _by(rows, "wikitext")
     if wiki:

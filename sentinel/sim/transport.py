@@ -113,7 +113,10 @@ class SimWorker:
     attack: Any | None = None
     flops_per_token: float = 0.0
     last_averaged_version: int = 0
+    last_aggregate: torch.Tensor | None = None  # its parameters right after its last averaging round
     messages: int = 0  # tensors it returned in training
+    contributions: int = 0  # averaging contributions it sent to its replicas
+    attacked_contributions: int = 0  # of which its attack changed the vector
     attacked_messages: int = 0  # of which the attack changed the tensor
 
     @property
@@ -212,6 +215,9 @@ class InProcessTransport:
         #: ``(stage, direction, worker, tensor, source) -> bool | None``: the verifier's decision,
         #: handed to white-box attacks (set by the simulation once its screener exists)
         self.oracle: Callable[..., bool | None] | None = None
+        #: ``(stage, step, names, vectors)``: every averaging round's contributions, the averaging
+        #: worker's own first (set by a defended simulation, which screens them)
+        self.contribution_screen: Callable[[int, int, list[str], list[torch.Tensor]], None] | None = None
         self.latest: dict[tuple[int, str, str], _Sent] = {}
         self.honest_loss: dict[tuple[int, int], float] = {}
         self.averaging_rounds = 0
@@ -282,7 +288,7 @@ class InProcessTransport:
         recomputes = w.runner.stats.recomputes
         grad_x = w.runner.backward(key, x, grad, targets)
         self.compute.add(2.0 + (w.runner.stats.recomputes - recomputes), w.flops_per_token, tokens)
-        self._maybe_average(w)
+        self._maybe_average(w, step)
         if grad_x is None:  # stage 0: token ids have no gradient; nothing is sent back
             self.latest[(stage, "backward", worker)] = _Sent(None, False)
             return HopResult(None, {"sender": worker})
@@ -294,9 +300,11 @@ class InProcessTransport:
                                 "direction": "backward"})
 
     # -- within-stage averaging ---------------------------------------------------------------------
-    def _maybe_average(self, w: SimWorker) -> None:
+    def _maybe_average(self, w: SimWorker, step: int) -> None:
         """What the live worker does after each backward: every ``average_every`` optimizer
-        steps, replace its parameters by the aggregate of its own and its live replicas'."""
+        steps, replace its parameters by the aggregate of its own and its live replicas'
+        contributions. A malicious replica contributes what its attack's ``average`` returns
+        (honest for pipeline attacks); ``contribution_screen``, when set, sees every round."""
         t = self.manifest.training
         if w.runner.version - w.last_averaged_version < t.average_every:
             return
@@ -304,8 +312,25 @@ class InProcessTransport:
         peers = [self.workers[n] for n in self._by_stage[w.stage] if n != w.name and not self.is_banned(n)]
         if not peers:
             return
-        vectors = [w.runner.flat_parameters(), *(p.runner.flat_parameters() for p in peers)]
-        w.runner.load_flat_parameters(aggregate(vectors, t.averaging))
+        own = w.runner.flat_parameters()
+        honest = [p.runner.flat_parameters() for p in peers]
+        vectors = [own]
+        for i, (p, flat) in enumerate(zip(peers, honest, strict=True)):
+            sent = flat
+            if p.attack is not None and step >= self.attack_start:
+                gen = torch.Generator().manual_seed(_seed("average", self.seed, p.name, w.name, step))
+                ctx = AttackContext(step=step, stage=p.stage, worker=p.name, micro_batch=-1, direction="average",
+                                    generator=gen, num_stages=self.num_stages, anchor=p.last_aggregate,
+                                    peers=[own, *honest[:i], *honest[i + 1:]])
+                sent = p.attack.average(flat, ctx)
+                p.attacked_contributions += sent is not flat and not torch.equal(sent, flat)
+            p.contributions += 1
+            vectors.append(sent)
+        agg = aggregate(vectors, t.averaging)
+        if self.contribution_screen is not None:
+            self.contribution_screen(w.stage, step, [w.name, *(p.name for p in peers)], vectors)
+        w.runner.load_flat_parameters(agg)
+        w.last_aggregate = agg.to(own.dtype)
         self.averaging_rounds += 1
 
     # -- duplicated computation (Lu et al. baseline) --------------------------------------------------

@@ -69,6 +69,18 @@ class ScreeningConfig:
       replica that has drifted too. With 4 micro-batches per step (8 seeds, attack from step
       12 of 30) k=2 doubled the honest flags and k=3 added a sixth, without changing the ban
       latencies.
+    * ``averaging_outlier_ratio`` — off (0) by default. The other axis: with k > 0 a replica's
+      contribution to its stage's averaging round is flagged (a strike, through the same ledger
+      as pipeline flags) when its distance to the coordinate-wise median of the round's
+      contributions exceeds k times the median such distance
+      (``sentinel.node.averaging.contribution_outliers``); only the simulator applies it. Why
+      off: replicas average asynchronously (each after its own ``average_every`` steps), so an
+      honest peer that has not averaged for a while is far from the rest. Measured in the
+      simulator (4 x 8, 3 attackers per stage, tiny model, 30 steps): honest distance ratios
+      q90 2.3, q99 5.9, max 26; sign-flipped x10 updates (``avg_scaling``) median 8.1 but 10 %
+      below 0.32, right after the attacker's own round when its update is small. At k=3 a clean
+      40-step run banned 12 honest replicas. No threshold separates the two; CenteredClip
+      bounds the damage instead (``TrainingConfig.averaging``).
     """
 
     beta_forward: float = 0.9
@@ -89,6 +101,7 @@ class ScreeningConfig:
     drift_fraction: float = 0.5
     confirm_share: float = 0.5
     recalibration_guard: float = 0.0
+    averaging_outlier_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,7 +118,7 @@ class ScreeningConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("fence_k", "fence_iqr_floor", "sign_rel_threshold", "eligibility_ratio",
-                     "recalibration_guard"):
+                     "recalibration_guard", "averaging_outlier_ratio"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
