@@ -1,4 +1,5 @@
-"""Crash faults on a live swarm: a worker SIGKILLed mid-run loses no micro-batch."""
+"""Crash faults on a live swarm: a worker SIGKILLed mid-run loses no micro-batch, and restarted
+with the same identity it resumes from its checkpoint and serves its stage again."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def test_sigkill_worker_mid_run_loses_nothing(tmp_path):
                       micro_batches_per_step=2)
     swarm = LocalSwarm(cfg, tmp_path)
     victim = next(w for w in swarm.workers if w.stage == 1)
+    victim.extra_args = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2"]
     try:
         swarm.start()
         deadline = time.monotonic() + 600
@@ -33,6 +35,15 @@ def test_sigkill_worker_mid_run_loses_nothing(tmp_path):
         # its p2pd dies with it (PR_SET_PDEATHSIG), long before any teardown could reap it
         _, orphans = psutil.wait_procs([psutil.Process(p) for p in daemons if psutil.pid_exists(p)], timeout=20)
         orphans = [p for p in orphans if p.status() != psutil.STATUS_ZOMBIE]
+        assert list((tmp_path / "ckpt").glob("*-stage1.pt")), "no checkpoint was written before the kill"
+        killed_log = victim.log_path.read_text(errors="replace")
+        swarm.start_node(victim)  # same identity, same flags: a volunteer restarting the process
+        deadline = time.monotonic() + 300
+        while "ONLINE on stage 1" not in victim.log_path.read_text(errors="replace")[len(killed_log):]:
+            assert victim.alive and time.monotonic() < deadline, swarm.tail(victim)
+            time.sleep(0.5)
+        restarted = victim.log_path.read_text(errors="replace")[len(killed_log):]
+        assert "worker resumed stage 1 from" in restarted, restarted[-3000:]
         swarm.wait()
     finally:
         swarm.stop()

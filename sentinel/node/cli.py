@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(about 2 s) and caches it per device and model (default: %(default)s)")
     j.add_argument("--throughput-cache", default=None, metavar="PATH",
                    help="where 'auto' caches its measurement (default: ~/.cache/sentinel/throughput.json)")
+    j.add_argument("--checkpoint-dir", default=None, metavar="PATH",
+                   help="worker: save the stage here (atomically) and resume from it on restart; with "
+                        "--stage auto a restarted worker goes back to the stage it saved (default: no checkpoints)")
+    j.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="worker: optimizer steps between checkpoints (default %(default)s; also saved on exit)")
     j.add_argument("--status-every", type=float, default=30.0, metavar="SECONDS",
                    help="print a one-line status this often (default %(default)s; 0 = never); with "
                         "--metrics-port it is also served at /status for `sentinel-node status`")
@@ -132,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"sentinel-node: error: --throughput {args.throughput!r}: 'auto' or tokens/s > 0",
                       file=sys.stderr)
                 return EXIT_USAGE
+        if args.checkpoint_every < 1:
+            print(f"sentinel-node: error: --checkpoint-every {args.checkpoint_every}: need >= 1 optimizer step",
+                  file=sys.stderr)
+            return EXIT_USAGE
         if not args.status_every >= 0:
             print(f"sentinel-node: error: --status-every {args.status_every}: need seconds >= 0 (0 = never)",
                   file=sys.stderr)
@@ -273,7 +282,8 @@ async def _start_worker(args: argparse.Namespace, runtime: Any, manifest: Any) -
         throughput = float(args.throughput)
     stage = None if args.stage == "auto" else int(args.stage)
     node = WorkerNode(runtime, manifest, stage=stage, attack=attack, attack_seed=_stable_seed(runtime.peer_id),
-                      device=device, throughput=throughput)
+                      device=device, throughput=throughput, checkpoint_dir=args.checkpoint_dir,
+                      checkpoint_every=args.checkpoint_every)
     await node.start()
     print(f"worker {runtime.peer_id} ONLINE on stage {node.stage}", flush=True)
     return node

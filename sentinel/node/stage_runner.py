@@ -151,6 +151,12 @@ class StageRunner:
         self.stats.optimizer_steps += 1
         self._cache.clear()  # cached graphs refer to pre-step parameters
 
+    def restored(self, version: int) -> None:
+        """After parameters and optimizer state were loaded from a checkpoint taken at ``version``."""
+        self.version = version
+        self.pending = 0
+        self._cache.clear()
+
     # -- parameter exchange (within-stage averaging, checkpoints) --------------------------------
     def flat_parameters(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()]).cpu().clone()

@@ -9,11 +9,13 @@ sender an error response and the worker one counter increment; nothing else chan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +24,13 @@ from sentinel import __version__
 from sentinel.bootstrap.manifest import RunManifest
 from sentinel.metrics import METRICS
 from sentinel.node.averaging import AveragingLog, aggregate
+from sentinel.node.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    find_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from sentinel.node.runtime import PeerCallError, SwarmRuntime
 from sentinel.node.stage_runner import StageRunner
 from sentinel.node.stage_selection import choose_stage, should_move
@@ -89,11 +98,18 @@ class WorkerNode:
         attack_seed: int = 0,
         device: Any = "cpu",
         throughput: float = 1.0,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 50,
     ):
         self.runtime = runtime
         self.device = device
         #: training tokens/s announced in the stage claim (``sentinel.node.device``); 1.0 = unmeasured
         self.throughput = float(throughput)
+        #: where the stage is saved every ``checkpoint_every`` optimizer steps and on shutdown (None = never)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.checkpoint_every = int(checkpoint_every)
+        self.resumed_from: dict[str, Any] | None = None
+        self._saved_version = 0
         self.manifest = manifest
         self.run = manifest.run_id
         self.requested_stage = stage
@@ -122,13 +138,19 @@ class WorkerNode:
                 raise ValueError(f"--stage {self.requested_stage} out of range: this run has {S} stages (0..{S - 1})")
             self.stage = self.requested_stage
         else:
-            claims = await read_stage_claims(self.runtime, self.run, S)
-            live = {s: {p: _throughput_of(v) for p, v in c.items() if v.get("state") != "OFFLINE"}
-                    for s, c in claims.items()}
-            self.stage = choose_stage(S, live, self.runtime.peer_id)
+            saved = {s: p for s, p in (find_checkpoints(self.checkpoint_dir, self.run) if self.checkpoint_dir
+                                       else {}).items() if 0 <= s < S}
+            if saved:  # a restarted volunteer goes back to the stage it saved
+                self.stage = max(saved, key=lambda s: saved[s].stat().st_mtime)
+            else:
+                claims = await read_stage_claims(self.runtime, self.run, S)
+                live = {s: {p: _throughput_of(v) for p, v in c.items() if v.get("state") != "OFFLINE"}
+                        for s, c in claims.items()}
+                self.stage = choose_stage(S, live, self.runtime.peer_id)
         self.runner = await self._in_thread(StageRunner, self.manifest, self.stage, 64, self.device)
         self.runtime.announce(stage_key(self.run, self.stage), self._claim)
         await self.runtime.announce_now()
+        await self._resume_from_checkpoint()
         await self._join_from_replica()
         for name, fn in ((wire.FORWARD, self._on_forward), (wire.BACKWARD, self._on_backward),
                          (wire.PARAMS, self._on_params), (wire.STATUS, self._on_status)):
@@ -141,6 +163,9 @@ class WorkerNode:
         self.state = "OFFLINE"
         if self._averaging_task is not None:
             self._averaging_task.cancel()
+        if self.checkpoint_dir is not None and self.runner is not None and self.runner.version > self._saved_version:
+            with contextlib.suppress(Exception):  # best effort: the periodic checkpoint is the guarantee
+                await asyncio.wait_for(self._in_thread(self._save_checkpoint), timeout=30)
         final = {stage_key(self.run, self.stage): self._claim()} if self.stage >= 0 else None
         await self.runtime.shutdown(final_records=final)
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -239,6 +264,10 @@ class WorkerNode:
             METRICS.inc("sentinel_optimizer_steps_held_total")
         grad_x = await self._in_thread(self.runner.backward, key, x, grad, targets, hold)
         self._maybe_average()
+        if self.checkpoint_dir is not None and self.checkpoint_every > 0 and \
+                self.runner.version - self._saved_version >= self.checkpoint_every:
+            self._saved_version = self.runner.version
+            await self._in_thread(self._save_checkpoint)
         tensors = {}
         if grad_x is not None:
             if self.attack is not None:
@@ -271,6 +300,10 @@ class WorkerNode:
 
     # -- parameters from replicas ------------------------------------------------------------------
     async def _fetch_replica_params(self, timeout: float = 20.0) -> list[torch.Tensor]:
+        return [t for t, _ in await self._fetch_replica_states(timeout)]
+
+    async def _fetch_replica_states(self, timeout: float = 20.0) -> list[tuple[torch.Tensor, int]]:
+        """(flat parameters, optimizer-step count) of every live, non-banned replica that answers."""
         claims = (await read_stage_claims(self.runtime, self.run, self.manifest.num_stages)).get(self.stage, {})
         banned = await self.banned_peers() & set(claims)
         for peer in banned - self._excluded:
@@ -281,7 +314,7 @@ class WorkerNode:
         n = self.runner.num_parameters()
         spec = {"params": TensorSpec("float32", (n,))}
 
-        async def fetch(peer: str) -> torch.Tensor | None:
+        async def fetch(peer: str) -> tuple[torch.Tensor, int] | None:
             req = wire.request(self.run, self.max_step, 0, self.stage, "params", {})
             try:
                 resp = await self.runtime.call(peer, wire.PARAMS, sign_message(req, self.runtime.identity), timeout)
@@ -290,7 +323,8 @@ class WorkerNode:
                 METRICS.inc("sentinel_averaging_failures_total", reason=getattr(e, "reason", "error"))
                 logger.debug("params from %s failed: %s", peer[-8:], e)
                 return None
-            return resp.tensors["params"]
+            version = resp.header.get("version", 0)
+            return resp.tensors["params"], version if isinstance(version, int) and not isinstance(version, bool) else 0
 
         got = await asyncio.gather(*(fetch(p) for p in peers))
         return [g for g in got if g is not None]
@@ -308,12 +342,48 @@ class WorkerNode:
         return committee_bans(records, configured_seats(self.manifest.committee_size, trusted), trusted)
 
     async def _join_from_replica(self) -> None:
-        """A (re)joining worker adopts its live replicas' parameters instead of the initial ones."""
-        peers = await self._fetch_replica_params()
-        if peers:
-            agg = aggregate(peers, self.manifest.training.averaging)
-            await self._in_thread(self.runner.load_flat_parameters, agg)
-            logger.info("joined stage %d from %d live replica(s)", self.stage, len(peers))
+        """A (re)joining worker adopts its live replicas' parameters instead of the initial ones,
+        unless it resumed from a checkpoint at least as far along as every one of them."""
+        states = await self._fetch_replica_states()
+        if not states:
+            return
+        ahead = max(v for _, v in states)
+        if self.resumed_from is not None and ahead <= self.runner.version:
+            logger.info("stage %d: keeping the checkpoint (optimizer step %d; live replicas at <= %d)",
+                        self.stage, self.runner.version, ahead)
+            return
+        agg = aggregate([t for t, _ in states], self.manifest.training.averaging)
+        await self._in_thread(self.runner.load_flat_parameters, agg)
+        logger.info("joined stage %d from %d live replica(s)%s", self.stage, len(states),
+                    " (they are ahead of the checkpoint)" if self.resumed_from is not None else "")
+
+    async def _resume_from_checkpoint(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        path = checkpoint_path(self.checkpoint_dir, self.run, self.stage)
+        if not path.exists():
+            return
+        try:
+            self.resumed_from = await self._in_thread(load_checkpoint, self.runner, path, self.run)
+        except CheckpointError as e:
+            logger.warning("not resuming: %s", e)
+            METRICS.inc("sentinel_checkpoint_rejected_total")
+            return
+        self.max_step = max(self.max_step, self.resumed_from["max_step"])
+        self._saved_version = self.runner.version
+        print(f"worker resumed stage {self.stage} from {path} (optimizer step {self.runner.version}, "
+              f"step {self.resumed_from['max_step']})", flush=True)
+
+    def _save_checkpoint(self) -> None:
+        """In the compute thread (parameters are consistent there): write the stage atomically."""
+        if self.checkpoint_dir is None or self.runner is None:
+            return
+        try:
+            save_checkpoint(self.runner, checkpoint_path(self.checkpoint_dir, self.run, self.stage), self.run,
+                            self.max_step)
+            METRICS.inc("sentinel_checkpoints_saved_total")
+        except OSError as e:
+            logger.warning("cannot save the checkpoint in %s: %s", self.checkpoint_dir, e)
 
     def _round_overdue(self) -> bool:
         """True while the averaging round in flight began ``max_local_steps`` or more steps ago."""
