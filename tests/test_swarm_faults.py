@@ -54,3 +54,30 @@ def test_sigkill_worker_mid_run_loses_nothing(tmp_path):
     assert mb["total"] == cfg.verifiers * cfg.steps * cfg.micro_batches_per_step
     assert not orphans, f"p2pd of the killed worker outlived it: {orphans}"
     assert_all_gone(swarm.all_pids())
+
+
+def test_sigkill_bootstrap_mid_run_training_goes_on(tmp_path):
+    """The bootstrap peer is only the way in: once every node has joined, the DHT and the P2P
+    streams run between the nodes themselves, so killing it mid-run stops nothing."""
+    cfg = SwarmConfig(stages=3, replicas=2, verifiers=2, steps=40, malicious=0, eval_every=1000,
+                      micro_batches_per_step=2)
+    swarm = LocalSwarm(cfg, tmp_path)
+    try:
+        swarm.start()
+        deadline = time.monotonic() + 600
+        while min(p.get("step", 0) for p in swarm.progress()) < 10:
+            assert time.monotonic() < deadline, "swarm made no progress"
+            assert all(v.alive for v in swarm.verifiers), [swarm.tail(v) for v in swarm.verifiers]
+            swarm.record_descendants()
+            time.sleep(0.5)
+        swarm.kill(swarm.bootstrap, signal.SIGKILL)
+        killed_at = min(p.get("step", 0) for p in swarm.progress())
+        swarm.wait()
+    finally:
+        swarm.stop()
+    report = swarm.report()
+    mb = report["micro_batches"]
+    assert mb["accounted"] and mb["lost"] == 0 and mb["failed"] == 0, mb
+    assert mb["total"] == cfg.verifiers * cfg.steps * cfg.micro_batches_per_step
+    assert killed_at < cfg.steps, "the run ended before the bootstrap was killed: the drill tested nothing"
+    assert_all_gone(swarm.all_pids())
