@@ -81,3 +81,30 @@ def test_sigkill_bootstrap_mid_run_training_goes_on(tmp_path):
     assert mb["total"] == cfg.verifiers * cfg.steps * cfg.micro_batches_per_step
     assert killed_at < cfg.steps, "the run ended before the bootstrap was killed: the drill tested nothing"
     assert_all_gone(swarm.all_pids())
+
+
+def test_ctrl_c_on_every_role_leaves_nothing_behind(tmp_path):
+    """SIGINT (Ctrl-C in a volunteer's terminal) to a verifier mid-run, a worker and the bootstrap
+    peer: each exits by itself with status 0 and takes its p2pd daemon with it."""
+    cfg = SwarmConfig(stages=2, replicas=1, verifiers=1, steps=100_000, malicious=0, eval_every=100_000,
+                      micro_batches_per_step=2)
+    swarm = LocalSwarm(cfg, tmp_path)
+    try:
+        swarm.start()
+        deadline = time.monotonic() + 600
+        while min(p.get("step", 0) for p in swarm.progress()) < 2:
+            assert time.monotonic() < deadline, "swarm made no progress"
+            assert all(v.alive for v in swarm.verifiers), [swarm.tail(v) for v in swarm.verifiers]
+            time.sleep(0.5)
+        swarm.record_descendants()
+        for node in [*swarm.verifiers, *swarm.workers, swarm.bootstrap]:
+            daemons = [psutil.Process(p) for p in node.descendants if psutil.pid_exists(p)]
+            assert daemons, f"{node.name} should have its p2pd as a child"
+            node.popen.send_signal(signal.SIGINT)
+            assert node.popen.wait(timeout=120) == 0, swarm.tail(node)
+            _, left = psutil.wait_procs(daemons, timeout=30)
+            left = [p for p in left if p.status() != psutil.STATUS_ZOMBIE]
+            assert not left, f"{node.name} left {left} behind after Ctrl-C"
+    finally:
+        swarm.stop()
+    assert_all_gone(swarm.all_pids())
