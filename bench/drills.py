@@ -1,6 +1,11 @@
 """Long drills that do not fit the test suite's time budget.
 
     python bench/drills.py fuzz [--examples-per-target 25000] [--json out.json]
+    python bench/drills.py faults
+
+``faults`` runs the crash drills of ``tests/test_swarm_faults.py`` (real processes on 127.0.0.1)
+and prints each one's ``DRILL`` lines: what was injected, seconds until every verifier completed
+another step, and the micro-batch accounting (lost must be 0).
 
 ``fuzz`` runs ``tests/test_fuzz.py`` (the same properties CI checks with a few hundred examples)
 with 25,000 generated inputs per target, 100,000 in all: mutated signed frames, well-formed but
@@ -52,13 +57,26 @@ def fuzz(examples: int, out: Path | None) -> int:
     return 1 if failed else 0
 
 
+def faults() -> int:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                           str(REPO / "tests" / "test_swarm_faults.py")], cwd=REPO, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.lstrip(".").startswith("DRILL"):
+            print(line.lstrip("."))
+    print(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:])
+    return proc.returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="drill", required=True)
     f = sub.add_parser("fuzz", help="100,000 hostile inputs through the codec, checks, validators and parser")
     f.add_argument("--examples-per-target", type=int, default=25_000)
     f.add_argument("--json", type=Path)
+    sub.add_parser("faults", help="the crash drills on a live local swarm, with recovery times")
     a = p.parse_args(argv)
+    if a.drill == "faults":
+        return faults()
     return fuzz(a.examples_per_target, a.json)
 
 

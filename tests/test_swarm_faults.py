@@ -15,6 +15,19 @@ from tests.conftest import assert_all_gone
 pytestmark = pytest.mark.swarm
 
 
+def recovery_seconds(swarm: LocalSwarm, timeout: float = 300.0) -> float:
+    """Seconds from now until every verifier has completed one more step than it had (the swarm
+    trains again); printed as a DRILL line for ``bench/drills.py faults``."""
+    start = [p.get("step", 0) for p in swarm.progress()]
+    t0 = time.monotonic()
+    while True:
+        now = [p.get("step", 0) for p in swarm.progress()]
+        if all(n > s or n >= p.get("steps", 1 << 30) for n, s, p in zip(now, start, swarm.progress(), strict=True)):
+            return time.monotonic() - t0
+        assert time.monotonic() - t0 < timeout, f"no step completed within {timeout:.0f}s of the fault"
+        time.sleep(0.2)
+
+
 def test_sigkill_worker_mid_run_loses_nothing(tmp_path):
     cfg = SwarmConfig(stages=3, replicas=2, verifiers=2, steps=60, malicious=0, eval_every=1000,
                       micro_batches_per_step=2)
@@ -32,6 +45,9 @@ def test_sigkill_worker_mid_run_loses_nothing(tmp_path):
         daemons = set(victim.descendants)
         assert daemons, "the worker's p2pd should be its child"
         swarm.kill(victim, signal.SIGKILL)
+        recovered = recovery_seconds(swarm)
+        print(f"DRILL worker-sigkill: recovered in {recovered:.1f} s")
+        assert recovered < 30, "training must go on within 30 s of losing a worker"
         # its p2pd dies with it (PR_SET_PDEATHSIG), long before any teardown could reap it
         _, orphans = psutil.wait_procs([psutil.Process(p) for p in daemons if psutil.pid_exists(p)], timeout=20)
         orphans = [p for p in orphans if p.status() != psutil.STATUS_ZOMBIE]
@@ -49,6 +65,7 @@ def test_sigkill_worker_mid_run_loses_nothing(tmp_path):
         swarm.stop()
     report = swarm.report()
     mb = report["micro_batches"]
+    print(f"DRILL worker-sigkill: micro-batches {mb}")
     assert mb["accounted"], mb
     assert mb["lost"] == 0 and mb["failed"] == 0, mb
     assert mb["total"] == cfg.verifiers * cfg.steps * cfg.micro_batches_per_step
@@ -72,11 +89,15 @@ def test_sigkill_bootstrap_mid_run_training_goes_on(tmp_path):
             time.sleep(0.5)
         swarm.kill(swarm.bootstrap, signal.SIGKILL)
         killed_at = min(p.get("step", 0) for p in swarm.progress())
+        recovered = recovery_seconds(swarm)
+        print(f"DRILL bootstrap-sigkill: recovered in {recovered:.1f} s")
+        assert recovered < 30, "training must go on within 30 s of losing the bootstrap peer"
         swarm.wait()
     finally:
         swarm.stop()
     report = swarm.report()
     mb = report["micro_batches"]
+    print(f"DRILL bootstrap-sigkill: micro-batches {mb}")
     assert mb["accounted"] and mb["lost"] == 0 and mb["failed"] == 0, mb
     assert mb["total"] == cfg.verifiers * cfg.steps * cfg.micro_batches_per_step
     assert killed_at < cfg.steps, "the run ended before the bootstrap was killed: the drill tested nothing"
