@@ -80,3 +80,39 @@ def test_throughput_is_measured_once_then_cached_per_model(tmp_path: Path) -> No
     cache.write_text("{not json")
     assert cached_throughput(small_manifest(), cpu, cache, fake) == (369.0, False)  # corrupt: re-measured
     assert len(json.loads(cache.read_text())) == 1
+
+
+class _Records:
+    """Stands in for the runtime's DHT read: key -> {peer: value} (the validator already ran)."""
+
+    def __init__(self, by_key: dict[str, dict[str, dict]]):
+        self.by_key = by_key
+
+    async def get(self, key: str) -> dict[str, dict]:
+        return self.by_key.get(key, {})
+
+
+def test_a_key_claiming_several_stages_is_ignored_in_all_of_them() -> None:
+    import asyncio
+
+    from sentinel.metrics import METRICS
+    from sentinel.node.worker import read_stage_claims, stage_key
+
+    def claim(stage: int, state: str = "ONLINE") -> dict:
+        return {"run": "r", "stage": stage, "state": state, "throughput": 1.0}
+
+    def counted() -> float:
+        return METRICS.snapshot().get("sentinel_multi_stage_claims_total", {}).get("", 0.0)
+
+    before = counted()
+    records = _Records({
+        stage_key("r", 0): {"sybil": claim(0), "a": claim(0), "mover": claim(0, "OFFLINE")},
+        stage_key("r", 1): {"sybil": claim(1), "mover": claim(1)},
+        stage_key("r", 2): {"sybil": claim(2), "b": claim(2)},
+    })
+    claims = asyncio.run(read_stage_claims(records, "r", 3))
+    assert {s: set(c) for s, c in claims.items()} == {0: {"a", "mover"}, 1: {"mover"}, 2: {"b"}}
+    assert claims[0]["mover"]["state"] == "OFFLINE"  # a worker that moved stays visible where it went
+    assert counted() == before + 1  # once per key, not once per read
+    asyncio.run(read_stage_claims(records, "r", 3))
+    assert counted() == before + 1

@@ -75,7 +75,27 @@ async def read_stage_claims(runtime: SwarmRuntime, run: str, num_stages: int) ->
     claims: dict[int, dict[str, dict]] = {}
     for s, recs in enumerate(found):
         claims[s] = {p: v for p, v in recs.items() if v.get("stage") == s and v.get("run") == run}
+    # One process serves one stage. A key claiming several at once (a Sybil flood from one key, or
+    # a squatter) is ignored in all of them: routing to it would fail hops, and counting it would
+    # make starved stages look served. A worker that moves writes OFFLINE to its old stage first.
+    seen: dict[str, int] = {}
+    for recs in claims.values():
+        for p, v in recs.items():
+            if v.get("state") != "OFFLINE":
+                seen[p] = seen.get(p, 0) + 1
+    multi = {p for p, n in seen.items() if n > 1}
+    if len(_MULTI_STAGE_REPORTED) > 10_000:  # bounded: a flood of fresh keys must not grow memory
+        _MULTI_STAGE_REPORTED.clear()
+    for p in multi - _MULTI_STAGE_REPORTED:
+        _MULTI_STAGE_REPORTED.add(p)
+        METRICS.inc("sentinel_multi_stage_claims_total")
+        logger.warning("ignoring %s: it claims %d stages at once", p[-8:], seen[p])
+    if multi:
+        claims = {s: {p: v for p, v in recs.items() if p not in multi} for s, recs in claims.items()}
     return claims
+
+
+_MULTI_STAGE_REPORTED: set[str] = set()
 
 
 def _throughput_of(claim: dict) -> float:
