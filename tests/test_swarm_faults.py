@@ -15,6 +15,16 @@ from tests.conftest import assert_all_gone
 pytestmark = pytest.mark.swarm
 
 
+def wait_for_step(swarm: LocalSwarm, step: int, timeout: float = 600.0) -> None:
+    """Until every verifier has completed ``step`` steps (recording each node's p2pd on the way)."""
+    deadline = time.monotonic() + timeout
+    while min(p.get("step", 0) for p in swarm.progress()) < step:
+        assert time.monotonic() < deadline, "swarm made no progress"
+        assert all(v.alive for v in swarm.verifiers), [swarm.tail(v) for v in swarm.verifiers]
+        swarm.record_descendants()
+        time.sleep(0.5)
+
+
 def recovery_seconds(swarm: LocalSwarm, timeout: float = 300.0) -> float:
     """Seconds from now until every verifier has completed one more step than it had (the swarm
     trains again); printed as a DRILL line for ``bench/drills.py faults``."""
@@ -36,12 +46,7 @@ def test_sigkill_worker_mid_run_loses_nothing(tmp_path):
     victim.extra_args = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2"]
     try:
         swarm.start()
-        deadline = time.monotonic() + 600
-        while min(p.get("step", 0) for p in swarm.progress()) < 15:
-            assert time.monotonic() < deadline, "swarm made no progress"
-            assert all(v.alive for v in swarm.verifiers), [swarm.tail(v) for v in swarm.verifiers]
-            swarm.record_descendants()
-            time.sleep(0.5)
+        wait_for_step(swarm, 15)
         daemons = set(victim.descendants)
         assert daemons, "the worker's p2pd should be its child"
         swarm.kill(victim, signal.SIGKILL)
@@ -81,12 +86,7 @@ def test_sigkill_bootstrap_mid_run_training_goes_on(tmp_path):
     swarm = LocalSwarm(cfg, tmp_path)
     try:
         swarm.start()
-        deadline = time.monotonic() + 600
-        while min(p.get("step", 0) for p in swarm.progress()) < 10:
-            assert time.monotonic() < deadline, "swarm made no progress"
-            assert all(v.alive for v in swarm.verifiers), [swarm.tail(v) for v in swarm.verifiers]
-            swarm.record_descendants()
-            time.sleep(0.5)
+        wait_for_step(swarm, 10)
         swarm.kill(swarm.bootstrap, signal.SIGKILL)
         killed_at = min(p.get("step", 0) for p in swarm.progress())
         recovered = recovery_seconds(swarm)
@@ -112,11 +112,7 @@ def test_ctrl_c_on_every_role_leaves_nothing_behind(tmp_path):
     swarm = LocalSwarm(cfg, tmp_path)
     try:
         swarm.start()
-        deadline = time.monotonic() + 600
-        while min(p.get("step", 0) for p in swarm.progress()) < 2:
-            assert time.monotonic() < deadline, "swarm made no progress"
-            assert all(v.alive for v in swarm.verifiers), [swarm.tail(v) for v in swarm.verifiers]
-            time.sleep(0.5)
+        wait_for_step(swarm, 2)
         swarm.record_descendants()
         for node in [*swarm.verifiers, *swarm.workers, swarm.bootstrap]:
             daemons = [psutil.Process(p) for p in node.descendants if psutil.pid_exists(p)]

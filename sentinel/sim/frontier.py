@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from sentinel.sim.swarm import TUNED_SCREENING, SimConfig
-from sentinel.sim.table import REPO, SHARED_DATA, Row, _code_versions, _f, execute
+from sentinel.sim.table import REPO, SHARED_DATA, Row, _code_versions, _f, execute, load_cached, parse_parts
 
 #: attack -> (parameter, strengths from weakest to strongest). Scaling is ordered by how far the
 #: factor is from 1 (0 = zeros, -1 = sign flip); the rest grow monotonically.
@@ -355,10 +355,7 @@ def main(argv: list[str] | None = None, prog: str = "python bench/frontier.py") 
     parser = build_parser()
     parser.prog = prog
     a = parser.parse_args(argv)
-    parts = tuple(x.strip() for x in a.parts.split(",") if x.strip())
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        raise SystemExit(f"unknown --parts {unknown}; choose from {', '.join(PARTS)}")
+    parts = parse_parts(a.parts, PARTS)
     chosen = [x.strip() for x in a.attacks.split(",") if x.strip()]
     bad = sorted(set(chosen) - set(SWEEPS))
     if bad:
@@ -370,14 +367,7 @@ def main(argv: list[str] | None = None, prog: str = "python bench/frontier.py") 
     rows = plan(f)
     print(f"{len(rows)} runs planned", file=sys.stderr)
     if a.render_only:
-        import json
-
-        from sentinel.sim.table import _key
-
-        for row in rows:
-            path = f.cache / f"{_key(row.cfg)}.json"
-            if path.is_file():
-                row.report = json.loads(path.read_text())
+        load_cached(rows, f.cache)
         seconds = 0.0
     else:
         seconds = execute(rows, f.cache, jobs=max(1, a.jobs))

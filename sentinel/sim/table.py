@@ -192,6 +192,22 @@ def _code_versions(rows: list[Row]) -> str:
     return ", ".join(f"{v} ({n} runs)" for v, n in seen.items()) if len(seen) > 1 else next(iter(seen), "unknown")
 
 
+def load_cached(rows: list[Row], cache: Path) -> None:
+    """Attach each row's cached report, if it has run (``--render-only``); runs nothing."""
+    for row in rows:
+        path = cache / f"{_key(row.cfg)}.json"
+        row.report = json.loads(path.read_text()) if path.is_file() else None
+
+
+def parse_parts(text: str, known: tuple[str, ...]) -> tuple[str, ...]:
+    """``--parts`` as a tuple, or a SystemExit naming the unknown ones."""
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = sorted(set(parts) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown --parts {unknown}; choose from {', '.join(known)}")
+    return parts
+
+
 def execute(rows: list[Row], cache: Path, log: Any = sys.stderr, jobs: int = 1) -> float:
     """Run (or load from ``cache``) every row, ``jobs`` at a time; returns the wall seconds spent.
 
@@ -544,10 +560,7 @@ def main(argv: list[str] | None = None, prog: str = "sentinel-sim --table") -> N
     parser = build_parser()
     parser.prog = prog
     a = parser.parse_args(argv)
-    parts = tuple(p.strip() for p in a.parts.split(",") if p.strip())
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        raise SystemExit(f"unknown --parts {unknown}; choose from {', '.join(PARTS)}")
+    parts = parse_parts(a.parts, PARTS)
     attacks = tuple(x.strip() for x in a.attacks.split(";") if x.strip())
     t = TableConfig(stages=a.stages, replicas=a.replicas, malicious_fraction=a.malicious_fraction, steps=a.steps,
                     micro_batches_per_step=a.micro_batches_per_step, attack_start=a.attack_start,
@@ -561,9 +574,7 @@ def main(argv: list[str] | None = None, prog: str = "sentinel-sim --table") -> N
     rows = plan(t)
     print(f"{len(rows)} runs planned", file=sys.stderr, flush=True)
     if a.render_only:
-        for row in rows:
-            path = t.cache / f"{_key(row.cfg)}.json"
-            row.report = json.loads(path.read_text()) if path.is_file() else None
+        load_cached(rows, t.cache)
         seconds = 0.0
     else:
         seconds = execute(rows, t.cache, jobs=max(1, a.jobs))
@@ -576,5 +587,6 @@ def main(argv: list[str] | None = None, prog: str = "sentinel-sim --table") -> N
     print(f"wrote {t.out / 'detection_table.md'} and {', '.join(str(p) for p in written)}", file=sys.stderr)
 
 
-__all__ = ["ATTACKS", "HEADLINE", "PARTS", "Row", "TableConfig", "execute", "main", "plan", "plot", "render"]
+__all__ = ["ATTACKS", "HEADLINE", "PARTS", "Row", "TableConfig", "execute", "load_cached", "main", "parse_parts",
+           "plan", "plot", "render"]
 
