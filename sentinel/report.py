@@ -44,7 +44,8 @@ def detection_scores(malicious: set[str], banned: dict[str, int], attack_start: 
 def swarm_report(swarm: Any) -> dict[str, Any]:
     cfg = swarm.cfg
     vreports = [r for r in (_load(v.report_path) for v in swarm.verifiers) if r]
-    wreports = [r for r in (_load(w.report_path) for w in swarm.workers) if r]
+    by_worker = [(w, _load(w.report_path)) for w in swarm.workers]
+    wreports = [r for _, r in by_worker if r]
     malicious = {n.peer_id for n in swarm.workers if n.attack}
     banned: dict[str, dict[str, Any]] = {}
     for r in vreports:
@@ -106,6 +107,9 @@ def swarm_report(swarm: Any) -> dict[str, Any]:
         "flag_rates": {k: mean(v) for k, v in flag_rates.items()},
         **scores,
         "honest_banned": [names.get(p, p) for p in scores["honest_banned"]],
+        "workers": [{"name": w.name, "stage": w.stage, "malicious": bool(w.attack), "params": r.get("params", {}),
+                     "averaging_divergence": r.get("averaging", {}).get("divergence_mean")}
+                    for w, r in by_worker if r],
         "verifier_reports": len(vreports),
         "worker_reports": len(wreports),
         "screen_seconds": sum(r.get("screen_seconds", 0.0) for r in vreports),

@@ -61,6 +61,7 @@ class SwarmConfig:
     micro_batch_size: int = 8
     micro_batches_per_step: int = 4
     lr: float = 1e-3  # the manifest's default (OptimizerConfig.lr; not imported here: it pulls in torch)
+    averaging: str = "mean"  # within-stage aggregation rule (TrainingConfig.averaging)
     eval_every: int = 50
     eval_batches: int = 4
     seed: int = 0
@@ -143,7 +144,7 @@ class LocalSwarm:
             "run_id": c.run_id, "num_stages": c.stages, "seed": c.seed, "committee_size": c.committee_size,
             "corpus": c.data or "default", "model": c.model, "optimizer": {"lr": c.lr},
             "training": {"micro_batch_size": c.micro_batch_size, "micro_batches_per_step": c.micro_batches_per_step,
-                         "eval_every": c.eval_every, "eval_batches": c.eval_batches},
+                         "eval_every": c.eval_every, "eval_batches": c.eval_batches, "averaging": c.averaging},
             "screening": c.screening_overrides,
         }
 
@@ -347,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
     p.add_argument("--micro-batches-per-step", type=int, default=d.micro_batches_per_step)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--averaging", choices=["mean", "trimmed-mean", "centered-clip"], default=d.averaging,
+                   help="how the replicas of a stage aggregate their parameters")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workdir", default=None, help="where logs, identities and reports go (default: runs/<time>)")
     p.add_argument("--report", default=None, help="write the final JSON report here")
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                       attack_direction=args.attack_direction, attack_start=args.attack_start,
                       screening=not args.no_screening, frame_verifiers=args.frame_verifiers,
                       micro_batch_size=args.micro_batch_size, micro_batches_per_step=args.micro_batches_per_step,
-                      lr=args.lr, seed=args.seed)
+                      lr=args.lr, averaging=args.averaging, seed=args.seed)
     if cfg.data and not Path(cfg.data).is_file():
         print(f"sentinel-swarm: error: --data {cfg.data}: no such file", file=sys.stderr)
         return 2

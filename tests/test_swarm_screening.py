@@ -114,3 +114,31 @@ def test_gaussian_backward_attacker_is_banned_despite_a_framing_verifier(tmp_pat
     for name, mine in votes.items():
         if name != framer.name:
             assert not set(mine) & set(framed), (name, mine)  # nobody honest endorsed the frame
+
+
+# The averaging axis (issue: Byzantine-robust averaging inside a stage). The attacker sends honest
+# activations and gradients and contributes its sign-flipped update x10 to every averaging round
+# of its stage (``avg_scaling``); its replicas aggregate with CenteredClip, complain with its
+# signed contribution, and the verifiers re-judge and ban through the same ledger and committee
+# (default screening: ``averaging_outlier_ratio`` 3, ``averaging_outlier_floor`` 0.02).
+# Honest parameter norms against the clean run's, same stage: the poison pushes against the
+# training direction x10 every round, so an uncontained attacker moves the norm by far more.
+MAX_NORM_GAP = 0.05
+
+
+def test_poisoned_averaging_contributions_get_the_replica_banned(tmp_path, shakespeare, clean_report,
+                                                                 record_property):
+    cfg = _config(shakespeare, attack="avg_scaling", attack_direction="forward", averaging="centered-clip")
+    _, report = _run(cfg, tmp_path)
+    ban = _check_attacker_banned(cfg, report, clean_report, record_property)
+    assert "contribution" in ban["reasons"], ban
+    assert report["flags"].get("stage1/average", 0) >= 3, report["flags"]
+    clean_norms = {w["name"]: w["params"]["norm"] for w in clean_report["workers"] if w["stage"] == 1}
+    for w in report["workers"]:
+        if w["stage"] != 1 or w["malicious"]:
+            continue
+        assert w["params"]["finite"], w
+        gap = abs(w["params"]["norm"] - clean_norms[w["name"]]) / clean_norms[w["name"]]
+        print(f"{w['name']}: parameter norm {w['params']['norm']:.3f} vs clean {clean_norms[w['name']]:.3f} "
+              f"({gap:+.2%}), drift from the stage average per round {w['averaging_divergence']:.2%}")
+        assert gap <= MAX_NORM_GAP, (w, clean_norms)

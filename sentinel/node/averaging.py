@@ -7,6 +7,7 @@ can do (the replicas of a stage trust each other no more than the verifiers trus
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -56,20 +57,33 @@ def centered_clip(stacked: torch.Tensor, tau: float = 0.0, iters: int = 3) -> to
     return v
 
 
-def contribution_outliers(vectors: Sequence[torch.Tensor], ratio: float = 3.0) -> list[bool]:
-    """Which contributions to one averaging round lie more than ``ratio`` times the median
-    distance from the coordinate-wise median of all of them.
+def contribution_scores(vectors: Sequence[torch.Tensor], floor: float = 0.0) -> list[float]:
+    """Each contribution's distance to the coordinate-wise median of all of them, in units of
+    ``max(median distance, floor * |median|)``.
 
     Distances are taken to the median, not to the aggregate the round uses: a plain mean is
     pulled towards a poisoned contribution, which would make honest replicas look far too.
-    Fewer than three contributions cannot say which one is odd: none is flagged.
+    The ``floor`` (relative to the parameters' norm) is the spread below which replicas count
+    as agreeing: right after most of a stage averaged, its replicas are nearly identical and the
+    median distance collapses, so one honest replica that has not averaged yet is many
+    "median distances" away while only a normal training update from the rest.
+    Fewer than three contributions cannot say which one is odd: every score is 0.
     """
-    if ratio <= 0 or len(vectors) < 3:
-        return [False] * len(vectors)
+    if len(vectors) < 3:
+        return [0.0] * len(vectors)
     stacked = torch.stack([v.reshape(-1).float() for v in vectors])
-    dist = (stacked - stacked.median(0).values).norm(dim=1)
-    bound = ratio * float(dist.median())
-    return [bool(d > bound) and bool(d > 0) for d in dist]
+    centre = stacked.median(0).values
+    dist = (stacked - centre).norm(dim=1)
+    unit = max(float(dist.median()), floor * float(centre.norm()), 1e-12)
+    return [float(d) / unit if math.isfinite(float(d)) else math.inf for d in dist]
+
+
+def contribution_outliers(vectors: Sequence[torch.Tensor], ratio: float = 3.0, floor: float = 0.0) -> list[bool]:
+    """Which contributions to one averaging round score above ``ratio``
+    (:func:`contribution_scores`); ``ratio <= 0`` flags none."""
+    if ratio <= 0:
+        return [False] * len(vectors)
+    return [s > ratio for s in contribution_scores(vectors, floor)]
 
 
 @dataclass(frozen=True)

@@ -342,6 +342,7 @@ def _write_node_report(args: argparse.Namespace, node: Any) -> None:
     with contextlib.suppress(Exception):
         write_json(args.report, {"role": "worker", "peer": node.runtime.peer_id, **node.status(),
                                  "attack": args.attack, "averaging": node.averaging_log.summary(),
+                                 "params": node.params_summary(),
                                  "metrics": METRICS.snapshot()})
 
 

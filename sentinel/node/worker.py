@@ -23,7 +23,7 @@ import torch
 from sentinel import __version__
 from sentinel.bootstrap.manifest import RunManifest
 from sentinel.metrics import METRICS
-from sentinel.node.averaging import AveragingLog, aggregate
+from sentinel.node.averaging import AveragingLog, aggregate, contribution_scores
 from sentinel.node.checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -42,6 +42,7 @@ from sentinel.protocol.records import record_key
 from sentinel.protocol.signing import sign_message
 from sentinel.verifier.bans import committee_bans
 from sentinel.verifier.committee import configured_seats
+from sentinel.verifier.config import ScreeningConfig
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,12 @@ async def read_stage_claims(runtime: SwarmRuntime, run: str, num_stages: int) ->
 _MULTI_STAGE_REPORTED: set[str] = set()
 
 
+def _version(msg: Message) -> int:
+    """The optimizer-step count a ``params_result`` announces (0 if absent or not an int)."""
+    v = msg.header.get("version", 0)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+
 def _throughput_of(claim: dict) -> float:
     """A claim's announced tokens/s; anything but a positive finite number counts as 1 (unmeasured)."""
     t = claim.get("throughput", 1.0)
@@ -147,8 +154,13 @@ class WorkerNode:
         self.tokens = 0
         self.started_at = time.time()
         self._averaging_task: asyncio.Task | None = None
+        self._complaints: set[asyncio.Task] = set()
         self._last_averaged_version = 0
         self.averaging_log = AveragingLog()
+        # the contribution screen (``ScreeningConfig.averaging_outlier_*``) this worker applies to
+        # its replicas' contributions before complaining to the verifiers
+        self.screen_config = ScreeningConfig.from_dict(manifest.screening) if manifest.screening else ScreeningConfig()
+        self._anchor: torch.Tensor | None = None  # the aggregate this worker loaded at its last round
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -183,6 +195,8 @@ class WorkerNode:
         self.state = "OFFLINE"
         if self._averaging_task is not None:
             self._averaging_task.cancel()
+        for task in list(self._complaints):
+            task.cancel()
         if self.checkpoint_dir is not None and self.runner is not None and self.runner.version > self._saved_version:
             with contextlib.suppress(Exception):  # best effort: the periodic checkpoint is the guarantee
                 await asyncio.wait_for(self._in_thread(self._save_checkpoint), timeout=30)
@@ -300,8 +314,19 @@ class WorkerNode:
         if msg.header.get("stage") != self.stage:
             raise ProtocolError(f"params requested for stage {msg.header.get('stage')}, I serve {self.stage}")
         flat = await self._in_thread(self.runner.flat_parameters)
-        return sign_message(wire.reply(msg, "params_result", {"params": flat}, version=self.runner.version),
+        if self.attack is not None:
+            flat = self.attack.average(flat, self._average_ctx(msg, remote))
+        return sign_message(wire.reply(msg, "params_result", {"params": flat.contiguous()}, version=self.runner.version),
                             self.runtime.identity)
+
+    def _average_ctx(self, msg: Message, remote: str):
+        from sentinel.attacks.base import AttackContext
+
+        seed = int.from_bytes(hashlib.blake2b(f"{self.attack_seed}|{msg.header['step']}|{remote}|average".encode(),
+                                              digest_size=8).digest(), "big")
+        return AttackContext(step=int(self.max_step), stage=self.stage, worker=self.runtime.peer_id, micro_batch=-1,
+                             direction="average", generator=torch.Generator().manual_seed(seed % (2**63)),
+                             num_stages=self.manifest.num_stages, anchor=self._anchor)
 
     async def _on_status(self, msg: Message, remote: str) -> Message:
         self.checker.check(msg, expected_sender=remote, expected={}, check_replay=False)
@@ -318,12 +343,21 @@ class WorkerNode:
             "uptime_s": round(time.time() - self.started_at, 1),
         }
 
-    # -- parameters from replicas ------------------------------------------------------------------
-    async def _fetch_replica_params(self, timeout: float = 20.0) -> list[torch.Tensor]:
-        return [t for t, _ in await self._fetch_replica_states(timeout)]
+    def params_summary(self) -> dict[str, Any]:
+        """Norm and finiteness of this replica's parameters, for the node's report."""
+        if self.runner is None:
+            return {}
+        flat = self.runner.flat_parameters()
+        return {"norm": float(flat.norm()), "finite": bool(torch.isfinite(flat).all()), "numel": flat.numel()}
 
+    # -- parameters from replicas ------------------------------------------------------------------
     async def _fetch_replica_states(self, timeout: float = 20.0) -> list[tuple[torch.Tensor, int]]:
         """(flat parameters, optimizer-step count) of every live, non-banned replica that answers."""
+        return [(msg.tensors["params"], _version(msg)) for _, msg in await self._fetch_replica_replies(timeout)]
+
+    async def _fetch_replica_replies(self, timeout: float = 20.0) -> list[tuple[str, Message]]:
+        """(peer, its signed ``params_result``) of every live, non-banned replica that answers.
+        The signed reply is kept: it is the evidence if the contribution turns out poisoned."""
         claims = (await read_stage_claims(self.runtime, self.run, self.manifest.num_stages)).get(self.stage, {})
         banned = await self.banned_peers() & set(claims)
         for peer in banned - self._excluded:
@@ -334,7 +368,7 @@ class WorkerNode:
         n = self.runner.num_parameters()
         spec = {"params": TensorSpec("float32", (n,))}
 
-        async def fetch(peer: str) -> tuple[torch.Tensor, int] | None:
+        async def fetch(peer: str) -> tuple[str, Message] | None:
             req = wire.request(self.run, self.max_step, 0, self.stage, "params", {})
             try:
                 resp = await self.runtime.call(peer, wire.PARAMS, sign_message(req, self.runtime.identity), timeout)
@@ -343,11 +377,49 @@ class WorkerNode:
                 METRICS.inc("sentinel_averaging_failures_total", reason=getattr(e, "reason", "error"))
                 logger.debug("params from %s failed: %s", peer[-8:], e)
                 return None
-            version = resp.header.get("version", 0)
-            return resp.tensors["params"], version if isinstance(version, int) and not isinstance(version, bool) else 0
+            return peer, resp
 
         got = await asyncio.gather(*(fetch(p) for p in peers))
         return [g for g in got if g is not None]
+
+    def _screen_contributions(self, own: torch.Tensor, replies: list[tuple[str, Message]]) -> None:
+        """Complain to the verifiers about each replica whose contribution to this round is an
+        outlier (:func:`~sentinel.node.averaging.contribution_scores`). The complaint carries the
+        replica's own signed reply, so it cannot be forged against an honest replica; the
+        verifiers re-check it against the stage's other replicas before striking anyone."""
+        cfg = self.screen_config
+        if cfg.averaging_outlier_ratio <= 0:
+            return
+        scores = contribution_scores([own, *(m.tensors["params"] for _, m in replies)], cfg.averaging_outlier_floor)
+        for (peer, reply), score in zip(replies, scores[1:], strict=True):
+            if score > cfg.averaging_outlier_ratio:
+                logger.info("contribution of %s is %.1f x the spread of stage %d: reporting it to the verifiers",
+                            peer[-8:], score, self.stage)
+                task = asyncio.create_task(self._complain(peer, reply, score))
+                self._complaints.add(task)
+                task.add_done_callback(self._complaints.discard)
+
+    async def _complain(self, peer: str, reply: Message, score: float, timeout: float = 30.0) -> None:
+        header = dict(reply.header)
+        try:
+            recs = await self.runtime.get(verifiers_key(self.run))
+            verifiers = sorted(p for p, v in recs.items() if v.get("run") == self.run and v.get("state") != "OFFLINE")
+        except Exception as e:  # noqa: BLE001 - a DHT hiccup: tell the verifiers this worker already knows
+            logger.debug("cannot read verifier records: %s", e)
+            verifiers = sorted(self.known_verifiers)
+        req = wire.request(self.run, self.max_step, 0, self.stage, "complaint", {"params": reply.tensors["params"]},
+                           accused=peer, evidence=header, score=round(float(score), 3))
+        sign_message(req, self.runtime.identity)
+
+        async def send(v: str) -> None:
+            try:
+                await self.runtime.call(v, wire.COMPLAINT, req, timeout)
+                METRICS.inc("sentinel_averaging_complaints_total", outcome="delivered")
+            except (PeerCallError, ProtocolError) as e:
+                METRICS.inc("sentinel_averaging_complaints_total", outcome="failed")
+                logger.debug("complaint to %s failed: %s", v[-8:], e)
+
+        await asyncio.gather(*(send(v) for v in verifiers))
 
     async def banned_peers(self) -> set[str]:
         """Replicas the verifier committee banned: never averaged with. A banned worker keeps
@@ -424,12 +496,15 @@ class WorkerNode:
 
     async def _average(self) -> None:
         try:
-            peers = await self._fetch_replica_params()
-            if not peers:
+            replies = await self._fetch_replica_replies()
+            if not replies:
                 return
+            peers = [msg.tensors["params"] for _, msg in replies]
             own = await self._in_thread(self.runner.flat_parameters)
             agg = aggregate([own, *peers], self.manifest.training.averaging)
             await self._in_thread(self.runner.load_flat_parameters, agg)
+            self._anchor = agg.to(own.dtype)
+            self._screen_contributions(own, replies)
             METRICS.inc("sentinel_averaging_rounds_total")
             gap = self.averaging_log.record(self.max_step, self.runner.version, own, agg, len(peers))
             METRICS.set("sentinel_averaging_divergence", gap.divergence)

@@ -15,6 +15,7 @@ from sentinel.protocol.codec import Message
 FORWARD = "sentinel.forward"  # x (+ targets on the last stage) -> y (the loss on the last stage)
 BACKWARD = "sentinel.backward"  # x, grad (targets on the last stage) -> grad_x (nothing on stage 0)
 PARAMS = "sentinel.params"  # () -> flat parameters of the stage, for averaging and joining
+COMPLAINT = "sentinel.complaint"  # a replica's signed averaging contribution, reported as poisoned -> ack
 STATUS = "sentinel.status"  # () -> a node's status header, for `sentinel-node status`
 
 MODES = ("train", "eval")

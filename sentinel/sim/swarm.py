@@ -320,7 +320,8 @@ class Simulation:
         outlier gets a strike through the same ledger as pipeline flags (one ban path, two kinds
         of evidence). The averaging worker's own vector is not sent to anyone: only peers are judged.
         Clean contributions forgive nothing (forgiveness counts pipeline messages)."""
-        flags = contribution_outliers(vectors, self.screen_config.averaging_outlier_ratio)
+        cfg = self.screen_config
+        flags = contribution_outliers(vectors, cfg.averaging_outlier_ratio, cfg.averaging_outlier_floor)
         for name, flagged in zip(names[1:], flags[1:], strict=True):
             if not flagged:
                 continue

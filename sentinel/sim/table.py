@@ -431,9 +431,10 @@ def render(t: TableConfig, rows: list[Row], seconds: float, command: str) -> str
         lines += ["## Averaging axis: honest on the pipeline, poisoned in the stage's average", "",
                   f"Every malicious worker ({math.floor(t.malicious_fraction * t.replicas + 1e-9)} of {t.replicas} "
                   "per stage) sends honest activations and gradients and lies only in its averaging "
-                  "contributions (`sentinel/attacks/averaging.py`); SENTINEL screening on, contribution "
-                  "screening off (`averaging_outlier_ratio`). Final validation loss (vs the clean run with "
-                  "the same rule):", "",
+                  "contributions (`sentinel/attacks/averaging.py`); SENTINEL screening on, contributions "
+                  "screened with the defaults (`averaging_outlier_ratio` 3, `averaging_outlier_floor` 0.02). "
+                  "Final validation loss (vs the clean run with the same rule), the attackers banned "
+                  "(recall) and honest workers banned:", "",
                   "| attack | " + " | ".join(AVERAGING_RULES) + " |", "|---|" + "---|" * len(AVERAGING_RULES)]
         for attack in ("clean", *AVERAGING_ATTACKS):
             cells = []
@@ -441,7 +442,9 @@ def render(t: TableConfig, rows: list[Row], seconds: float, command: str) -> str
                 r, c = avg.get(f"{attack}/{rule}"), avg.get(f"clean/{rule}")
                 v = r["val_loss_final"] if r else None
                 ref = c["val_loss_final"] if c else None
-                cells.append("-" if r is None else _f(v) if attack == "clean" else f"{_f(v)} ({_pct(v, ref)})")
+                bans = f"{len(r['honest_banned'])} honest bans" if r else ""
+                cells.append("-" if r is None else f"{_f(v)}; {bans}" if attack == "clean"
+                             else f"{_f(v)} ({_pct(v, ref)}); recall {_f(r['recall'], 2)}, {bans}")
             lines.append(f"| {attack} | " + " | ".join(cells) + " |")
         lines.append("")
     wiki = _by(rows, "wikitext")

@@ -69,18 +69,24 @@ class ScreeningConfig:
       replica that has drifted too. With 4 micro-batches per step (8 seeds, attack from step
       12 of 30) k=2 doubled the honest flags and k=3 added a sixth, without changing the ban
       latencies.
-    * ``averaging_outlier_ratio`` — off (0) by default. The other axis: with k > 0 a replica's
-      contribution to its stage's averaging round is flagged (a strike, through the same ledger
-      as pipeline flags) when its distance to the coordinate-wise median of the round's
-      contributions exceeds k times the median such distance
-      (``sentinel.node.averaging.contribution_outliers``); only the simulator applies it. Why
-      off: replicas average asynchronously (each after its own ``average_every`` steps), so an
-      honest peer that has not averaged for a while is far from the rest. Measured in the
-      simulator (4 x 8, 3 attackers per stage, tiny model, 30 steps): honest distance ratios
-      q90 2.3, q99 5.9, max 26; sign-flipped x10 updates (``avg_scaling``) median 8.1 but 10 %
-      below 0.32, right after the attacker's own round when its update is small. At k=3 a clean
-      40-step run banned 12 honest replicas. No threshold separates the two; CenteredClip
-      bounds the damage instead (``TrainingConfig.averaging``).
+    * ``averaging_outlier_ratio`` — 3. The other axis: a replica's contribution to its
+      stage's averaging round is flagged (a strike, through the same ledger as pipeline flags)
+      when its distance to the coordinate-wise median of the round's contributions exceeds k
+      times the round's spread (``sentinel.node.averaging.contribution_scores``). Live, the
+      replica that saw the contribution complains with the contributor's signed reply and each
+      verifier re-judges it against the stage's other replicas (``sentinel.verifier.complaints``);
+      the simulator applies the same rule to every round. 0 turns it off.
+    * ``averaging_outlier_floor`` — 0.02: the spread counts as at least this fraction of the
+      median's norm. Without it the rule cannot work: replicas average asynchronously, and
+      right after most of a stage averaged they are near-identical, so one honest replica that
+      has not averaged yet is many median distances away while only one training update from
+      the rest. Measured in the simulator (4 x 8, 3 attackers per stage, tiny model, lr 3e-3,
+      40 steps, plain mean, rounds from step 10): with no floor honest scores reach q99 6.0 and
+      max 26 on a clean run, with floor 0.02 max 2.2 (0 of 3528 above 3); under ``avg_scaling``
+      (sign-flipped x10 updates) 47 % of the attackers' contributions score above 3 and 1.3 %
+      of the honest ones (max 5.3: the poison pulls honest replicas apart), under ``avg_random``
+      50 % and 0 %, while ``avg_alie`` stays below (max 0.8) and costs +1.2 % with a mean,
+      -0.1 % with CenteredClip. The honest flags are forgiven by pipeline traffic like any other.
     """
 
     beta_forward: float = 0.9
@@ -101,7 +107,8 @@ class ScreeningConfig:
     drift_fraction: float = 0.5
     confirm_share: float = 0.5
     recalibration_guard: float = 0.0
-    averaging_outlier_ratio: float = 0.0
+    averaging_outlier_ratio: float = 3.0
+    averaging_outlier_floor: float = 0.02
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,7 +125,7 @@ class ScreeningConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("fence_k", "fence_iqr_floor", "sign_rel_threshold", "eligibility_ratio",
-                     "recalibration_guard", "averaging_outlier_ratio"):
+                     "recalibration_guard", "averaging_outlier_ratio", "averaging_outlier_floor"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")

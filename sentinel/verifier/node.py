@@ -23,12 +23,15 @@ from sentinel import __version__
 from sentinel.bootstrap.manifest import RunManifest
 from sentinel.metrics import METRICS
 from sentinel.model.corpus import TextCorpus
-from sentinel.node.runtime import SwarmRuntime
+from sentinel.node.runtime import PeerCallError, SwarmRuntime
 from sentinel.node.worker import progress_key, read_stage_claims, verifiers_key
 from sentinel.protocol import pipeline as wire
+from sentinel.protocol.checks import TensorSpec
 from sentinel.protocol.codec import Message
+from sentinel.protocol.errors import ProtocolError
 from sentinel.protocol.signing import sign_message
 from sentinel.verifier.bans import BanBook, ban_key
+from sentinel.verifier.complaints import ComplaintDesk, Verdict
 from sentinel.verifier.config import ScreeningConfig
 from sentinel.verifier.driver import DriverConfig, FlagEvent, MicroBatchResult, PipelineDriver
 from sentinel.verifier.routing import Router, RouterConfig
@@ -94,6 +97,12 @@ class VerifierNode:
         self._wake = asyncio.Event()
         self.stage_members: dict[int, set[str]] = {}  # every worker seen ONLINE per stage
         self._held_bans: set[str] = set()
+        # complaints about poisoned averaging contributions (``sentinel.verifier.complaints``)
+        self.complaints = ComplaintDesk(self.run, self.screen_config.averaging_outlier_ratio,
+                                        self.screen_config.averaging_outlier_floor, self._fetch_stage_params,
+                                        stale_versions=t.max_local_steps + 2 * t.average_every)
+        self.averaging_upheld: dict[str, int] = defaultdict(int)
+        self._complaint_tasks: set[asyncio.Task] = set()
         self.val_batches = corpus.val_batches(t.micro_batch_size, manifest.model.seq_len, t.eval_batches)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -102,6 +111,7 @@ class VerifierNode:
         self.runtime.announce(progress_key(self.run), self._progress_record)
         await self.runtime.announce_now()
         await self.runtime.serve(wire.STATUS, self._on_status)
+        await self.runtime.serve(wire.COMPLAINT, self._on_complaint)
         self._sync_task = asyncio.create_task(self._sync_loop())
 
     def _record(self) -> dict[str, Any]:
@@ -130,11 +140,63 @@ class VerifierNode:
         self.state = "OFFLINE"
         if self._sync_task is not None:
             self._sync_task.cancel()
+        for task in list(self._complaint_tasks):
+            task.cancel()
         await self.runtime.shutdown(final_records={verifiers_key(self.run): self._record(),
                                                    progress_key(self.run): self._progress_record()})
 
     async def _on_status(self, msg: Message, remote: str) -> Message:
         return sign_message(wire.reply(msg, "status_result", {}, **self.status()), self.runtime.identity)
+
+    # -- complaints about averaging contributions ------------------------------------------------
+    async def _on_complaint(self, msg: Message, remote: str) -> Message:
+        """Acknowledge at once, judge in the background: judging fetches the stage's replicas."""
+        self.complaints.checker.check(msg, expected_sender=remote, expected={"params": TensorSpec("float32", (None,))})
+        judged = self.screening and self.complaints.ratio > 0
+        if judged:
+            task = asyncio.create_task(self.complaints.handle(msg, remote, self.transport.replicas, self._on_verdict))
+            self._complaint_tasks.add(task)
+            task.add_done_callback(self._complaint_tasks.discard)
+        else:
+            METRICS.inc("sentinel_averaging_complaints_received_total", outcome="not_screening")
+        return sign_message(wire.reply(msg, "complaint_result", {}, judged=judged), self.runtime.identity)
+
+    async def _fetch_stage_params(self, stage: int, exclude: set[str],
+                                  timeout: float = 20.0) -> list[tuple[str, Any, int]]:
+        """The current flat parameters of the stage's live, non-banned replicas (but ``exclude``)."""
+        spec = {"params": TensorSpec("float32", (None,))}
+
+        async def fetch(peer: str) -> tuple[str, Any, int] | None:
+            req = sign_message(wire.request(self.run, self.step, 0, stage, "params", {}), self.runtime.identity)
+            try:
+                resp = await self.runtime.call(peer, wire.PARAMS, req, timeout)
+                self.complaints.checker.check(resp, expected_sender=peer, expected=spec, check_replay=False)
+            except (PeerCallError, ProtocolError) as e:
+                logger.debug("params of %s for a complaint failed: %s", peer[-8:], e)
+                return None
+            v = resp.header.get("version", 0)
+            return peer, resp.tensors["params"], v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+        got = await asyncio.gather(*(fetch(p) for p in self.transport.replicas(stage) if p not in exclude))
+        return [g for g in got if g is not None]
+
+    def _on_verdict(self, v: Verdict) -> None:
+        logger.info("complaint against %s (stage %d averaging): %s, %.1f x the spread of %d replicas (bound %.1f)",
+                    v.accused[-8:], v.stage, "upheld" if v.upheld else "dismissed", v.score, v.replicas, v.bound)
+        if not v.upheld:
+            return
+        self.averaging_upheld[v.accused] += 1
+        self.flag_counts[f"stage{v.stage}/average"] += 1
+        METRICS.inc("sentinel_flags_total", stage=str(v.stage), direction="average")
+        self.ledger.record(v.accused, True)
+        self.evidence[v.accused].append({
+            "step": self.step, "micro_batch": 0, "stage": v.stage, "direction": "average", "reasons": ["contribution"],
+            **v.evidence, "distances": {"contribution": _finite(v.score)}, "fences": {"contribution": v.bound},
+        })
+        if self.ledger.is_banned(v.accused) and v.accused not in self.bans.my_votes and self.frame_target is None:
+            self.bans.vote(v.accused, v.stage, "average", self.step, list(self.evidence[v.accused]))
+            logger.info("voting to ban %s (stage %d averaging contributions)", v.accused[-8:], v.stage)
+            self._wake.set()
 
     def status(self) -> dict[str, Any]:
         return {"role": "verifier", "state": self.state, "step": int(self.step), "tokens": int(self.tokens),
@@ -203,6 +265,16 @@ class VerifierNode:
             return  # never seen this worker misbehave myself: no endorsement on hearsay
         for payload in votes.values():
             for ev in payload.get("evidence", []):
+                if isinstance(ev, dict) and ev.get("direction") == "average":
+                    if self.averaging_upheld.get(target, 0) == 0:
+                        continue  # averaging evidence is endorsed only after judging a complaint myself
+                    stage = ev.get("stage")
+                    if not isinstance(stage, int) or isinstance(stage, bool) or stage < 0:
+                        continue
+                    self.bans.vote(target, stage, "average", self.step, list(self.evidence[target]))
+                    logger.info("endorsing ban of %s (averaging contributions I judged poisoned too)", target[-8:])
+                    self._wake.set()
+                    return
                 try:
                     stats = TensorStats.from_dict(ev["stats"])
                     verdict = self.screener.boundary(int(ev["stage"]), str(ev["direction"])).rescore(stats)
@@ -368,6 +440,7 @@ class VerifierNode:
             "flag_rates": flag_rates,
             "screen_events": self.screener.counters() if self.screener is not None else {},
             "strikes": {w: self.ledger.state(w).strikes for w in sorted(self.evidence)},
+            "averaging_upheld": dict(self.averaging_upheld),
             "my_votes": sorted(self.bans.my_votes),
             "committee": self.bans.committee,
             "banned": [vars(b) for b in self.bans.effective.values()],

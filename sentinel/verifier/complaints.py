@@ -1,0 +1,158 @@
+"""Complaints about poisoned averaging contributions: check the evidence, re-judge, strike.
+
+The replicas of a stage average their parameters with each other, and a worker that is honest on
+the pipeline can still poison what it contributes there (``sentinel.attacks.averaging``). Only
+its replicas see those contributions, so they report them: a worker whose round finds a replica's
+contribution far outside the stage's spread sends the verifiers that replica's own signed
+``params_result``. The signature makes the complaint unforgeable (a malicious worker cannot
+frame an honest one with a tensor the honest one never signed); the verifier then re-judges the
+contribution against the stage's other replicas, fetched by itself, before it strikes. One ban
+path, two kinds of evidence: an upheld complaint is a strike in the same ledger as a pipeline flag.
+
+What is rejected, each with its own reason (``sentinel_averaging_complaints_received_total``):
+a complainer or accused that is not a live replica of the stage, evidence whose signature or
+sender does not check, evidence older than the stage's replicas by more than
+``stale_versions`` optimizer steps (an honest replica's old signed snapshot, replayed to frame
+it), a duplicate of evidence already judged, and more than one complaint in flight per accused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sentinel.metrics import METRICS
+from sentinel.node.averaging import contribution_scores
+from sentinel.protocol.checks import MessageChecker, TensorSpec
+from sentinel.protocol.codec import Message
+from sentinel.protocol.errors import MalformedMessageError, ProtocolError
+
+logger = logging.getLogger(__name__)
+
+# (peer, flat parameters, optimizer-step count) of the stage's other replicas, fetched by the verifier
+FetchReplicas = Callable[[int, set[str]], Awaitable[list[tuple[str, torch.Tensor, int]]]]
+
+
+class ComplaintRejected(ProtocolError):
+    """A complaint the verifier will not judge; ``reason`` names why (a metric label)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Verdict:
+    """The verifier's judgement of one complaint."""
+
+    accused: str
+    stage: int
+    upheld: bool
+    score: float  # the contribution's distance to the stage's median, in units of its spread
+    bound: float  # the ratio it had to exceed (``ScreeningConfig.averaging_outlier_ratio``)
+    replicas: int  # contributions the verifier compared it with
+    evidence: dict[str, Any] = field(default_factory=dict)  # for a ban vote: digest, signature, version
+
+
+class ComplaintDesk:
+    """Accepts, de-duplicates and judges complaints for one verifier.
+
+    Args:
+        run: the run id (evidence for another run is rejected).
+        ratio, floor: ``ScreeningConfig.averaging_outlier_ratio`` / ``averaging_outlier_floor``.
+        fetch_replicas: how the verifier gets the other replicas' current parameters.
+        stale_versions: evidence may lag the stage's median optimizer step by at most this much.
+        remember: digests of judged evidence kept to refuse duplicates.
+    """
+
+    def __init__(self, run: str, ratio: float, floor: float, fetch_replicas: FetchReplicas,
+                 stale_versions: int = 8, remember: int = 4096):
+        self.run = run
+        self.ratio = ratio
+        self.floor = floor
+        self.fetch_replicas = fetch_replicas
+        self.stale_versions = stale_versions
+        self.checker = MessageChecker(run)
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._remember = remember
+        self._busy: set[str] = set()
+
+    def admit(self, msg: Message, complainer: str, live: Callable[[int], list[str]]) -> tuple[str, int, Message]:
+        """Check a complaint already verified as signed by ``complainer``; returns (accused,
+        stage, the accused's signed reply) or raises :class:`ComplaintRejected` /
+        :class:`ProtocolError`. ``live(stage)`` lists the stage's live, non-banned replicas."""
+        h = msg.header
+        accused, evidence, stage = h.get("accused"), h.get("evidence"), h["stage"]
+        if not isinstance(accused, str) or not isinstance(evidence, dict) or set(msg.tensors) != {"params"}:
+            raise MalformedMessageError("a complaint carries 'accused', the accused's reply header as 'evidence', "
+                                        "and its 'params' tensor")
+        replicas = live(stage)
+        if complainer not in replicas or accused not in replicas or complainer == accused:
+            raise ComplaintRejected(f"complainer {complainer[-8:]} and accused {accused[-8:]} must be two live "
+                                    f"replicas of stage {stage}", "not_replicas")
+        reply = Message(header=dict(evidence), tensors={"params": msg.tensors["params"]})
+        self.checker.check(reply, expected_sender=accused, expected={"params": TensorSpec("float32", (None,))},
+                           check_replay=False)
+        rh = reply.header
+        if rh.get("direction") != "params_result" or rh.get("stage") != stage:
+            raise ComplaintRejected("the evidence is not a params_result of that stage", "not_params")
+        digest = bytes(rh["digest"])
+        if digest in self._seen:
+            raise ComplaintRejected("this contribution was already judged", "duplicate")
+        if accused in self._busy:
+            raise ComplaintRejected(f"a complaint against {accused[-8:]} is being judged", "busy")
+        return accused, stage, reply
+
+    async def judge(self, accused: str, stage: int, reply: Message) -> Verdict | None:
+        """Compare the accused's signed contribution with the stage's other replicas, fetched
+        now. None when there are too few of them to say (fewer than two)."""
+        digest = bytes(reply.header["digest"])
+        self._busy.add(accused)
+        try:
+            others = await self.fetch_replicas(stage, {accused})
+        finally:
+            self._busy.discard(accused)
+        contribution = reply.tensors["params"]
+        others = [(p, t, v) for p, t, v in others if t.shape == contribution.shape]
+        if len(others) < 2:
+            METRICS.inc("sentinel_averaging_complaints_received_total", outcome="undecided")
+            return None
+        versions = sorted(v for _, _, v in others)
+        version = reply.header.get("version", 0)
+        if not isinstance(version, int) or version < versions[len(versions) // 2] - self.stale_versions:
+            raise ComplaintRejected(f"evidence at optimizer step {version!r} is older than the stage "
+                                    f"(median {versions[len(versions) // 2]})", "stale")
+        self._seen[digest] = None
+        while len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
+        scores = contribution_scores([contribution, *(t for _, t, _ in others)], self.floor)
+        upheld = scores[0] > self.ratio
+        METRICS.inc("sentinel_averaging_complaints_received_total", outcome="upheld" if upheld else "dismissed")
+        return Verdict(accused, stage, upheld, scores[0], self.ratio, len(others),
+                       {"digest": digest, "signature": bytes(reply.header["signature"]), "version": version})
+
+    async def handle(self, msg: Message, complainer: str, live: Callable[[int], list[str]],
+                     on_verdict: Callable[[Verdict], Any]) -> None:
+        """Admit and judge in one go (the verifier runs this as a task, after acknowledging)."""
+        try:
+            accused, stage, reply = self.admit(msg, complainer, live)
+            verdict = await self.judge(accused, stage, reply)
+        except ComplaintRejected as e:
+            METRICS.inc("sentinel_averaging_complaints_received_total", outcome=e.reason)
+            logger.info("complaint from %s rejected: %s", complainer[-8:], e)
+            return
+        except ProtocolError as e:
+            METRICS.inc("sentinel_averaging_complaints_received_total", outcome="bad_evidence")
+            logger.info("complaint from %s carries bad evidence: %s", complainer[-8:], e)
+            return
+        except (asyncio.TimeoutError, OSError) as e:
+            logger.debug("cannot judge the complaint from %s: %s", complainer[-8:], e)
+            return
+        if verdict is not None:
+            on_verdict(verdict)

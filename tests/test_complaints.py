@@ -1,0 +1,150 @@
+"""Complaints about averaging contributions: what a verifier accepts as evidence and how it judges.
+
+The live path (workers complaining over P2P, verifiers striking and banning) is exercised by
+``test_swarm_screening.py::test_poisoned_averaging_contributions_get_the_replica_banned``;
+here each rejection rule gets its own case, with real signatures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from sentinel.node.averaging import contribution_outliers, contribution_scores
+from sentinel.protocol import pipeline as wire
+from sentinel.protocol.errors import ForgedSignatureError, WrongSenderError
+from sentinel.protocol.identity import Identity
+from sentinel.protocol.signing import sign_message
+from sentinel.verifier.complaints import ComplaintDesk, ComplaintRejected
+
+RUN = "complaints-test"
+STAGE = 1
+D = 400
+
+
+class Stage:
+    """Three replicas of one stage (honest parameters near a common point) and a verifier."""
+
+    def __init__(self, n: int = 3, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.base = torch.randn(D, generator=g)
+        self.ids = [Identity.generate() for _ in range(n)]
+        self.params = {i.peer_id: self.base + 0.005 * torch.randn(D, generator=g) for i in self.ids}
+        self.versions = {i.peer_id: 20 for i in self.ids}
+        self.verifier = Identity.generate()
+
+    @property
+    def peers(self) -> list[str]:
+        return [i.peer_id for i in self.ids]
+
+    def reply(self, who: int, params: torch.Tensor | None = None, *, stage: int = STAGE, version: int = 20,
+              direction: str = "params_result"):
+        """What replica ``who`` signs when asked for its parameters."""
+        req = sign_message(wire.request(RUN, 5, 0, stage, "params", {}), self.ids[0])
+        flat = self.params[self.peers[who]] if params is None else params
+        return sign_message(wire.reply(req, direction, {"params": flat}, version=version), self.ids[who])
+
+    def complaint(self, by: int, against: int, reply):
+        return sign_message(wire.request(RUN, 5, 0, STAGE, "complaint", {"params": reply.tensors["params"]},
+                                         accused=self.peers[against], evidence=dict(reply.header)), self.ids[by])
+
+    async def fetch(self, stage: int, exclude: set[str]):
+        return [(p, t, self.versions[p]) for p, t in self.params.items() if p not in exclude]
+
+    def live(self, stage: int) -> list[str]:
+        return self.peers if stage == STAGE else []
+
+    def desk(self, ratio: float = 3.0, floor: float = 0.02) -> ComplaintDesk:
+        return ComplaintDesk(RUN, ratio, floor, self.fetch, stale_versions=8)
+
+
+def _judge(desk: ComplaintDesk, s: Stage, msg, by: int):
+    accused, stage, reply = desk.admit(msg, s.peers[by], s.live)
+    return asyncio.run(desk.judge(accused, stage, reply))
+
+
+def test_a_poisoned_contribution_is_upheld_with_its_signed_digest_as_evidence() -> None:
+    s = Stage()
+    bad = s.base - 10 * (s.params[s.peers[2]] - s.base) + 0.5 * torch.randn(D)
+    reply = s.reply(2, bad)
+    verdict = _judge(s.desk(), s, s.complaint(0, 2, reply), by=0)
+    assert verdict is not None and verdict.upheld, verdict
+    assert verdict.accused == s.peers[2] and verdict.stage == STAGE and verdict.replicas == 2
+    assert verdict.evidence["digest"] == reply.header["digest"]
+    assert verdict.evidence["signature"] == reply.header["signature"]
+
+
+def test_an_honest_contribution_is_dismissed() -> None:
+    s = Stage()
+    verdict = _judge(s.desk(), s, s.complaint(0, 2, s.reply(2)), by=0)
+    assert verdict is not None and not verdict.upheld and verdict.score < 3.0
+
+
+def test_a_forged_contribution_cannot_frame_an_honest_replica() -> None:
+    s = Stage()
+    forged = s.reply(2, s.base + 5.0)
+    forged.header["signature"] = s.reply(2).header["signature"]  # the honest replica's signature, other bytes
+    with pytest.raises(ForgedSignatureError):
+        s.desk().admit(s.complaint(0, 2, forged), s.peers[0], s.live)
+    signed_by_complainer = s.reply(0, s.base + 5.0)  # the complainer's own poison, said to be replica 2's
+    with pytest.raises(WrongSenderError):
+        s.desk().admit(s.complaint(0, 2, signed_by_complainer), s.peers[0], s.live)
+
+
+@pytest.mark.parametrize("case", ["outsider", "self", "wrong_stage", "not_params"])
+def test_complaints_outside_the_stage_are_rejected(case: str) -> None:
+    s = Stage()
+    desk = s.desk()
+    if case == "outsider":  # only a replica of the stage averages with the accused
+        other = Identity.generate()
+        msg = sign_message(wire.request(RUN, 5, 0, STAGE, "complaint", {"params": s.params[s.peers[2]]},
+                                        accused=s.peers[2], evidence=dict(s.reply(2).header)), other)
+        complainer, reason = other.peer_id, "not_replicas"
+    elif case == "self":
+        msg, complainer, reason = s.complaint(2, 2, s.reply(2)), s.peers[2], "not_replicas"
+    elif case == "wrong_stage":
+        msg, complainer, reason = s.complaint(0, 2, s.reply(2, stage=0)), s.peers[0], "not_params"
+    else:
+        msg, complainer, reason = s.complaint(0, 2, s.reply(2, direction="status_result")), s.peers[0], "not_params"
+    with pytest.raises(ComplaintRejected) as e:
+        desk.admit(msg, complainer, s.live)
+    assert e.value.reason == reason
+
+
+def test_the_same_evidence_is_judged_once() -> None:
+    s = Stage()
+    desk = s.desk()
+    reply = s.reply(2, s.base + 3.0)
+    assert _judge(desk, s, s.complaint(0, 2, reply), by=0).upheld
+    with pytest.raises(ComplaintRejected) as e:  # the other honest replica got the same poison
+        desk.admit(s.complaint(1, 2, reply), s.peers[1], s.live)
+    assert e.value.reason == "duplicate"
+
+
+def test_an_old_honest_snapshot_replayed_as_evidence_is_stale() -> None:
+    s = Stage()
+    old = s.reply(2, s.base * 0.5, version=3)  # what replica 2 signed 17 optimizer steps ago
+    with pytest.raises(ComplaintRejected) as e:
+        _judge(s.desk(), s, s.complaint(0, 2, old), by=0)
+    assert e.value.reason == "stale"
+
+
+def test_too_few_replicas_to_compare_is_undecided() -> None:
+    s = Stage(n=2)
+    assert _judge(s.desk(), s, s.complaint(0, 1, s.reply(1, s.base + 9.0)), by=0) is None
+
+
+def test_the_floor_keeps_a_tight_stage_from_flagging_a_normal_update() -> None:
+    """Right after most replicas averaged they are near-identical: the median distance collapses
+    and one replica that has not averaged yet is many median distances away, while only one
+    training update (about 1 % of the parameters' norm here) from the rest."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(1000, generator=g)
+    tight = [base + 1e-5 * torch.randn(1000, generator=g) for _ in range(6)]
+    late = base + 0.01 * base.norm() / 1000**0.5 * torch.randn(1000, generator=g)
+    assert contribution_scores([*tight, late])[-1] > 100  # in units of the collapsed spread
+    assert contribution_outliers([*tight, late], ratio=3.0, floor=0.02) == [False] * 7
+    poisoned = base - 10 * (late - base)
+    assert contribution_outliers([*tight, poisoned], ratio=3.0, floor=0.02) == [False] * 6 + [True]
