@@ -185,7 +185,8 @@ class LocalSwarm:
         else:
             idx = int(node.name.rsplit("-", 1)[1])
             args += ["--steps", str(c.steps), "--data-shard", f"{idx}/{c.verifiers}",
-                     "--progress", str(node.progress_path)]
+                     "--progress", str(node.progress_path),
+                     "--journal", str(self.workdir / "reports" / f"{node.name}.journal.json")]
             if not c.screening:
                 args.append("--no-screening")
         self._spawn(node, args + node.extra_args)

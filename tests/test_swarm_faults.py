@@ -1,8 +1,10 @@
-"""Crash faults on a live swarm: a worker SIGKILLed mid-run loses no micro-batch, and restarted
-with the same identity it resumes from its checkpoint and serves its stage again."""
+"""Crash faults on a live swarm: a worker, a verifier or the bootstrap peer SIGKILLed mid-run loses
+no micro-batch; a worker restarted with the same identity resumes from its checkpoint and serves
+its stage again, a verifier resumes from its journal."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -124,4 +126,44 @@ def test_ctrl_c_on_every_role_leaves_nothing_behind(tmp_path):
             assert not left, f"{node.name} left {left} behind after Ctrl-C"
     finally:
         swarm.stop()
+    assert_all_gone(swarm.all_pids())
+
+
+def test_sigkill_verifier_mid_step_resumes_from_its_journal(tmp_path):
+    """A verifier killed in the middle of a step: the other verifier trains on; restarted with the
+    same identity it resumes after its last journaled step and drives the interrupted step again,
+    so its report accounts for every micro-batch of every step exactly once."""
+    cfg = SwarmConfig(stages=3, replicas=2, verifiers=2, steps=40, malicious=0, eval_every=1000,
+                      micro_batches_per_step=2)
+    swarm = LocalSwarm(cfg, tmp_path)
+    victim, other = swarm.verifiers
+    try:
+        swarm.start()
+        wait_for_step(swarm, 10)
+        journal = tmp_path / "reports" / f"{victim.name}.journal.json"
+        assert journal.exists(), "the verifier keeps no journal"
+        swarm.kill(victim, signal.SIGKILL)
+        killed_after = json.loads(journal.read_text())["step"]
+        before = json.loads(other.progress_path.read_text())["step"]
+        t0 = time.monotonic()
+        while json.loads(other.progress_path.read_text())["step"] <= before:
+            assert other.alive and time.monotonic() - t0 < 300, swarm.tail(other)
+            time.sleep(0.2)
+        recovered = time.monotonic() - t0
+        print(f"DRILL verifier-sigkill: the other verifier completed a step {recovered:.1f} s after the kill")
+        assert recovered < 30, "training must go on within 30 s of losing a verifier"
+        swarm.start_node(victim)  # same identity, same flags (the journal among them)
+        swarm.wait()
+    finally:
+        swarm.stop()
+    report = json.loads(victim.report_path.read_text())
+    assert report["resumed"] == [{"after_step": killed_after, "retried_step": killed_after + 1}], report["resumed"]
+    assert report["steps"] == cfg.steps
+    mb = report["micro_batches"]
+    assert sorted(int(s) for s in mb["per_step"]) == list(range(1, cfg.steps + 1)), mb["per_step"]
+    assert all(d["micro_batches"] == cfg.micro_batches_per_step for d in mb["per_step"].values()), mb["per_step"]
+    swarm_mb = swarm.report()["micro_batches"]
+    print(f"DRILL verifier-sigkill: micro-batches {swarm_mb}")
+    assert swarm_mb["accounted"] and swarm_mb["lost"] == 0 and swarm_mb["failed"] == 0, swarm_mb
+    assert swarm_mb["total"] == cfg.verifiers * cfg.steps * cfg.micro_batches_per_step
     assert_all_gone(swarm.all_pids())

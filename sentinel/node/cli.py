@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="testing only: a byzantine verifier that votes to ban this honest worker")
     j.add_argument("--report", default=None, help="write a JSON report here on exit")
     j.add_argument("--progress", default=None, help="verifier: keep a JSON progress file here")
+    j.add_argument("--journal", default=None, metavar="PATH",
+                   help="verifier: record every completed step here and, restarted, resume after the last one")
     j.add_argument("--metrics-port", type=int, default=0,
                    help="serve this node's Prometheus /metrics on this port (default 0: off)")
     j.add_argument("--metrics-host", default="127.0.0.1", help="where /metrics listens (default: %(default)s)")
@@ -296,7 +298,7 @@ async def _start_verifier(args: argparse.Namespace, runtime: Any, manifest: Any)
     corpus = load_corpus(args.data or manifest.corpus)
     node = VerifierNode(runtime, manifest, corpus, steps=args.steps, report_path=args.report,
                         progress_path=args.progress, data_shard=args.shard, screening=not args.no_screening,
-                        frame_target=args.frame)
+                        frame_target=args.frame, journal_path=args.journal)
     await node.start()
     await node.wait_for_pipeline()
     print(f"verifier {runtime.peer_id} ONLINE", flush=True)

@@ -55,6 +55,7 @@ class VerifierNode:
         data_shard: tuple[int, int] = (0, 1),
         screening: bool = True,
         frame_target: str | None = None,
+        journal_path: str | None = None,
     ):
         self.runtime = runtime
         self.manifest = manifest
@@ -65,6 +66,10 @@ class VerifierNode:
         self.progress_path = progress_path
         self.data_shard = data_shard
         self.frame_target = frame_target  # byzantine test mode: frame this honest worker, never vote on others
+        #: where the verifier records every completed step, so a restarted process resumes (None = never)
+        self.journal_path = Path(journal_path) if journal_path else None
+        self.prior: dict[str, Any] = {}  # micro-batch accounting of the steps before a restart
+        self.resumed: list[dict[str, int]] = []
         self.state = "JOINING"
         self.transport = P2PTransport(runtime, manifest)
         t = manifest.training
@@ -104,6 +109,7 @@ class VerifierNode:
         self.averaging_upheld: dict[str, int] = defaultdict(int)
         self._complaint_tasks: set[asyncio.Task] = set()
         self.val_batches = corpus.val_batches(t.micro_batch_size, manifest.model.seq_len, t.eval_batches)
+        self.start_step = self._resume_from_journal()
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -362,9 +368,10 @@ class VerifierNode:
         t = self.manifest.training
         self.state = "ONLINE"
         await self.runtime.announce_now()
-        await self.evaluate()
+        if not self.val_losses:
+            await self.evaluate()
         shard, num_shards = self.data_shard
-        for step in range(1, self.steps + 1):
+        for step in range(self.start_step + 1, self.steps + 1):
             self.step = step
             if self.frame_target:
                 self._frame()
@@ -384,6 +391,7 @@ class VerifierNode:
             if step % t.eval_every == 0 and step != self.steps:
                 await self.evaluate()
             self._write_progress()
+            self._write_journal()
         await self.evaluate()
         report = self.report()
         self._write_progress(final=True)
@@ -403,14 +411,77 @@ class VerifierNode:
             "banned": sorted(self.bans.effective), "flags": dict(self.flag_counts),
         })
 
-    def report(self) -> dict[str, Any]:
-        per_step: dict[int, dict[str, int]] = {}
+    def _accounting(self) -> dict[str, Any]:
+        """Every micro-batch this verifier sent, across restarts (the journal's steps included)."""
+        prior = self.prior
+        per_step: dict[str, dict[str, int]] = {k: dict(v) for k, v in prior.get("per_step", {}).items()}
         for r in self.results:
-            d = per_step.setdefault(r.step, {"micro_batches": 0, "completed": 0, "failed": 0})
+            d = per_step.setdefault(str(r.step), {"micro_batches": 0, "completed": 0, "failed": 0})
             d["micro_batches"] += 1
             d["completed" if r.completed else "failed"] += 1
-        total = len(self.results)
-        completed = sum(r.completed for r in self.results)
+        total = int(prior.get("total", 0)) + len(self.results)
+        completed = int(prior.get("completed", 0)) + sum(r.completed for r in self.results)
+        return {
+            "total": total, "completed": completed, "failed": total - completed,
+            "retried_hops": int(prior.get("retried_hops", 0)) + sum(r.retries for r in self.results),
+            "substituted": int(prior.get("substituted", 0)) + sum(r.substituted for r in self.results),
+            "tainted": int(prior.get("tainted", 0)) + sum(r.tainted for r in self.results),
+            "per_step": dict(sorted(per_step.items(), key=lambda kv: int(kv[0]))),
+            "errors": [*prior.get("errors", []), *(r.error for r in self.results if r.error)][:20],
+        }
+
+    # -- journal: resume after a crash -------------------------------------------------------------
+    def _write_journal(self) -> None:
+        """After every completed step: what a restarted process needs to go on from the next one."""
+        if self.journal_path is None:
+            return
+        write_json(self.journal_path, {
+            "run": self.run, "peer": self.runtime.peer_id, "step": self.step, "tokens": self.tokens,
+            "train_seconds": self.train_seconds, "train_losses": self.train_losses, "val_losses": self.val_losses,
+            "accounting": self._accounting(), "flags": dict(self.flag_counts), "ledger": self.ledger.snapshot(),
+            "evidence": {w: list(ev) for w, ev in self.evidence.items()}, "my_votes": self.bans.my_votes,
+            "averaging_upheld": dict(self.averaging_upheld), "resumed": self.resumed,
+        })
+
+    def _resume_from_journal(self) -> int:
+        """Load the journal of this run and identity, if any; returns the last completed step.
+
+        The step that was in flight when the process died is driven again from its first
+        micro-batch (its micro-batches count once, as retried). The screening references start
+        afresh, like a new verifier's; strikes, evidence and votes carry over.
+        """
+        path = self.journal_path
+        if path is None or not path.exists():
+            return 0
+        try:
+            j = json.loads(path.read_text())
+            if j.get("run") != self.run or j.get("peer") != self.runtime.peer_id:
+                logger.warning("not resuming from %s: it is another run's or another identity's journal", path)
+                return 0
+            step = int(j["step"])
+            if not 0 <= step <= self.steps:
+                raise ValueError(f"step {step} outside 0..{self.steps}")
+            train = [(int(s), float(v)) for s, v in j.get("train_losses", [])]
+            val = [(int(s), float(v)) for s, v in j.get("val_losses", [])]
+            accounting = dict(j.get("accounting", {}))
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            logger.warning("not resuming from the unreadable journal %s: %s", path, e)
+            return 0
+        self.step, self.train_losses, self.val_losses, self.prior = step, train, val, accounting
+        self.tokens = int(j.get("tokens", 0))
+        self.train_seconds = float(j.get("train_seconds", 0.0))
+        self.flag_counts.update({str(k): int(v) for k, v in j.get("flags", {}).items()})
+        self.ledger.restore(j.get("ledger", {}))
+        for w, ev in j.get("evidence", {}).items():
+            self.evidence[str(w)].extend(ev[-4:])
+        self.bans.my_votes.update({str(k): v for k, v in j.get("my_votes", {}).items() if isinstance(v, dict)})
+        self.averaging_upheld.update({str(k): int(v) for k, v in j.get("averaging_upheld", {}).items()})
+        self.resumed = [*j.get("resumed", []), {"after_step": step, "retried_step": step + 1}]
+        print(f"verifier resumed from {path} after step {step}; step {step + 1} is driven again", flush=True)
+        return step
+
+    def report(self) -> dict[str, Any]:
+        acc = self._accounting()
         flag_rates = self.screener.flag_rates() if self.screener is not None else {}
         return {
             "role": "verifier",
@@ -426,14 +497,8 @@ class VerifierNode:
             "val_loss": self.val_losses,
             "val_loss_first": self.val_losses[0][1] if self.val_losses else None,
             "val_loss_last": self.val_losses[-1][1] if self.val_losses else None,
-            "micro_batches": {
-                "total": total, "completed": completed, "failed": total - completed,
-                "retried_hops": sum(r.retries for r in self.results),
-                "substituted": sum(r.substituted for r in self.results),
-                "tainted": sum(r.tainted for r in self.results),
-                "per_step": {str(k): v for k, v in sorted(per_step.items())},
-                "errors": [r.error for r in self.results if r.error][:20],
-            },
+            "micro_batches": acc,
+            "resumed": self.resumed,
             "hop_failures": dict(self.driver.hop_failures),
             "flags": dict(self.flag_counts),
             "flags_cleared": self.driver.flags_cleared,

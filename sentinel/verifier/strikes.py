@@ -103,6 +103,23 @@ class StrikeLedger:
             st.strikes = units / self.forgive_after
         return StrikeState(**vars(st))
 
+    def snapshot(self) -> dict[str, dict[str, object]]:
+        """Every worker's standing (with its exact units), for a verifier's journal."""
+        return {w: {**vars(st), "units": self._units.get(w, 0)} for w, st in self._states.items()}
+
+    def restore(self, snapshot: dict[str, dict[str, object]]) -> None:
+        """Load what :meth:`snapshot` wrote; malformed entries are skipped, not trusted."""
+        fields = set(vars(StrikeState()))
+        for worker, d in snapshot.items():
+            try:
+                st = StrikeState(**{k: v for k, v in d.items() if k in fields})
+                units = int(d.get("units", 0))
+            except (TypeError, ValueError, AttributeError):
+                continue
+            st.banned_now = False
+            self._states[str(worker)] = st
+            self._units[str(worker)] = max(0, units)
+
     def is_banned(self, worker: str) -> bool:
         st = self._states.get(worker)
         return st is not None and st.banned
