@@ -64,7 +64,7 @@ def swarm_report(swarm: Any) -> dict[str, Any]:
             flags[k] += v
     mb = defaultdict(int)
     for r in vreports:
-        for k in ("total", "completed", "failed", "retried_hops", "substituted", "tainted"):
+        for k in ("total", "completed", "failed", "retried_hops", "substituted", "tainted", "hedged_hops"):
             mb[k] += r.get("micro_batches", {}).get(k, 0)
     per_step_ok = all(
         all(d["completed"] + d["failed"] == d["micro_batches"] == cfg.micro_batches_per_step

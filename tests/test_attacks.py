@@ -30,6 +30,8 @@ ALL_NAMES = [
 CONTEXT_NAMES = ["white_box", "lazy_skip", "lazy_stale", "lazy_random", "lazy_partial"]
 # Honest on the pipeline, poisoned in averaging: tests/test_averaging.py.
 AVERAGING_NAMES = ["avg_scaling", "avg_random", "avg_alie"]
+# Honest tensors, late or never: the live drill in tests/test_swarm_faults.py.
+AVAILABILITY_NAMES = ["slow", "silent"]
 # Specs under which each attack changes every message from the second one on.
 ALWAYS_FIRES = {name: name for name in ALL_NAMES} | {"intermittent": "intermittent,p=1"}
 
@@ -59,7 +61,7 @@ def run(attack: Attack, xs: list[torch.Tensor], *, seed: int = 0, direction: str
 
 
 def test_catalogue_lists_every_builtin() -> None:
-    assert list(available_attacks()) == ALL_NAMES + CONTEXT_NAMES + AVERAGING_NAMES
+    assert list(available_attacks()) == ALL_NAMES + CONTEXT_NAMES + AVERAGING_NAMES + AVAILABILITY_NAMES
     for name, cls in available_attacks().items():
         assert cls.name == name
         assert cls.__doc__ and "Why it matters" in (cls.__doc__ + (cls.__mro__[1].__doc__ or ""))
@@ -363,3 +365,17 @@ def test_examples_in_the_loader_docstring_load(monkeypatch: pytest.MonkeyPatch) 
     assert len(specs) >= 6
     for spec in specs:
         load_attack(spec)
+
+
+def test_availability_attacks_send_honest_tensors_late_or_never() -> None:
+    x = torch.randn(2, 3, 4)
+    slow, silent = load_attack("slow,delay=25,start_step=3"), load_attack("silent,directions=backward")
+    for direction in ("forward", "backward"):
+        c = ctx(5, direction=direction)
+        assert slow.forward(x, c) is x and slow.backward(x, c) is x
+        assert slow.reply_delay(c) == 25.0
+        assert slow.reply_delay(ctx(2, direction=direction)) == 0.0  # honest before start_step
+    assert silent.reply_delay(ctx(0, direction="backward")) == math.inf
+    assert silent.reply_delay(ctx(0, direction="forward")) == 0.0
+    with pytest.raises(ValueError):
+        load_attack("slow,delay=-1")

@@ -179,3 +179,60 @@ def test_mostly_flagged_calibration_is_probation_not_a_ban():
     assert not suspect.banned and suspect.flags == 3
     assert 1.9 < suspect.strikes <= 2  # one strike short (minus what its accepted live hops forgave)
     assert ledger.state("honest-b").strikes == 0  # a stray retroactive flag is no strike
+
+
+class Stragglers(Arithmetic):
+    """Like :class:`Arithmetic`, but ``slow`` answers stage-0 forwards after ``delay`` seconds
+    and ``silent`` only after the caller's timeout (it never answers in time)."""
+
+    def __init__(self, stage0: list[str], delay: float = 0.3):
+        super().__init__(stage0)
+        self.delay = delay
+        self.calls: list[str] = []
+
+    async def forward(self, worker, stage, step, micro_batch, x, targets, mode, timeout):
+        if stage == 0:
+            self.calls.append(worker)
+            if worker == "silent":
+                await asyncio.sleep(timeout + 1)
+            if worker == "slow":
+                await asyncio.sleep(self.delay)
+        return await super().forward(worker, stage, step, micro_batch, x, targets, mode, timeout)
+
+
+def _hedging_driver(transport, hedge: bool, floor: float = 0.05) -> PipelineDriver:
+    from sentinel.verifier.routing import Router, RouterConfig
+
+    router = Router(RouterConfig(timeout_floor_s=5.0, hedge_floor_s=floor, hedge_factor=4.0), salt="t")
+    return PipelineDriver(2, transport, router, config=DriverConfig(poll_s=0.0, wait_for_replica_s=0.0, hedge=hedge),
+                          hidden_shape=HIDDEN)
+
+
+def test_a_silent_replica_is_hedged_instead_of_waited_out() -> None:
+    transport = Stragglers(["silent", "honest-a", "honest-b"])
+    driver = _hedging_driver(transport, hedge=True)
+    gen = torch.Generator().manual_seed(0)
+
+    async def go():
+        t0 = asyncio.get_running_loop().time()
+        results = await asyncio.gather(*(driver.train_micro_batch(0, mb, torch.randn(HIDDEN, generator=gen),
+                                                                  None) for mb in range(9)))
+        return results, asyncio.get_running_loop().time() - t0
+
+    results, elapsed = asyncio.run(go())
+    assert all(r.completed for r in results)
+    assert "silent" in transport.calls, "the silent replica was never tried: the drill tested nothing"
+    hedged = sum(r.hedged for r in results)
+    assert hedged >= 1
+    assert elapsed < 5.0, f"a hop waited out the {5.0}s timeout ({elapsed:.1f}s)"
+    assert all("silent" not in r.route for r in results)  # every hop it got was answered by another
+    assert driver.router.latency("silent") >= 0.05  # it learned how slow the straggler is
+
+
+def test_without_hedging_the_slow_replica_is_awaited() -> None:
+    transport = Stragglers(["slow"], delay=0.2)
+    results = []
+    for hedge in (False, True):  # one replica: nothing to hedge on either way
+        driver = _hedging_driver(transport, hedge=hedge)
+        results.append(asyncio.run(driver.train_micro_batch(0, 0, torch.randn(HIDDEN), None)))
+    assert all(r.completed and r.hedged == 0 and r.route[0] == "slow" for r in results)

@@ -167,3 +167,33 @@ def test_sigkill_verifier_mid_step_resumes_from_its_journal(tmp_path):
     assert swarm_mb["accounted"] and swarm_mb["lost"] == 0 and swarm_mb["failed"] == 0, swarm_mb
     assert swarm_mb["total"] == cfg.verifiers * cfg.steps * cfg.micro_batches_per_step
     assert_all_gone(swarm.all_pids())
+
+
+@pytest.mark.parametrize("attack", ["silent", "slow,delay=5"])
+def test_a_silent_or_slow_worker_is_routed_around_without_stalling_a_step(tmp_path, attack):
+    """A stage-1 worker that stops answering (or answers 5 s late) from step 5: every hop it is
+    given is hedged on its replica after a few typical latencies, so no step waits out the
+    20-s hop timeout, and no micro-batch is lost. Its tensors are honest: nobody is struck."""
+    cfg = SwarmConfig(stages=3, replicas=2, verifiers=2, steps=30, malicious=0, eval_every=1000,
+                      micro_batches_per_step=2)
+    swarm = LocalSwarm(cfg, tmp_path)
+    victim = next(w for w in swarm.workers if w.stage == 1)
+    victim.extra_args = ["--attack", attack, "--attack-start", "5"]
+    try:
+        swarm.start()
+        swarm.wait()
+    finally:
+        swarm.stop()
+    report = swarm.report()
+    mb = report["micro_batches"]
+    print(f"DRILL {attack.split(',')[0]}-worker: micro-batches {mb}")
+    assert mb["accounted"] and mb["lost"] == 0 and mb["failed"] == 0, mb
+    assert mb["hedged_hops"] >= 1, "no hop was hedged: the straggler was never tried"
+    timeout_floor = 20.0  # TrainingConfig.hop_timeout_min_s
+    for v in swarm.verifiers:
+        steps = json.loads(v.report_path.read_text())["step_seconds"]
+        print(f"DRILL {attack.split(',')[0]}-worker: {v.name} step time median {sorted(steps)[len(steps) // 2]:.2f} s, "
+              f"max {max(steps):.2f} s (hop timeout {timeout_floor:.0f} s)")
+        assert max(steps) < timeout_floor, f"a step waited out a hop timeout: {steps}"
+    assert report["banned"] == [], report["banned"]
+    assert_all_gone(swarm.all_pids())

@@ -4,12 +4,14 @@ The classes live in five small modules grouped by what the adversary exploits:
 :mod:`~sentinel.attacks.simple` (one message at a time), :mod:`~sentinel.attacks.temporal`
 (history and timing), :mod:`~sentinel.attacks.adaptive` (knowledge of the screening) and
 :mod:`~sentinel.attacks.lazy` (credit without the work), plus
-:mod:`~sentinel.attacks.averaging` (honest on the pipeline, poisoned in the stage's average).
+:mod:`~sentinel.attacks.averaging` (honest on the pipeline, poisoned in the stage's average) and
+:mod:`~sentinel.attacks.availability` (honest tensors, late or never).
 """
 
 from __future__ import annotations
 
 from sentinel.attacks.adaptive import Alie, Collusion, EmaMimic, WhiteBox
+from sentinel.attacks.availability import Silent, Slow
 from sentinel.attacks.averaging import AvgAlie, AvgRandom, AvgScaling
 from sentinel.attacks.base import Attack
 from sentinel.attacks.lazy import LazyPartial, LazyRandom, LazySkip, LazyStale
@@ -53,4 +55,6 @@ BUILTIN_ATTACKS: tuple[type[Attack], ...] = (
     AvgScaling,
     AvgRandom,
     AvgAlie,
+    Slow,
+    Silent,
 )

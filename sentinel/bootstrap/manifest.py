@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,11 @@ class TrainingConfig:
     eval_every: int = 50  # verifier steps between validation evaluations
     hop_timeout_min_s: float = 20.0  # floor of the adaptive per-hop timeout
     hop_timeout_factor: float = 8.0  # timeout = max(floor, factor * latency EMA of that stage)
+    # A hop still unanswered after max(hop_hedge_min_s, hop_hedge_factor * the stage's median
+    # latency) is sent to a second replica too, and the first valid answer wins: a slow or
+    # silent worker costs the step that much, not the whole timeout. 0 turns hedging off.
+    hop_hedge_min_s: float = 2.0
+    hop_hedge_factor: float = 4.0
     max_hop_retries: int = 50  # attempts per hop before a micro-batch is declared failed
 
 
@@ -105,6 +111,10 @@ class RunManifest:
                 raise ManifestError(f"training.{name} must be >= 1, got {getattr(t, name)}")
         if t.max_local_steps < 0:
             raise ManifestError(f"training.max_local_steps must be >= 0 (0 = never hold), got {t.max_local_steps}")
+        for name in ("hop_hedge_min_s", "hop_hedge_factor"):
+            v = getattr(t, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ManifestError(f"training.{name} must be a finite number >= 0, got {v!r}")
         if t.averaging not in ("mean", "centered-clip", "trimmed-mean"):
             raise ManifestError(f"training.averaging must be mean|centered-clip|trimmed-mean, got {t.averaging!r}")
         if self.committee_size < 1:

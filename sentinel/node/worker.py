@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 # round, at most 4-6 % after the first steps; a replica that drifts further than this between
 # rounds produces outputs that differ from its replicas', which is what the verifiers flag.
 DRIFT_WARNING = 0.10
+# The longest an availability attack holds one reply ("never" included): by then every caller
+# has long timed out, and the handler task must end some time.
+MAX_HOLD_S = 600.0
 
 
 class UnknownVerifierError(WrongSenderError):
@@ -285,8 +288,18 @@ class WorkerNode:
             self.max_step = max(self.max_step, int(h["step"]))
             self.tokens += x.shape[0] * x.shape[1]
         if self.attack is not None:
-            y = self.attack.forward(y, self._attack_ctx(msg, "forward", x, targets))
+            ctx = self._attack_ctx(msg, "forward", x, targets)
+            y = self.attack.forward(y, ctx)
+            await self._hold_reply(ctx)
         return sign_message(wire.reply(msg, "forward_result", {"y": y.contiguous()}), self.runtime.identity)
+
+    async def _hold_reply(self, ctx: Any) -> None:
+        """An availability attack (``sentinel.attacks.availability``) holds its honest reply;
+        "never" is bounded by ``MAX_HOLD_S`` so the handler task does not outlive its caller forever."""
+        delay = getattr(self.attack, "reply_delay", None)
+        seconds = delay(ctx) if delay is not None else 0.0
+        if seconds > 0:
+            await asyncio.sleep(min(seconds, MAX_HOLD_S))
 
     async def _on_backward(self, msg: Message, remote: str) -> Message:
         await self._check(msg, remote, wire.BACKWARD)
@@ -305,7 +318,9 @@ class WorkerNode:
         tensors = {}
         if grad_x is not None:
             if self.attack is not None:
-                grad_x = self.attack.backward(grad_x, self._attack_ctx(msg, "backward", x, targets, grad))
+                ctx = self._attack_ctx(msg, "backward", x, targets, grad)
+                grad_x = self.attack.backward(grad_x, ctx)
+                await self._hold_reply(ctx)
             tensors["grad_x"] = grad_x.contiguous()
         return sign_message(wire.reply(msg, "backward_result", tensors), self.runtime.identity)
 

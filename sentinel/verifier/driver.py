@@ -91,6 +91,7 @@ class MicroBatchResult:
     completed: bool = False
     attempts: int = 0  # hops tried, including retries
     retries: int = 0  # hops retried after a failure or a flag
+    hedged: int = 0  # hops also sent to a second replica because the first was slow
     substituted: int = 0
     tainted: bool = False
     route: list[str] = field(default_factory=list)
@@ -107,6 +108,10 @@ class DriverConfig:
     # workers in 2 of 3 runs and 0.0 in none — extra traffic means extra optimizer steps, the
     # suspect's parameters drift from its replicas', and drift draws more flags (a feedback loop).
     probation_share: float = 0.0
+    # Hedged hops (``Router.hedge_after``): the live verifier turns this on; the simulator has no
+    # clock worth hedging on (its hops are in-process), and hedging there would only make runs
+    # depend on wall time.
+    hedge: bool = False
 
 
 class PipelineDriver:
@@ -184,9 +189,8 @@ class PipelineDriver:
             attempts += 1
             timeout = self.router.timeout_for(candidates)
             self.router.started(worker)
-            t0 = time.perf_counter()
             try:
-                hop = await call(worker, timeout)
+                hop, worker, latency = await self._call(call, worker, timeout, usable, failed_here, result)
             except HopError as e:
                 self.router.failed(worker)
                 failed_here.add(worker)
@@ -198,7 +202,7 @@ class PipelineDriver:
                     flagged.add(worker)
                 logger.debug("hop %s/%d on %s failed: %s", direction, stage, worker[-8:], e)
                 continue
-            self.router.finished(worker, time.perf_counter() - t0)
+            self.router.finished(worker, latency)
             if hop.tensor is None or self.screener is None or not screen:
                 return hop, worker
             t1 = time.perf_counter()
@@ -223,6 +227,53 @@ class PipelineDriver:
         self._settle(stage, direction, pending, result, None, None, source)
         raise HopError(f"stage {stage} {direction}: gave up after {self.config.max_hop_attempts} attempts",
                        "exhausted", integrity=False)
+
+    async def _call(self, call: Callable[[str, float], Any], worker: str, timeout: float, usable: list[str],
+                    exclude: set[str], result: MicroBatchResult) -> tuple[HopResult, str, float]:
+        """One attempt of a hop on ``worker``; returns (reply, who answered, their latency).
+
+        With hedging on, a second replica gets the same request once ``worker`` is slower than
+        ``Router.hedge_after``, and the first valid answer wins; the router learns the loser's
+        latency (or failure) here. When every attempt fails, ``worker``'s HopError is raised
+        for the caller to record. The caller marked ``worker`` started.
+        """
+        after = self.router.hedge_after(usable) if self.config.hedge else None
+        t0 = time.perf_counter()
+        first = asyncio.ensure_future(call(worker, timeout))
+        if after is None or after >= timeout:
+            return await first, worker, time.perf_counter() - t0
+        done, _ = await asyncio.wait({first}, timeout=after)
+        backup = None if done else self.router.pick(usable, exclude={worker, *exclude})
+        if backup is None:
+            return await first, worker, time.perf_counter() - t0
+        result.hedged += 1
+        logger.debug("hop on %s unanswered after %.1fs: hedging on %s", worker[-8:], after, backup[-8:])
+        self.router.started(backup)
+        starts = {worker: t0, backup: time.perf_counter()}
+        tasks = {first: worker, asyncio.ensure_future(call(backup, timeout)): backup}
+        errors: dict[str, HopError] = {}
+        try:
+            while tasks:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    who = tasks.pop(task)
+                    exc = task.exception()
+                    if exc is None:
+                        for loser in tasks.values():
+                            self.router.abandoned(loser, time.perf_counter() - starts[loser])
+                        for failed, e in errors.items():
+                            self.router.failed(failed)
+                            self.hop_failures[e.reason] = self.hop_failures.get(e.reason, 0) + 1
+                        return task.result(), who, time.perf_counter() - starts[who]
+                    if not isinstance(exc, HopError):
+                        raise exc
+                    errors[who] = exc
+            self.router.failed(backup)
+            self.hop_failures[errors[backup].reason] = self.hop_failures.get(errors[backup].reason, 0) + 1
+            raise errors[worker]
+        finally:
+            for task in tasks:
+                task.cancel()
 
     def _confirmable(self, verdict: Any) -> bool:
         """Fence flags wait for confirmation; provable faults (no profile) are struck at once."""

@@ -73,7 +73,8 @@ class VerifierNode:
         self.state = "JOINING"
         self.transport = P2PTransport(runtime, manifest)
         t = manifest.training
-        self.router = Router(RouterConfig(timeout_floor_s=t.hop_timeout_min_s, timeout_factor=t.hop_timeout_factor),
+        self.router = Router(RouterConfig(timeout_floor_s=t.hop_timeout_min_s, timeout_factor=t.hop_timeout_factor,
+                                          hedge_floor_s=t.hop_hedge_min_s, hedge_factor=t.hop_hedge_factor),
                              salt=runtime.peer_id)
         self.screen_config = ScreeningConfig.from_dict(manifest.screening) if manifest.screening else ScreeningConfig()
         self.screening = screening
@@ -83,7 +84,7 @@ class VerifierNode:
         self.driver = PipelineDriver(
             manifest.num_stages, self.transport, self.router, self.screener, self.ledger if screening else None,
             is_banned=lambda w: w in self.bans.effective,
-            config=DriverConfig(max_hop_attempts=t.max_hop_retries),
+            config=DriverConfig(max_hop_attempts=t.max_hop_retries, hedge=True),
             on_flag=self._on_flag,
             hidden_shape=manifest.model.hidden_shape(t.micro_batch_size),
         )
@@ -97,6 +98,7 @@ class VerifierNode:
         self.val_losses: list[tuple[int, float]] = []
         self.started_at = time.time()
         self.train_seconds = 0.0
+        self.step_seconds: list[float] = []  # wall time of each step this process drove
         self.tokens = 0
         self._sync_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
@@ -382,7 +384,8 @@ class VerifierNode:
                        for mb in range(t.micro_batches_per_step)]
             results = await asyncio.gather(*(self.driver.train_micro_batch(step, mb, x, y)
                                              for mb, (x, y) in enumerate(batches)))
-            self.train_seconds += time.perf_counter() - t0
+            self.step_seconds.append(round(time.perf_counter() - t0, 3))
+            self.train_seconds += self.step_seconds[-1]
             self.results.extend(results)
             done = [r for r in results if r.completed and r.loss is not None]
             self.tokens += len(done) * t.micro_batch_size * self.manifest.model.seq_len
@@ -426,6 +429,7 @@ class VerifierNode:
             "retried_hops": int(prior.get("retried_hops", 0)) + sum(r.retries for r in self.results),
             "substituted": int(prior.get("substituted", 0)) + sum(r.substituted for r in self.results),
             "tainted": int(prior.get("tainted", 0)) + sum(r.tainted for r in self.results),
+            "hedged_hops": int(prior.get("hedged_hops", 0)) + sum(r.hedged for r in self.results),
             "per_step": dict(sorted(per_step.items(), key=lambda kv: int(kv[0]))),
             "errors": [*prior.get("errors", []), *(r.error for r in self.results if r.error)][:20],
         }
@@ -499,6 +503,7 @@ class VerifierNode:
             "val_loss_last": self.val_losses[-1][1] if self.val_losses else None,
             "micro_batches": acc,
             "resumed": self.resumed,
+            "step_seconds": self.step_seconds,
             "hop_failures": dict(self.driver.hop_failures),
             "flags": dict(self.flag_counts),
             "flags_cleared": self.driver.flags_cleared,

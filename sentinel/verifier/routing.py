@@ -3,7 +3,8 @@
 Pure bookkeeping with an injectable clock, so the simulator and tests drive it with fake time.
 Expected finish time = (requests in flight + 1) x latency EMA; a worker never measured borrows
 its stage's median so newcomers get traffic. A failed worker is skipped for an exponentially
-growing back-off; timeouts adapt to the measured latency of the stage instead of a constant.
+growing back-off; timeouts adapt to the measured latency of the stage instead of a constant, and
+a hop unanswered for a few typical latencies is hedged on a second replica (``hedge_after``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class RouterConfig:
     backoff_max_s: float = 30.0
     timeout_floor_s: float = 20.0  # adaptive timeouts never go below this (loaded 2-core hosts stall)
     timeout_factor: float = 8.0  # timeout = max(floor, factor x slowest latency EMA of the stage)
+    hedge_floor_s: float = 2.0  # a hop is hedged after max(floor, factor x the stage's median latency)
+    hedge_factor: float = 4.0  # 0 = never hedge
 
 
 @dataclass
@@ -91,6 +94,23 @@ class Router:
         lats = [self._workers[c].latency for c in candidates if c in self._workers and self._workers[c].latency]
         slowest = max(lats) if lats else self.config.default_latency_s
         return max(self.config.timeout_floor_s, self.config.timeout_factor * slowest)
+
+    def hedge_after(self, candidates: Iterable[str]) -> float | None:
+        """Seconds after which an unanswered hop goes to a second replica too (None = never).
+        The median, not the slowest, sets it: one straggler must not raise its own bar."""
+        if self.config.hedge_factor <= 0:
+            return None
+        lats = [self._workers[c].latency for c in candidates if c in self._workers and self._workers[c].latency]
+        typical = statistics.median(lats) if lats else self.config.default_latency_s
+        return max(self.config.hedge_floor_s, self.config.hedge_factor * typical)
+
+    def abandoned(self, worker: str, waited_s: float) -> None:
+        """A hedged hop was answered by another replica first: ``worker`` took at least
+        ``waited_s``, which is what its latency estimate learns (it is not a failure: no back-off)."""
+        st = self._state(worker)
+        st.inflight = max(0, st.inflight - 1)
+        a = self.config.latency_ema
+        st.latency = waited_s if st.latency is None else max(st.latency, (1 - a) * st.latency + a * waited_s)
 
     def latency(self, worker: str) -> float | None:
         return self._state(worker).latency
