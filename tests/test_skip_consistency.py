@@ -187,3 +187,90 @@ def test_chunked_row_dots_match_one_matmul_per_row(shape: tuple[int, int]) -> No
     a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     expected = torch.bmm(a.unsqueeze(1).double(), b.unsqueeze(2).double()).view(-1)
     torch.testing.assert_close(_row_dots(a, b).double(), expected, rtol=1e-5, atol=1e-3)
+
+
+def _gain_stream(factor: float, n: int, seed: int, with_source: bool = True) -> tuple[float, float]:
+    """Backward stream whose incoming gradient's scale swings over two decades from one message
+    to the next (one micro-batch's loss is not another's, and a scaling accepted further down the
+    pipeline multiplies everything above it); ``w3`` multiplies its replies by ``factor``.
+    Returns (share of the attacker's messages flagged, share of honest messages flagged)."""
+    screen = BoundaryScreen(ScreeningConfig(), "backward")
+    stage = ResidualStage(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    flagged = {True: 0, False: 0}
+    sent = {True: 0, False: 0}
+    for i in range(n):
+        worker = f"w{i % 4}"
+        scale = 10.0 ** (2.0 * float(torch.rand((), generator=g)) - 1.0)
+        g_out = torch.randn(B, T, D, generator=g) * torch.exp(0.5 * torch.randn(B, T, 1, generator=g)) * scale
+        reply = stage.backward(torch.randn(B, T, D, generator=g), g_out)
+        bad = worker == "w3"
+        if bad:
+            reply = reply * factor
+        v = screen.screen(worker, reply, g_out if with_source else None)
+        if i >= n // 4:
+            flagged[bad] += v.flagged
+            sent[bad] += 1
+    return flagged[True] / sent[True], flagged[False] / sent[False]
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.5, 2.0, 10.0])
+def test_scaled_gradients_are_judged_by_the_hop_gain(factor: float) -> None:
+    """The norm distance judges ``rms(reply) / rms(source)`` where the hop has a source: the
+    incoming gradient's scale, however it swings, is not the worker's doing."""
+    hit, false_alarms = _gain_stream(factor, 400, seed=5)
+    assert hit >= 0.9, f"x{factor}: only {hit:.0%} of the attacker's messages flagged"
+    assert false_alarms <= 0.05, f"x{factor}: {false_alarms:.1%} of honest messages flagged"
+
+
+def test_scaled_gradients_hide_in_the_input_scale_without_the_source() -> None:
+    """Why: judged by its absolute RMS, a x2 gradient is lost in the incoming gradient's swings."""
+    hit, _ = _gain_stream(2.0, 400, seed=5, with_source=False)
+    assert hit <= 0.2
+
+
+def test_a_zero_source_is_neither_judged_nor_learnt() -> None:
+    """An upstream zero that got through (e.g. during a calibration) makes every honest replica
+    return zeros: learnt from, that pulled the reference scale to zero and every honest reply
+    afterwards was flagged (lock-up)."""
+    screen = BoundaryScreen(ScreeningConfig(), "backward")
+    stage = ResidualStage(2)
+    g = torch.Generator().manual_seed(3)
+
+    def honest(worker: str, g_out: torch.Tensor):
+        return screen.screen(worker, stage.backward(torch.randn(B, T, D, generator=g), g_out), g_out)
+
+    for i in range(120):
+        honest(f"w{i % 4}", torch.randn(B, T, D, generator=g))
+    assert screen.calibrated
+    zero = torch.zeros(B, T, D)
+    for i in range(40):
+        v = screen.screen(f"w{i % 4}", zero, zero)
+        assert not v.flagged and not v.distances
+    late = [honest(f"w{i % 4}", torch.randn(B, T, D, generator=g)).flagged for i in range(80)]
+    assert sum(late) <= 4
+
+
+def test_source_rms_and_gain_survive_the_evidence_round_trip() -> None:
+    cfg = ScreeningConfig()
+    src = torch.randn(B, T, D)
+    s = compute_stats(3.0 * src, cfg, src)
+    assert s.source_rms == pytest.approx(float(src.pow(2).mean().sqrt()), rel=1e-5)
+    back = TensorStats.from_dict(s.to_dict())
+    assert back.source_rms == pytest.approx(s.source_rms)
+    p = profile_of(back)
+    assert p.log_gain == pytest.approx(math.log(3.0), abs=1e-5)
+    assert Profile.from_dict(p.to_dict()).log_gain == pytest.approx(p.log_gain)
+    assert profile_of(compute_stats(src, cfg)).log_gain is None  # no source, no gain
+    assert profile_of(compute_stats(src, cfg, torch.zeros(B, T, D))).log_gain is None  # dead source
+    d = s.to_dict()
+    for bad in (-1.0, float("nan"), float("inf"), "1", True):
+        with pytest.raises(ValueError):
+            TensorStats.from_dict({**d, "source_rms": bad})
+    legacy = {k: v for k, v in d.items() if k != "source_rms"}  # records from before the statistic
+    assert TensorStats.from_dict(legacy).source_rms is None
+    pd = p.to_dict()
+    for bad in (float("inf"), float("nan"), "x", True):
+        with pytest.raises(ValueError):
+            Profile.from_dict({**pd, "log_gain": bad})
+    assert Profile.from_dict({k: v for k, v in pd.items() if k != "log_gain"}).log_gain is None

@@ -11,6 +11,8 @@ A :class:`Profile` is the scale-free view of :class:`~sentinel.verifier.stats.Te
   from its own input (``stats.py``), on a log axis so that "10x more misaligned than the
   replicas" is the same distance whether honest misalignment is 0.003 or 0.3. None where the
   hop has no source (stage 0's forward, the last stage's backward, the loss);
+* ``log_gain`` — ``log(rms / source_rms)``: the scale the hop itself adds (``stats.py``). None
+  where the hop has no source, or its source is ~0;
 * ``mean_vec`` — the raw batch-mean, kept only for the paper's substitution fallback.
 
 Because everything but ``log_rms`` is scale-free, a legitimate change of scale moves exactly one
@@ -25,8 +27,15 @@ The distances (all dimensionless):
   (``|b_i| >= sign_rel_threshold * rms(b)``);
 * ``w1`` = 1-D Wasserstein-1 distance between the two quantile functions of ``shape_q``
   (mean absolute difference of matched quantiles), i.e. in units of the reference's RMS;
-* ``norm_ratio`` = ``|log(rms / rms_ref)|`` — two-sided, so zeros (log -> -69) and scaling both
-  show up;
+* ``norm_ratio`` = ``|log(gain / gain_ref)|`` where both have a source, else
+  ``|log(rms / rms_ref)|`` — two-sided, so zeros (log -> -69) and scaling both show up. Where the
+  hop has a source its gain is judged, not its RMS: a backward gradient's RMS is the incoming
+  gradient's, which swings 2-4x between micro-batches at every stage at once (measured, 16 x 8
+  tiny model: one micro-batch at 3.5x flagged every replica of every backward boundary and set off
+  recalibrations) and follows any scaling an attacker downstream got accepted (honest replicas
+  fed a zero gradient return zeros; accepted into their references, that locked every honest
+  replica out). The gain of an honest residual stage stays near 1 whatever comes in; a scaled
+  reply moves it by exactly ``log(factor)``.
 * ``spread`` = ``|log(token_cv / token_cv_ref)|`` — how differently energy is spread over tokens.
   At small batch it is the backward direction's most informative statistic after the norm:
   additive Gaussian noise of the gradient's own RMS halves the dispersion (measured on the
@@ -75,6 +84,7 @@ class Profile:
     mean_vec: torch.Tensor
     log_spread: float = math.log(MIN_SPREAD)
     log_skip: float | None = None
+    log_gain: float | None = None
 
     @property
     def features(self) -> int:
@@ -88,15 +98,16 @@ class Profile:
             "mean_vec": self.mean_vec.tolist(),
             "log_spread": self.log_spread,
             "log_skip": self.log_skip,
+            "log_gain": self.log_gain,
         }
 
     @classmethod
     def from_dict(cls, d: Any) -> Profile:
         """Parse a gossiped profile; ``ValueError`` on anything malformed or non-finite."""
         keys = {"direction", "log_rms", "shape_q", "mean_vec", "log_spread"}
-        if not isinstance(d, dict) or set(d) not in (keys, keys | {"log_skip"}):
+        if not isinstance(d, dict) or not keys <= set(d) <= keys | {"log_skip", "log_gain"}:
             raise ValueError("profile must be a dict with direction, log_rms, shape_q, mean_vec, log_spread "
-                             "(and optionally log_skip)")
+                             "(and optionally log_skip, log_gain)")
         direction = _finite_vector(d["direction"], "direction", MAX_FEATURES)
         mean_vec = _finite_vector(d["mean_vec"], "mean_vec", MAX_FEATURES)
         shape_q = _finite_vector(d["shape_q"], "shape_q", MAX_QUANTILES)
@@ -113,8 +124,12 @@ class Profile:
             and _LOG_SKIP_MIN - 1e-6 <= log_skip <= _LOG_SKIP_MAX + 1e-6
         ):
             raise ValueError(f"log_skip must be null or a number in [{_LOG_SKIP_MIN:.3f}, {_LOG_SKIP_MAX:.3f}]")
+        log_gain = d.get("log_gain")
+        if log_gain is not None and (isinstance(log_gain, bool) or not isinstance(log_gain, (int, float))
+                                     or not math.isfinite(log_gain)):
+            raise ValueError("log_gain must be null or a finite number")
         return cls(direction, float(log_rms), shape_q, mean_vec, float(d["log_spread"]),
-                   None if log_skip is None else float(log_skip))
+                   None if log_skip is None else float(log_skip), None if log_gain is None else float(log_gain))
 
 
 def _finite_vector(v: Any, name: str, max_len: int) -> torch.Tensor:
@@ -139,6 +154,8 @@ def profile_of(stats: TensorStats) -> Profile:
         mean_vec=stats.mean_vec.float(),
         log_spread=math.log(max(stats.token_cv, MIN_SPREAD)),
         log_skip=None if stats.skip is None else math.log(max(1.0 - stats.skip, 0.0) + SKIP_RESOLUTION),
+        log_gain=(None if stats.source_rms is None or not stats.source_rms > TINY
+                  else math.log(rms) - math.log(stats.source_rms)),
     )
 
 
@@ -151,9 +168,16 @@ def ema_update(ref: Profile, new: Profile, beta: float) -> Profile:
         shape_q=torch.lerp(ref.shape_q, new.shape_q, a),
         mean_vec=torch.lerp(ref.mean_vec, new.mean_vec, a),
         log_spread=beta * ref.log_spread + a * new.log_spread,
-        log_skip=(new.log_skip if ref.log_skip is None else ref.log_skip if new.log_skip is None
-                  else beta * ref.log_skip + a * new.log_skip),
+        log_skip=_ema_optional(ref.log_skip, new.log_skip, beta),
+        log_gain=_ema_optional(ref.log_gain, new.log_gain, beta),
     )
+
+
+def _ema_optional(ref: float | None, new: float | None, beta: float) -> float | None:
+    """EMA of an optional statistic: a missing side leaves the other as it is."""
+    if ref is None or new is None:
+        return new if ref is None else ref
+    return beta * ref + (1.0 - beta) * new
 
 
 def _median0(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -188,6 +212,7 @@ def median_profile(profiles: Sequence[Profile]) -> Profile:
         mean_vec=_median0([p.mean_vec for p in profiles]),
         log_spread=_median_scalar([p.log_spread for p in profiles]),
         log_skip=_median_or_none([p.log_skip for p in profiles]),
+        log_gain=_median_or_none([p.log_gain for p in profiles]),
     )
 
 
@@ -218,7 +243,10 @@ def distances(p: Profile, ref: Profile, sign_rel_threshold: float) -> dict[str, 
     else:
         sign = 0.0
     w1 = float((p.shape_q - ref.shape_q).abs().mean())
-    norm_ratio = abs(p.log_rms - ref.log_rms)
+    if p.log_gain is not None and ref.log_gain is not None:
+        norm_ratio = abs(p.log_gain - ref.log_gain)
+    else:
+        norm_ratio = abs(p.log_rms - ref.log_rms)
     spread = abs(p.log_spread - ref.log_spread)
     skip = abs(p.log_skip - ref.log_skip) if p.log_skip is not None and ref.log_skip is not None else 0.0
     return {"l1": l1, "l2": l2, "sign": sign, "w1": w1, "norm_ratio": norm_ratio, "spread": spread, "skip": skip}

@@ -73,6 +73,18 @@ Backward gradients at small batch
     last stage's backward has no incoming gradient to compare with; there the norm ratio and the
     shape and spread distances are all there is.
 
+    Where the hop has a source, the norm distance judges the hop's *gain* ``rms / rms(source)``,
+    not its RMS (``reference.py``): a gradient's RMS is the incoming gradient's, which swings
+    several-fold between micro-batches at every stage at once and follows any scaling that got
+    accepted further down the pipeline. Judged by RMS (measured, simulator 16 x 8, 3 attackers
+    per stage, tiny model, attack from step 20 of 80): one micro-batch with a 3.5x gradient at
+    step 18 flagged every replica of the backward boundaries and set off recalibrations, the
+    attack began inside them, zero gradients were accepted and the honest replicas fed them
+    returned zeros, which pulled every reference scale to zero: from then on every honest reply
+    was flagged, hops were substituted, nothing could be confirmed and 33 of 45 attackers were
+    never banned (x10: honest RMS at stage 5 spanning four decades and a norm fence of 11-43,
+    i.e. x10 passed). A hop fed an all-zero source is neither judged nor learnt from.
+
 Everything here is deterministic pure tensor math: no I/O, no clocks, no randomness.
 """
 
@@ -90,6 +102,7 @@ from sentinel.verifier.config import ScreeningConfig
 from sentinel.verifier.fences import DistanceHistory, exceeded, tukey_fence
 from sentinel.verifier.reference import (
     DISTANCES,
+    TINY,
     Profile,
     distances,
     ema_update,
@@ -99,7 +112,7 @@ from sentinel.verifier.reference import (
 from sentinel.verifier.stats import TensorStats, compute_stats
 
 DIRECTIONS = ("forward", "backward")
-SUMMARY_VERSION = 2  # 2: the ``skip`` distance and ``log_skip`` profile field
+SUMMARY_VERSION = 3  # 2: the ``skip`` distance and ``log_skip`` profile field; 3: ``log_gain``
 
 
 @dataclass
@@ -144,6 +157,7 @@ class _Worker:
     latest_flagged: bool = False
     accepted_log_rms: float = 0.0
     accepted_log_skip: float | None = None
+    accepted_log_gain: float | None = None
     flag_streak: int = 0
     calibration_messages: int = 0
 
@@ -459,9 +473,12 @@ class BoundaryScreen:
             # the honest skip distances of the first steps were so spread that the fence let a
             # Gaussian-gradient attacker through (simulator, 3 x 3, 8 seeds: mean ban latency
             # 9 steps with the EMA, 5.6 with the median of the latest accepted values).
+            # And for ``log_gain``, the scale the hop adds, which drifts like the scale itself.
             skips = [w.accepted_log_skip for w in pool if w.accepted_log_skip is not None]
+            gains = [w.accepted_log_gain for w in pool if w.accepted_log_gain is not None]
             ref = dataclasses.replace(ref, log_rms=_median([w.accepted_log_rms for w in pool]),
-                                      log_skip=_median(skips) if len(skips) == len(pool) else ref.log_skip)
+                                      log_skip=_median(skips) if len(skips) == len(pool) else ref.log_skip,
+                                      log_gain=_median(gains) if len(gains) == len(pool) else ref.log_gain)
         return ref
 
     def _consensus(self) -> Profile | None:
@@ -474,6 +491,8 @@ class BoundaryScreen:
         w.ema = p if w.ema is None else ema_update(w.ema, p, self.beta)
         w.accepted_log_rms = p.log_rms
         w.accepted_log_skip = p.log_skip
+        if p.log_gain is not None:
+            w.accepted_log_gain = p.log_gain
         w.latest = p
         w.latest_flagged = False
         w.flag_streak = 0
@@ -485,6 +504,12 @@ class BoundaryScreen:
         if problem is not None:
             return problem
         cfg = self.config
+        if stats.source_rms is not None and not stats.source_rms > TINY:
+            # The hop was fed an all-zero tensor (an upstream zero that was passed on): the reply
+            # says nothing about the worker (an honest backward of a zero gradient is zero), so it
+            # is neither judged nor learnt from. Learnt from, it pulled every replica's reference
+            # scale to zero and locked the honest ones out.
+            return Verdict(False, (), {}, {}, profile=profile_of(stats))
         self._t += 1
         if self._t % cfg.recent_messages == 0:
             self._prune()
@@ -535,6 +560,8 @@ class BoundaryScreen:
                     o.ema = o.latest
                     o.accepted_log_rms = o.latest.log_rms
                     o.accepted_log_skip = o.latest.log_skip
+                    if o.latest.log_gain is not None:
+                        o.accepted_log_gain = o.latest.log_gain
                     o.latest_flagged = False
                     o.flag_streak = 0
                 self._recalibrate()

@@ -22,6 +22,13 @@ outputs pull it down in proportion to their strength. It is the one statistic th
 message with *its own input* rather than with other batches, so it does not need large
 batches to see what a batch-mean cannot (the backward direction's weak spot).
 
+The same pass also gives ``source_rms``, the RMS of the hop's source. The hop's *gain*
+``rms / source_rms`` is what the norm distance judges where a source exists (``reference.py``):
+a backward gradient's scale is set by the gradient sent into the stage (the micro-batch's loss,
+and every stage below it), not by the worker, so its absolute RMS varies 2-4x from one
+micro-batch to the next at every stage at once and follows any scaling accepted further down
+the pipeline; the gain of a residual stage stays close to 1 whatever came in.
+
 The distribution shape comes from a fixed-size strided sample (one gather of ``sample_size``
 elements, then a sort of that small vector), so its cost does not grow with the tensor.
 
@@ -69,6 +76,7 @@ class TensorStats:
     quantiles: torch.Tensor
     token_cv: float = 0.0  # std / mean of the per-token (row) L2 norms; 0 for a single row
     skip: float | None = None  # mean per-token cos(source, x) when the hop's source is known
+    source_rms: float | None = None  # RMS of the hop's source, when known (for the hop's gain)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (non-finite values stay Python floats: NaN/inf)."""
@@ -84,6 +92,7 @@ class TensorStats:
             "quantiles": [float(v) for v in self.quantiles.tolist()],
             "token_cv": self.token_cv,
             "skip": self.skip,
+            "source_rms": self.source_rms,
         }
 
     @classmethod
@@ -92,11 +101,15 @@ class TensorStats:
         if not isinstance(d, dict):
             raise ValueError("tensor stats must be a dict")
         expected = {"shape", "numel", "finite", "mean_vec", "rms", "mean", "std", "absmax", "quantiles", "token_cv"}
-        if set(d) not in (expected, expected | {"skip"}):
-            raise ValueError(f"tensor stats keys must be {sorted(expected)} (+ optional skip), got {sorted(d)}")
+        if not expected <= set(d) <= expected | {"skip", "source_rms"}:
+            raise ValueError(f"tensor stats keys must be {sorted(expected)} (+ optional skip, source_rms), "
+                             f"got {sorted(d)}")
         skip = d.get("skip")
         if skip is not None and not (_is_number(skip) and -1.0 - 1e-6 <= skip <= 1.0 + 1e-6):
             raise ValueError("skip must be null or a number in [-1, 1]")
+        source_rms = d.get("source_rms")
+        if source_rms is not None and not (_is_number(source_rms) and math.isfinite(source_rms) and source_rms >= 0):
+            raise ValueError("source_rms must be null or a finite non-negative number")
         shape = d["shape"]
         if not isinstance(shape, (list, tuple)) or len(shape) > 16 or not all(_is_int(s) and s >= 0 for s in shape):
             raise ValueError("shape must be a list of at most 16 non-negative integers")
@@ -126,6 +139,7 @@ class TensorStats:
             mean_vec=torch.tensor(mean_vec, dtype=torch.float32),
             quantiles=torch.tensor(quantiles, dtype=torch.float32),
             skip=None if skip is None else float(skip),
+            source_rms=None if source_rms is None else float(source_rms),
             **scalars,
         )
 
@@ -171,7 +185,7 @@ def compute_stats(x: torch.Tensor, config: ScreeningConfig, source: torch.Tensor
     """Statistics of ``x`` in three memory-bound passes (see module docstring).
 
     ``source`` (same shape as ``x``, else ignored) adds ``skip``, the mean per-token cosine
-    between the hop's source and ``x``.
+    between the hop's source and ``x``, and ``source_rms``.
     """
     shape = tuple(x.shape)
     numel = x.numel()
@@ -210,10 +224,11 @@ def compute_stats(x: torch.Tensor, config: ScreeningConfig, source: torch.Tensor
     quantiles = torch.lerp(ordered[qlo], ordered[qhi], frac)
     if not math.isfinite(token_cv):
         token_cv = 0.0
-    skip = None
+    skip = source_rms = None
     if source is not None and tuple(source.shape) == shape and rows > 0 and finite:
-        skip = _skip_cosine(source.reshape(-1, features).float(), flat, row_norms)
-    return TensorStats(shape, numel, finite, mean_vec, rms, mean, std, absmax, quantiles, token_cv, skip)
+        skip, source_rms = _skip_cosine(source.reshape(-1, features).float(), flat, row_norms)
+    return TensorStats(shape, numel, finite, mean_vec, rms, mean, std, absmax, quantiles, token_cv, skip,
+                       source_rms)
 
 
 _DOT_CHUNK = 1 << 18  # elements per chunk of the row-dot pass: a 1 MiB temporary stays in cache
@@ -236,8 +251,9 @@ def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return dots
 
 
-def _skip_cosine(src: torch.Tensor, out: torch.Tensor, out_norms: torch.Tensor) -> float | None:
-    """Mean over rows of ``cos(src_i, out_i)``, over the rows whose source is not ~0.
+def _skip_cosine(src: torch.Tensor, out: torch.Tensor,
+                 out_norms: torch.Tensor) -> tuple[float | None, float | None]:
+    """(Mean over rows of ``cos(src_i, out_i)``, over the rows whose source is not ~0; RMS of ``src``).
 
     A zero *output* row has no direction: it counts as orthogonal (cos 0), which is what makes an
     all-zeros reply score like a random one. A zero *source* row (a token that got no gradient)
@@ -245,14 +261,17 @@ def _skip_cosine(src: torch.Tensor, out: torch.Tensor, out_norms: torch.Tensor) 
     source is non-finite (it was screened upstream, so that would be the verifier's own bug).
     """
     src_norms = torch.linalg.vector_norm(src, dim=1)
+    src_rms = float(torch.linalg.vector_norm(src_norms)) / math.sqrt(max(src.numel(), 1))
+    if not math.isfinite(src_rms):
+        return None, None
     dots = _row_dots(src, out)
     denom = src_norms * out_norms
     live = src_norms > 1e-30
     count = int(live.sum())
     if count == 0:
-        return None
+        return None, src_rms
     cos = torch.where(denom > 0, dots / denom.clamp_min(1e-30), torch.zeros_like(dots))
     value = float(cos[live].sum()) / count if count < cos.numel() else float(cos.mean())
     if not math.isfinite(value):
-        return None
-    return max(-1.0, min(1.0, value))
+        return None, src_rms
+    return max(-1.0, min(1.0, value)), src_rms
