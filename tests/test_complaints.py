@@ -57,7 +57,7 @@ class Stage:
         return self.peers if stage == STAGE else []
 
     def desk(self, ratio: float = 3.0, floor: float = 0.02) -> ComplaintDesk:
-        return ComplaintDesk(RUN, ratio, floor, self.fetch, stale_versions=8)
+        return ComplaintDesk(RUN, ratio, floor, self.fetch, stale_versions=8, min_interval_s=0.0)
 
 
 def _judge(desk: ComplaintDesk, s: Stage, msg, by: int):
@@ -148,3 +148,22 @@ def test_the_floor_keeps_a_tight_stage_from_flagging_a_normal_update() -> None:
     assert contribution_outliers([*tight, late], ratio=3.0, floor=0.02) == [False] * 7
     poisoned = base - 10 * (late - base)
     assert contribution_outliers([*tight, poisoned], ratio=3.0, floor=0.02) == [False] * 6 + [True]
+
+
+def test_a_complainer_is_rate_limited() -> None:
+    """Judging costs the verifier a fetch of the whole stage: one complainer cannot make it do
+    that in a loop, even with genuine (honest, freshly signed) replies of its peers; a few at
+    once (several outliers in one averaging round) are fine."""
+    s = Stage(n=4)
+    now = [100.0]
+    desk = ComplaintDesk(RUN, 3.0, 0.02, s.fetch, min_interval_s=1.0, burst=2, clock=lambda: now[0])
+    desk.admit(s.complaint(0, 2, s.reply(2)), s.peers[0], s.live)
+    desk.admit(s.complaint(0, 3, s.reply(3)), s.peers[0], s.live)
+    with pytest.raises(ComplaintRejected) as e:
+        desk.admit(s.complaint(0, 1, s.reply(1)), s.peers[0], s.live)
+    assert e.value.reason == "rate_limited"
+    desk.admit(s.complaint(1, 2, s.reply(2)), s.peers[1], s.live)  # another complainer is not held up
+    now[0] += 1.5
+    desk.admit(s.complaint(0, 1, s.reply(1)), s.peers[0], s.live)
+    with pytest.raises(ComplaintRejected):
+        desk.admit(s.complaint(0, 3, s.reply(3)), s.peers[0], s.live)

@@ -13,13 +13,17 @@ What is rejected, each with its own reason (``sentinel_averaging_complaints_rece
 a complainer or accused that is not a live replica of the stage, evidence whose signature or
 sender does not check, evidence older than the stage's replicas by more than
 ``stale_versions`` optimizer steps (an honest replica's old signed snapshot, replayed to frame
-it), a duplicate of evidence already judged, and more than one complaint in flight per accused.
+it), a duplicate of evidence already judged, more than one complaint in flight per accused, and
+a complainer's complaints beyond a burst of ``burst`` refilled one per ``min_interval_s`` (judging one costs the
+verifier a fetch from every other replica of the stage: unlimited, a malicious replica could
+make the verifiers download the stage over and over with honest replicas' genuine replies).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -69,10 +73,15 @@ class ComplaintDesk:
         fetch_replicas: how the verifier gets the other replicas' current parameters.
         stale_versions: evidence may lag the stage's median optimizer step by at most this much.
         remember: digests of judged evidence kept to refuse duplicates.
+        min_interval_s, burst: a complainer's token bucket: ``burst`` complaints at once (an
+            honest replica may find several outliers in one averaging round), then one per
+            ``min_interval_s``.
+        clock: monotonic seconds (injectable for tests).
     """
 
     def __init__(self, run: str, ratio: float, floor: float, fetch_replicas: FetchReplicas,
-                 stale_versions: int = 8, remember: int = 4096):
+                 stale_versions: int = 8, remember: int = 4096, min_interval_s: float = 1.0,
+                 burst: int = 4, clock: Callable[[], float] = time.monotonic):
         self.run = run
         self.ratio = ratio
         self.floor = floor
@@ -82,6 +91,10 @@ class ComplaintDesk:
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._remember = remember
         self._busy: set[str] = set()
+        self.min_interval_s = min_interval_s
+        self.clock = clock
+        self.burst = burst
+        self._tokens: OrderedDict[str, tuple[float, float]] = OrderedDict()  # complainer -> (tokens, at)
 
     def admit(self, msg: Message, complainer: str, live: Callable[[int], list[str]]) -> tuple[str, int, Message]:
         """Check a complaint already verified as signed by ``complainer``; returns (accused,
@@ -107,6 +120,19 @@ class ComplaintDesk:
             raise ComplaintRejected("this contribution was already judged", "duplicate")
         if accused in self._busy:
             raise ComplaintRejected(f"a complaint against {accused[-8:]} is being judged", "busy")
+        now = self.clock()
+        tokens, at = self._tokens.get(complainer, (float(self.burst), now))
+        if self.min_interval_s > 0:
+            tokens = min(float(self.burst), tokens + (now - at) / self.min_interval_s)
+        else:
+            tokens = float(self.burst)
+        if tokens < 1.0:
+            raise ComplaintRejected(f"{complainer[-8:]} complains faster than {self.burst} at once and one per "
+                                    f"{self.min_interval_s:g}s", "rate_limited")
+        self._tokens[complainer] = (tokens - 1.0, now)
+        self._tokens.move_to_end(complainer)
+        while len(self._tokens) > self._remember:
+            self._tokens.popitem(last=False)
         return accused, stage, reply
 
     async def judge(self, accused: str, stage: int, reply: Message) -> Verdict | None:
