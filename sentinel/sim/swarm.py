@@ -275,6 +275,7 @@ class Simulation:
         self.step = 0
         self.flags_by_boundary: dict[str, int] = defaultdict(int)
         self.flags_by_worker: dict[str, int] = defaultdict(int)
+        self._struck_version: dict[str, int] = {}  # optimizer step of each worker's last averaging strike
         self.averaging_flags = {"honest": 0, "attacked": 0}
         if cfg.defense == "sentinel" and self.screen_config.averaging_outlier_ratio > 0:
             self.transport.contribution_screen = self._screen_contributions
@@ -319,7 +320,9 @@ class Simulation:
         """The verifier's view of one averaging round: a replica whose contribution is an
         outlier gets a strike through the same ledger as pipeline flags (one ban path, two kinds
         of evidence). The averaging worker's own vector is not sent to anyone: only peers are judged.
-        Clean contributions forgive nothing (forgiveness counts pipeline messages)."""
+        Clean contributions forgive nothing (forgiveness counts pipeline messages). One parameter
+        state is one piece of evidence however many peers' rounds saw it: a worker is struck at
+        most once per optimizer step (the live verifiers key complaints the same way)."""
         cfg = self.screen_config
         flags = contribution_outliers(vectors, cfg.averaging_outlier_ratio, cfg.averaging_outlier_floor)
         for name, flagged in zip(names[1:], flags[1:], strict=True):
@@ -328,7 +331,9 @@ class Simulation:
             w = self.workers[name]
             self.averaging_flags["attacked" if w.malicious and step >= self.cfg.attack_start else "honest"] += 1
             self.flags_by_worker[name] += 1
-            self.ledger.record(name, True)
+            if self._struck_version.get(name) != w.runner.version:
+                self._struck_version[name] = w.runner.version
+                self.ledger.record(name, True)
 
     def _strike_retroactive(self) -> None:
         """Count what a boundary found when its calibration ended (those tensors were already used)."""

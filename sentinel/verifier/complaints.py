@@ -13,7 +13,8 @@ What is rejected, each with its own reason (``sentinel_averaging_complaints_rece
 a complainer or accused that is not a live replica of the stage, evidence whose signature or
 sender does not check, evidence older than the stage's replicas by more than
 ``stale_versions`` optimizer steps (an honest replica's old signed snapshot, replayed to frame
-it), a duplicate of evidence already judged, more than one complaint in flight per accused, and
+it), evidence about a parameter state already judged (one per accused and optimizer step,
+however many replicas saw it and however the accused re-signed it), more than one complaint in flight per accused, and
 a complainer's complaints beyond a burst of ``burst`` refilled one per ``min_interval_s`` (judging one costs the
 verifier a fetch from every other replica of the stage: unlimited, a malicious replica could
 make the verifiers download the stage over and over with honest replicas' genuine replies).
@@ -88,7 +89,7 @@ class ComplaintDesk:
         self.fetch_replicas = fetch_replicas
         self.stale_versions = stale_versions
         self.checker = MessageChecker(run)
-        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._seen: OrderedDict[str, None] = OrderedDict()  # (accused, version) states judged
         self._remember = remember
         self._busy: set[str] = set()
         self.min_interval_s = min_interval_s
@@ -115,9 +116,10 @@ class ComplaintDesk:
         rh = reply.header
         if rh.get("direction") != "params_result" or rh.get("stage") != stage:
             raise ComplaintRejected("the evidence is not a params_result of that stage", "not_params")
-        digest = bytes(rh["digest"])
-        if digest in self._seen:
-            raise ComplaintRejected("this contribution was already judged", "duplicate")
+        state = _state_key(accused, rh.get("version"))
+        if state in self._seen:
+            raise ComplaintRejected(f"{accused[-8:]}'s parameters at optimizer step {rh.get('version')!r} were "
+                                    "already judged", "duplicate")
         if accused in self._busy:
             raise ComplaintRejected(f"a complaint against {accused[-8:]} is being judged", "busy")
         now = self.clock()
@@ -139,6 +141,7 @@ class ComplaintDesk:
         """Compare the accused's signed contribution with the stage's other replicas, fetched
         now. None when there are too few of them to say (fewer than two)."""
         digest = bytes(reply.header["digest"])
+        state = _state_key(accused, reply.header.get("version"))
         self._busy.add(accused)
         try:
             others = await self.fetch_replicas(stage, {accused})
@@ -154,7 +157,7 @@ class ComplaintDesk:
         if not isinstance(version, int) or version < versions[len(versions) // 2] - self.stale_versions:
             raise ComplaintRejected(f"evidence at optimizer step {version!r} is older than the stage "
                                     f"(median {versions[len(versions) // 2]})", "stale")
-        self._seen[digest] = None
+        self._seen[state] = None
         while len(self._seen) > self._remember:
             self._seen.popitem(last=False)
         scores = contribution_scores([contribution, *(t for _, t, _ in others)], self.floor)
@@ -182,3 +185,8 @@ class ComplaintDesk:
             return
         if verdict is not None:
             on_verdict(verdict)
+
+
+def _state_key(accused: str, version: Any) -> str:
+    """One parameter state of one replica: its peer id and the optimizer step it signed."""
+    return f"{accused}@{version!r}"
