@@ -27,6 +27,17 @@ def wait_for_step(swarm: LocalSwarm, step: int, timeout: float = 600.0) -> None:
         time.sleep(0.5)
 
 
+def assert_nothing_lost(report: dict, drill: str, cfg: SwarmConfig | None = None) -> dict:
+    """Print the drill's micro-batch accounting (a DRILL line) and assert every micro-batch was
+    completed; with ``cfg``, also that every verifier sent all of its micro-batches."""
+    mb = report["micro_batches"]
+    print(f"DRILL {drill}: micro-batches {mb}")
+    assert mb["accounted"] and mb["lost"] == 0 and mb["failed"] == 0, mb
+    if cfg is not None:
+        assert mb["total"] == cfg.verifiers * cfg.steps * cfg.micro_batches_per_step, mb
+    return mb
+
+
 def recovery_seconds(swarm: LocalSwarm, timeout: float = 300.0) -> float:
     """Seconds from now until every verifier has completed one more step than it had (the swarm
     trains again); printed as a DRILL line for ``bench/drills.py faults``."""
@@ -71,11 +82,7 @@ def test_sigkill_worker_mid_run_loses_nothing(tmp_path):
     finally:
         swarm.stop()
     report = swarm.report()
-    mb = report["micro_batches"]
-    print(f"DRILL worker-sigkill: micro-batches {mb}")
-    assert mb["accounted"], mb
-    assert mb["lost"] == 0 and mb["failed"] == 0, mb
-    assert mb["total"] == cfg.verifiers * cfg.steps * cfg.micro_batches_per_step
+    assert_nothing_lost(report, "worker-sigkill", cfg)
     assert not orphans, f"p2pd of the killed worker outlived it: {orphans}"
     assert_all_gone(swarm.all_pids())
 
@@ -98,10 +105,7 @@ def test_sigkill_bootstrap_mid_run_training_goes_on(tmp_path):
     finally:
         swarm.stop()
     report = swarm.report()
-    mb = report["micro_batches"]
-    print(f"DRILL bootstrap-sigkill: micro-batches {mb}")
-    assert mb["accounted"] and mb["lost"] == 0 and mb["failed"] == 0, mb
-    assert mb["total"] == cfg.verifiers * cfg.steps * cfg.micro_batches_per_step
+    assert_nothing_lost(report, "bootstrap-sigkill", cfg)
     assert killed_at < cfg.steps, "the run ended before the bootstrap was killed: the drill tested nothing"
     assert_all_gone(swarm.all_pids())
 
@@ -162,10 +166,7 @@ def test_sigkill_verifier_mid_step_resumes_from_its_journal(tmp_path):
     mb = report["micro_batches"]
     assert sorted(int(s) for s in mb["per_step"]) == list(range(1, cfg.steps + 1)), mb["per_step"]
     assert all(d["micro_batches"] == cfg.micro_batches_per_step for d in mb["per_step"].values()), mb["per_step"]
-    swarm_mb = swarm.report()["micro_batches"]
-    print(f"DRILL verifier-sigkill: micro-batches {swarm_mb}")
-    assert swarm_mb["accounted"] and swarm_mb["lost"] == 0 and swarm_mb["failed"] == 0, swarm_mb
-    assert swarm_mb["total"] == cfg.verifiers * cfg.steps * cfg.micro_batches_per_step
+    assert_nothing_lost(swarm.report(), "verifier-sigkill", cfg)
     assert_all_gone(swarm.all_pids())
 
 
@@ -185,9 +186,7 @@ def test_a_silent_or_slow_worker_is_routed_around_without_stalling_a_step(tmp_pa
     finally:
         swarm.stop()
     report = swarm.report()
-    mb = report["micro_batches"]
-    print(f"DRILL {attack.split(',')[0]}-worker: micro-batches {mb}")
-    assert mb["accounted"] and mb["lost"] == 0 and mb["failed"] == 0, mb
+    mb = assert_nothing_lost(report, f"{attack.split(',')[0]}-worker")
     assert mb["hedged_hops"] >= 1, "no hop was hedged: the straggler was never tried"
     timeout_floor = 20.0  # TrainingConfig.hop_timeout_min_s
     for v in swarm.verifiers:

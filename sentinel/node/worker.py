@@ -102,10 +102,33 @@ async def read_stage_claims(runtime: SwarmRuntime, run: str, num_stages: int) ->
 _MULTI_STAGE_REPORTED: set[str] = set()
 
 
-def _version(msg: Message) -> int:
+def version_of(msg: Message) -> int:
     """The optimizer-step count a ``params_result`` announces (0 if absent or not an int)."""
     v = msg.header.get("version", 0)
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+
+async def fetch_params(runtime: SwarmRuntime, checker: MessageChecker, run: str, step: int, stage: int,
+                       peers: list[str], numel: int | None = None, timeout: float = 20.0,
+                       ) -> tuple[list[tuple[str, Message]], list[tuple[str, Exception]]]:
+    """Ask each of ``peers`` for its flat parameters of ``stage``: the signed, checked
+    ``params_result`` of those that answer, and (peer, error) for the rest. Replicas use it to
+    average (``numel`` known), verifiers to judge a complaint against the stage."""
+    spec = {"params": TensorSpec("float32", (numel,))}
+
+    async def fetch(peer: str) -> tuple[str, Message | Exception]:
+        req = sign_message(wire.request(run, step, 0, stage, "params", {}), runtime.identity)
+        try:
+            resp = await runtime.call(peer, wire.PARAMS, req, timeout)
+            checker.check(resp, expected_sender=peer, expected=spec, check_replay=False)
+        except (PeerCallError, ProtocolError) as e:
+            logger.debug("params of stage %d from %s failed: %s", stage, peer[-8:], e)
+            return peer, e
+        return peer, resp
+
+    got = await asyncio.gather(*(fetch(p) for p in peers))
+    return ([(p, r) for p, r in got if isinstance(r, Message)],
+            [(p, r) for p, r in got if not isinstance(r, Message)])
 
 
 def _throughput_of(claim: dict) -> float:
@@ -368,7 +391,7 @@ class WorkerNode:
     # -- parameters from replicas ------------------------------------------------------------------
     async def _fetch_replica_states(self, timeout: float = 20.0) -> list[tuple[torch.Tensor, int]]:
         """(flat parameters, optimizer-step count) of every live, non-banned replica that answers."""
-        return [(msg.tensors["params"], _version(msg)) for _, msg in await self._fetch_replica_replies(timeout)]
+        return [(msg.tensors["params"], version_of(msg)) for _, msg in await self._fetch_replica_replies(timeout)]
 
     async def _fetch_replica_replies(self, timeout: float = 20.0) -> list[tuple[str, Message]]:
         """(peer, its signed ``params_result``) of every live, non-banned replica that answers.
@@ -380,22 +403,11 @@ class WorkerNode:
         self._excluded |= banned
         peers = [p for p, v in claims.items()
                  if p != self.runtime.peer_id and v.get("state") == "ONLINE" and p not in banned]
-        n = self.runner.num_parameters()
-        spec = {"params": TensorSpec("float32", (n,))}
-
-        async def fetch(peer: str) -> tuple[str, Message] | None:
-            req = wire.request(self.run, self.max_step, 0, self.stage, "params", {})
-            try:
-                resp = await self.runtime.call(peer, wire.PARAMS, sign_message(req, self.runtime.identity), timeout)
-                self.checker.check(resp, expected_sender=peer, expected=spec, check_replay=False)
-            except (PeerCallError, ProtocolError) as e:
-                METRICS.inc("sentinel_averaging_failures_total", reason=getattr(e, "reason", "error"))
-                logger.debug("params from %s failed: %s", peer[-8:], e)
-                return None
-            return peer, resp
-
-        got = await asyncio.gather(*(fetch(p) for p in peers))
-        return [g for g in got if g is not None]
+        got, failed = await fetch_params(self.runtime, self.checker, self.run, self.max_step, self.stage, peers,
+                                         self.runner.num_parameters(), timeout)
+        for _, e in failed:
+            METRICS.inc("sentinel_averaging_failures_total", reason=getattr(e, "reason", "error"))
+        return got
 
     def _screen_contributions(self, own: torch.Tensor, replies: list[tuple[str, Message]]) -> None:
         """Complain to the verifiers about each replica whose contribution to this round is an

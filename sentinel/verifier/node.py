@@ -23,12 +23,11 @@ from sentinel import __version__
 from sentinel.bootstrap.manifest import RunManifest
 from sentinel.metrics import METRICS
 from sentinel.model.corpus import TextCorpus
-from sentinel.node.runtime import PeerCallError, SwarmRuntime
-from sentinel.node.worker import progress_key, read_stage_claims, verifiers_key
+from sentinel.node.runtime import SwarmRuntime
+from sentinel.node.worker import fetch_params, progress_key, read_stage_claims, verifiers_key, version_of
 from sentinel.protocol import pipeline as wire
 from sentinel.protocol.checks import TensorSpec
 from sentinel.protocol.codec import Message
-from sentinel.protocol.errors import ProtocolError
 from sentinel.protocol.signing import sign_message
 from sentinel.verifier.bans import BanBook, ban_key
 from sentinel.verifier.complaints import ComplaintDesk, Verdict
@@ -172,21 +171,10 @@ class VerifierNode:
     async def _fetch_stage_params(self, stage: int, exclude: set[str],
                                   timeout: float = 20.0) -> list[tuple[str, Any, int]]:
         """The current flat parameters of the stage's live, non-banned replicas (but ``exclude``)."""
-        spec = {"params": TensorSpec("float32", (None,))}
-
-        async def fetch(peer: str) -> tuple[str, Any, int] | None:
-            req = sign_message(wire.request(self.run, self.step, 0, stage, "params", {}), self.runtime.identity)
-            try:
-                resp = await self.runtime.call(peer, wire.PARAMS, req, timeout)
-                self.complaints.checker.check(resp, expected_sender=peer, expected=spec, check_replay=False)
-            except (PeerCallError, ProtocolError) as e:
-                logger.debug("params of %s for a complaint failed: %s", peer[-8:], e)
-                return None
-            v = resp.header.get("version", 0)
-            return peer, resp.tensors["params"], v if isinstance(v, int) and not isinstance(v, bool) else 0
-
-        got = await asyncio.gather(*(fetch(p) for p in self.transport.replicas(stage) if p not in exclude))
-        return [g for g in got if g is not None]
+        peers = [p for p in self.transport.replicas(stage) if p not in exclude]
+        got, _ = await fetch_params(self.runtime, self.complaints.checker, self.run, self.step, stage, peers,
+                                    timeout=timeout)
+        return [(p, msg.tensors["params"], version_of(msg)) for p, msg in got]
 
     def _on_verdict(self, v: Verdict) -> None:
         logger.info("complaint against %s (stage %d averaging): %s, %.1f x the spread of %d replicas (bound %.1f)",
@@ -201,10 +189,7 @@ class VerifierNode:
             "step": self.step, "micro_batch": 0, "stage": v.stage, "direction": "average", "reasons": ["contribution"],
             **v.evidence, "distances": {"contribution": _finite(v.score)}, "fences": {"contribution": v.bound},
         })
-        if self.ledger.is_banned(v.accused) and v.accused not in self.bans.my_votes and self.frame_target is None:
-            self.bans.vote(v.accused, v.stage, "average", self.step, list(self.evidence[v.accused]))
-            logger.info("voting to ban %s (stage %d averaging contributions)", v.accused[-8:], v.stage)
-            self._wake.set()
+        self._vote_if_banned(v.accused, v.stage, "average", self.step, "averaging contributions")
 
     def status(self) -> dict[str, Any]:
         return {"role": "verifier", "state": self.state, "step": int(self.step), "tokens": int(self.tokens),
@@ -343,10 +328,14 @@ class VerifierNode:
         logger.info("strike %s at stage %d %s, step %d mb %d: %s (distances %s, fences %s, vs recomputation %s)",
                     ev.worker[-8:], ev.stage, ev.direction, ev.step, ev.micro_batch, ",".join(ev.reasons),
                     _brief(item.get("distances")), _brief(item.get("fences")), _brief(item.get("confirm_distances")))
-        if self.ledger.is_banned(ev.worker) and ev.worker not in self.bans.my_votes and self.frame_target is None:
-            self.bans.vote(ev.worker, ev.stage, ev.direction, ev.step, list(self.evidence[ev.worker]))
-            logger.info("voting to ban %s (stage %d %s, reasons %s)", ev.worker[-8:], ev.stage, ev.direction,
-                        ev.reasons)
+        self._vote_if_banned(ev.worker, ev.stage, ev.direction, ev.step, f"{ev.direction}, reasons {ev.reasons}")
+
+    def _vote_if_banned(self, worker: str, stage: int, direction: str, step: int, why: str) -> None:
+        """Once this verifier's ledger bans ``worker`` (either kind of evidence), vote once and
+        publish the vote at once rather than a heartbeat later."""
+        if self.ledger.is_banned(worker) and worker not in self.bans.my_votes and self.frame_target is None:
+            self.bans.vote(worker, stage, direction, step, list(self.evidence[worker]))
+            logger.info("voting to ban %s (stage %d %s)", worker[-8:], stage, why)
             self._wake.set()
 
     def _frame(self) -> None:
