@@ -14,7 +14,7 @@ import asyncio
 import torch
 
 from sentinel.verifier.config import ScreeningConfig
-from sentinel.verifier.driver import DriverConfig, FlagEvent, HopResult, PipelineDriver
+from sentinel.verifier.driver import DriverConfig, FlagEvent, HopError, HopResult, PipelineDriver
 from sentinel.verifier.reference import DISTANCES, profile_of
 from sentinel.verifier.screen import BoundaryScreen, Verdict
 from sentinel.verifier.stats import compute_stats
@@ -227,6 +227,46 @@ def test_a_silent_replica_is_hedged_instead_of_waited_out() -> None:
     assert elapsed < 5.0, f"a hop waited out the {5.0}s timeout ({elapsed:.1f}s)"
     assert all("silent" not in r.route for r in results)  # every hop it got was answered by another
     assert driver.router.latency("silent") >= 0.05  # it learned how slow the straggler is
+
+
+class CutOnce(Stragglers):
+    """``silent`` never answers in time; ``flaky``'s first stage-0 forward fails the way a stream
+    cut on a loaded host does (an unsigned, truncated frame: availability, not integrity)."""
+
+    def __init__(self):
+        super().__init__(["silent", "flaky"])
+        self.cut = False
+
+    async def forward(self, worker, stage, step, micro_batch, x, targets, mode, timeout):
+        if stage == 0 and worker == "flaky" and not self.cut:
+            self.cut = True
+            self.calls.append(worker)
+            raise HopError("stream cut", "truncated", integrity=False)
+        return await super().forward(worker, stage, step, micro_batch, x, targets, mode, timeout)
+
+
+def test_a_backup_that_fails_once_is_retried_instead_of_waiting_out_the_silent_replica() -> None:
+    """Two replicas, one silent: when the only backup fails once (whether it failed first as the
+    chosen replica or later as the hedge), the hop goes back to it after its back-off instead of
+    waiting the whole timeout on the silent one. Measured in a live drill: one truncated stream
+    made a 3 x 2 swarm's step take 20.4 s, the hop timeout."""
+    for mb_count in (1, 3):  # alone, and with concurrent micro-batches racing for the same replicas
+        transport = CutOnce()
+        driver = _hedging_driver(transport, hedge=True)
+        gen = torch.Generator().manual_seed(mb_count)
+
+        async def go(transport=transport, driver=driver, gen=gen, n=mb_count):
+            t0 = asyncio.get_running_loop().time()
+            results = await asyncio.gather(*(driver.train_micro_batch(0, mb, torch.randn(HIDDEN, generator=gen),
+                                                                      None) for mb in range(n)))
+            return results, asyncio.get_running_loop().time() - t0
+
+        results, elapsed = asyncio.run(go())
+        assert transport.cut, "the flaky replica was never cut: the drill tested nothing"
+        assert all(r.completed for r in results)
+        assert all(r.route[0] == "flaky" for r in results)
+        assert driver.hop_failures.get("truncated") == 1 and "timeout" not in driver.hop_failures, driver.hop_failures
+        assert elapsed < 4.0, f"a hop waited out the 5 s timeout ({elapsed:.1f}s)"
 
 
 def test_without_hedging_the_slow_replica_is_awaited() -> None:

@@ -161,6 +161,21 @@ class PipelineDriver:
         failed_here: set[str] = set()
         deadline = time.monotonic() + self.config.wait_for_replica_s
         attempts = 0
+
+        def failure(worker: str, e: HopError) -> None:
+            """One replica's attempt failed: back it off; strike a signed bad answer."""
+            self.router.failed(worker)
+            failed_here.add(worker)
+            result.retries += 1
+            self.hop_failures[e.reason] = self.hop_failures.get(e.reason, 0) + 1
+            if e.integrity:
+                logger.warning("integrity fault from %s at stage %d %s: %s", worker[-8:], stage, direction, e)
+                self._flag(stage, direction, worker, (e.reason,), result, None, {"error": str(e)})
+                flagged.add(worker)
+                if worker in usable:  # no more hedges on it in this attempt either
+                    usable.remove(worker)
+            logger.debug("hop %s/%d on %s failed: %s", direction, stage, worker[-8:], e)
+
         while attempts < self.config.max_hop_attempts:  # waiting for a usable replica is not an attempt
             candidates = [w for w in self.transport.replicas(stage) if not self.is_banned(w)]
             usable = [w for w in candidates if w not in flagged]
@@ -189,19 +204,10 @@ class PipelineDriver:
             attempts += 1
             timeout = self.router.timeout_for(candidates)
             self.router.started(worker)
-            try:
-                hop, worker, latency = await self._call(call, worker, timeout, usable, failed_here, result)
-            except HopError as e:
-                self.router.failed(worker)
-                failed_here.add(worker)
-                result.retries += 1
-                self.hop_failures[e.reason] = self.hop_failures.get(e.reason, 0) + 1
-                if e.integrity:
-                    logger.warning("integrity fault from %s at stage %d %s: %s", worker[-8:], stage, direction, e)
-                    self._flag(stage, direction, worker, (e.reason,), result, None, {"error": str(e)})
-                    flagged.add(worker)
-                logger.debug("hop %s/%d on %s failed: %s", direction, stage, worker[-8:], e)
+            answered = await self._call(call, worker, timeout, usable, result, failure)
+            if answered is None:  # every replica tried in this attempt failed (each recorded)
                 continue
+            hop, worker, latency = answered
             self.router.finished(worker, latency)
             if hop.tensor is None or self.screener is None or not screen:
                 return hop, worker
@@ -229,48 +235,56 @@ class PipelineDriver:
                        "exhausted", integrity=False)
 
     async def _call(self, call: Callable[[str, float], Any], worker: str, timeout: float, usable: list[str],
-                    exclude: set[str], result: MicroBatchResult) -> tuple[HopResult, str, float]:
-        """One attempt of a hop on ``worker``; returns (reply, who answered, their latency).
+                    result: MicroBatchResult, failure: Callable[[str, HopError], None],
+                    ) -> tuple[HopResult, str, float] | None:
+        """One attempt of a hop on ``worker``; returns (reply, who answered, their latency), or
+        None when every replica tried failed (each failure already went to ``failure``).
 
-        With hedging on, a second replica gets the same request once ``worker`` is slower than
-        ``Router.hedge_after``, and the first valid answer wins; the router learns the loser's
-        latency (or failure) here. When every attempt fails, ``worker``'s HopError is raised
-        for the caller to record. The caller marked ``worker`` started.
+        With hedging on, whenever every request still out has gone unanswered for
+        ``Router.hedge_after``, the same request also goes to another replica that the router
+        finds usable now, and the first valid answer wins; the router learns the losers' latency.
+        A backup that fails does not leave the hop waiting on the straggler: once its back-off
+        ends it (or another replica) is tried again, until the attempt's own timeout. A replica
+        that failed earlier in this hop is eligible too, so a stream cut once under load does not
+        leave a two-replica stage with only its silent member. The caller marked ``worker`` started.
         """
         after = self.router.hedge_after(usable) if self.config.hedge else None
+        if after is not None and after >= timeout:
+            after = None
         t0 = time.perf_counter()
-        first = asyncio.ensure_future(call(worker, timeout))
-        if after is None or after >= timeout:
-            return await first, worker, time.perf_counter() - t0
-        done, _ = await asyncio.wait({first}, timeout=after)
-        backup = None if done else self.router.pick(usable, exclude={worker, *exclude})
-        if backup is None:
-            return await first, worker, time.perf_counter() - t0
-        result.hedged += 1
-        logger.debug("hop on %s unanswered after %.1fs: hedging on %s", worker[-8:], after, backup[-8:])
-        self.router.started(backup)
-        starts = {worker: t0, backup: time.perf_counter()}
-        tasks = {first: worker, asyncio.ensure_future(call(backup, timeout)): backup}
-        errors: dict[str, HopError] = {}
+        starts = {worker: t0}
+        tasks = {asyncio.ensure_future(call(worker, timeout)): worker}
         try:
             while tasks:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
+                now = time.perf_counter()
+                wake = None
+                if after is not None and now - t0 < timeout:
+                    last_slow = max(starts[w] for w in tasks.values()) + after
+                    if now >= last_slow:
+                        backup = self.router.pick(usable, exclude=set(tasks.values()))
+                        if backup is not None:
+                            result.hedged += 1
+                            logger.debug("hop on %s unanswered after %.1fs: hedging on %s",
+                                         worker[-8:], now - t0, backup[-8:])
+                            self.router.started(backup)
+                            starts[backup] = now
+                            tasks[asyncio.ensure_future(call(backup, timeout))] = backup
+                            continue
+                        wake = self.config.poll_s or 0.05  # no replica usable now: look again soon
+                    else:
+                        wake = last_slow - now
+                done, _ = await asyncio.wait(tasks, timeout=wake, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=lambda t: t.exception() is None):  # failures first
                     who = tasks.pop(task)
                     exc = task.exception()
                     if exc is None:
                         for loser in tasks.values():
                             self.router.abandoned(loser, time.perf_counter() - starts[loser])
-                        for failed, e in errors.items():
-                            self.router.failed(failed)
-                            self.hop_failures[e.reason] = self.hop_failures.get(e.reason, 0) + 1
                         return task.result(), who, time.perf_counter() - starts[who]
                     if not isinstance(exc, HopError):
                         raise exc
-                    errors[who] = exc
-            self.router.failed(backup)
-            self.hop_failures[errors[backup].reason] = self.hop_failures.get(errors[backup].reason, 0) + 1
-            raise errors[worker]
+                    failure(who, exc)
+            return None
         finally:
             for task in tasks:
                 task.cancel()
