@@ -22,6 +22,7 @@ from sentinel.verifier.complaints import ComplaintDesk, ComplaintRejected
 RUN = "complaints-test"
 STAGE = 1
 D = 400
+NOW = 30  # the verifier's pipeline step
 
 
 class Stage:
@@ -40,14 +41,14 @@ class Stage:
         return [i.peer_id for i in self.ids]
 
     def reply(self, who: int, params: torch.Tensor | None = None, *, stage: int = STAGE, version: int = 20,
-              direction: str = "params_result"):
-        """What replica ``who`` signs when asked for its parameters."""
-        req = sign_message(wire.request(RUN, 5, 0, stage, "params", {}), self.ids[0])
+              direction: str = "params_result", step: int = NOW):
+        """What replica ``who`` signs when replica 0 asks for its parameters at pipeline ``step``."""
+        req = sign_message(wire.request(RUN, step, 0, stage, "params", {}), self.ids[0])
         flat = self.params[self.peers[who]] if params is None else params
         return sign_message(wire.reply(req, direction, {"params": flat}, version=version), self.ids[who])
 
     def complaint(self, by: int, against: int, reply):
-        return sign_message(wire.request(RUN, 5, 0, STAGE, "complaint", {"params": reply.tensors["params"]},
+        return sign_message(wire.request(RUN, NOW, 0, STAGE, "complaint", {"params": reply.tensors["params"]},
                                          accused=self.peers[against], evidence=dict(reply.header)), self.ids[by])
 
     async def fetch(self, stage: int, exclude: set[str]):
@@ -57,7 +58,7 @@ class Stage:
         return self.peers if stage == STAGE else []
 
     def desk(self, ratio: float = 3.0, floor: float = 0.02) -> ComplaintDesk:
-        return ComplaintDesk(RUN, ratio, floor, self.fetch, stale_versions=8, min_interval_s=0.0)
+        return ComplaintDesk(RUN, ratio, floor, self.fetch, now_step=lambda: NOW, stale_steps=4, min_interval_s=0.0)
 
 
 def _judge(desk: ComplaintDesk, s: Stage, msg, by: int):
@@ -124,11 +125,27 @@ def test_the_same_evidence_is_judged_once() -> None:
 
 
 def test_an_old_honest_snapshot_replayed_as_evidence_is_stale() -> None:
+    """Dated by the step of the request it answered (the complainer's, echoed and signed by the
+    accused): an honest replica's reply from 10 steps ago is refused, whatever version it names."""
     s = Stage()
-    old = s.reply(2, s.base * 0.5, version=3)  # what replica 2 signed 17 optimizer steps ago
+    old = s.reply(2, s.base * 0.5, version=20, step=NOW - 10)
     with pytest.raises(ComplaintRejected) as e:
         _judge(s.desk(), s, s.complaint(0, 2, old), by=0)
     assert e.value.reason == "stale"
+    assert _judge(s.desk(), s, s.complaint(0, 2, s.reply(2, s.base * 0.5, step=NOW - 4)), by=0).upheld
+
+
+def test_a_replica_lagging_in_optimizer_steps_is_still_judged() -> None:
+    """Replicas' optimizer-step counts differ by their share of the traffic (measured live: one
+    lagged its stage by 14-35 steps), and the accused signs its own version: neither may make
+    fresh evidence stale. A poisoner signing version 0 is judged like any other."""
+    s = Stage()
+    for p in s.peers[:2]:
+        s.versions[p] = 80
+    for version in (45, 0):
+        bad = s.base - 10 * (s.params[s.peers[2]] - s.base) + 0.5 * torch.randn(D)
+        verdict = _judge(s.desk(), s, s.complaint(0, 2, s.reply(2, bad, version=version)), by=0)
+        assert verdict is not None and verdict.upheld, (version, verdict)
 
 
 def test_too_few_replicas_to_compare_is_undecided() -> None:

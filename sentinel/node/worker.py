@@ -121,6 +121,12 @@ async def fetch_params(runtime: SwarmRuntime, checker: MessageChecker, run: str,
         try:
             resp = await runtime.call(peer, wire.PARAMS, req, timeout)
             checker.check(resp, expected_sender=peer, expected=spec, check_replay=False)
+            h = resp.header
+            # bound to this request: the echoed step is what dates the reply as evidence
+            # (``sentinel.verifier.complaints``), so the sender must not choose it
+            if h.get("in_reply_to") != req.header["digest"] or h.get("step") != req.header["step"] \
+                    or h.get("stage") != stage or h.get("direction") != "params_result":
+                raise ProtocolError("params reply is not bound to this request (in_reply_to/step/stage)")
         except (PeerCallError, ProtocolError) as e:
             logger.debug("params of stage %d from %s failed: %s", stage, peer[-8:], e)
             return peer, e

@@ -106,7 +106,7 @@ class VerifierNode:
         # complaints about poisoned averaging contributions (``sentinel.verifier.complaints``)
         self.complaints = ComplaintDesk(self.run, self.screen_config.averaging_outlier_ratio,
                                         self.screen_config.averaging_outlier_floor, self._fetch_stage_params,
-                                        stale_versions=t.max_local_steps + 2 * t.average_every)
+                                        now_step=lambda: int(self.step))
         self.averaging_upheld: dict[str, int] = defaultdict(int)
         self._complaint_tasks: set[asyncio.Task] = set()
         self.val_batches = corpus.val_batches(t.micro_batch_size, manifest.model.seq_len, t.eval_batches)
@@ -177,8 +177,9 @@ class VerifierNode:
         return [(p, msg.tensors["params"], version_of(msg)) for p, msg in got]
 
     def _on_verdict(self, v: Verdict) -> None:
-        logger.info("complaint against %s (stage %d averaging): %s, %.1f x the spread of %d replicas (bound %.1f)",
-                    v.accused[-8:], v.stage, "upheld" if v.upheld else "dismissed", v.score, v.replicas, v.bound)
+        logger.info("complaint against %s (stage %d averaging): %s, %.1f x the spread of %d replicas (bound %.1f), "
+                    "evidence of step %s judged at step %d", v.accused[-8:], v.stage,
+                    "upheld" if v.upheld else "dismissed", v.score, v.replicas, v.bound, v.evidence.get("evidence_step"), self.step)
         if not v.upheld:
             return
         self.averaging_upheld[v.accused] += 1
