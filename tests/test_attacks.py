@@ -31,7 +31,7 @@ CONTEXT_NAMES = ["white_box", "lazy_skip", "lazy_stale", "lazy_random", "lazy_pa
 # Honest on the pipeline, poisoned in averaging: tests/test_averaging.py.
 AVERAGING_NAMES = ["avg_scaling", "avg_random", "avg_alie"]
 # Honest tensors, late or never: the live drill in tests/test_swarm_faults.py.
-AVAILABILITY_NAMES = ["slow", "silent"]
+AVAILABILITY_NAMES = ["slow", "silent", "trickle"]
 # Specs under which each attack changes every message from the second one on.
 ALWAYS_FIRES = {name: name for name in ALL_NAMES} | {"intermittent": "intermittent,p=1"}
 
@@ -379,3 +379,8 @@ def test_availability_attacks_send_honest_tensors_late_or_never() -> None:
     assert silent.reply_delay(ctx(0, direction="forward")) == 0.0
     with pytest.raises(ValueError):
         load_attack("slow,delay=-1")
+    trickle = load_attack("trickle,bytes_per_s=100,start_step=3")
+    assert trickle.reply_delay(ctx(5)) == 0.0 and trickle.reply_pace(ctx(5)) == 100.0
+    assert trickle.reply_pace(ctx(2)) is None and slow.reply_pace(ctx(5)) is None
+    with pytest.raises(ValueError):
+        load_attack("trickle,bytes_per_s=0")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 import tracemalloc
 import warnings
 
@@ -114,12 +115,14 @@ def test_reserved_header_key_and_bad_dtype_are_local_errors() -> None:
         encode(Message({}, {"x": torch.zeros(2, dtype=torch.float64)}))
 
 
-def test_stream_round_trip_over_loopback() -> None:
+@pytest.mark.parametrize("pace", [None, 40_000.0])
+def test_stream_round_trip_over_loopback(pace: float | None) -> None:
+    """Also paced (the trickle attack's way of sending): same bytes, and at most that fast."""
     messages = [
         Message({"i": i}, {"x": torch.randn(64, 33), "m": torch.ones(3, dtype=torch.bool)}) for i in range(3)
     ]
 
-    async def main() -> list[Message]:
+    async def main() -> tuple[list[Message], float]:
         received: list[Message] = []
         done = asyncio.Event()
 
@@ -133,16 +136,20 @@ def test_stream_round_trip_over_loopback() -> None:
         try:
             port = server.sockets[0].getsockname()[1]
             _, writer = await asyncio.open_connection("127.0.0.1", port)
+            t0 = time.perf_counter()
             for msg in messages:
-                await write_message(writer, msg)
+                await write_message(writer, msg, pace)
+            sent_s = time.perf_counter() - t0
             await asyncio.wait_for(done.wait(), timeout=10)
             writer.close()
         finally:
             server.close()
             await server.wait_closed()
-        return received
+        return received, sent_s
 
-    received = asyncio.run(main())
+    received, sent_s = asyncio.run(main())
+    if pace is not None:  # ~26 KiB at 40 KB/s: never faster than the pace (load only slows it)
+        assert sent_s >= 0.9 * sum(len(b"".join(bytes(p) for p in encode(m))) for m in messages) / pace
     for sent, got in zip(messages, received, strict=True):
         assert got.header == sent.header
         assert all(torch.equal(got.tensors[k], v) for k, v in sent.tensors.items())

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sentinel.protocol.identity import Identity
 from sentinel.verifier.bans import BanBook, committee_bans
-from sentinel.verifier.committee import ban_quorum, elect_committee
+from sentinel.verifier.committee import _weight, ban_quorum, elect_committee
 from sentinel.verifier.strikes import StrikeLedger
 
 # ----------------------------------------------------------------------------- strikes
@@ -120,6 +124,27 @@ def test_election_depends_on_run_and_epoch() -> None:
     assert elect_committee("other-run", 1, PEERS, 5) != base
     with pytest.raises(ValueError):
         elect_committee("run", 1, PEERS, -1)
+
+
+def _seeded_peer(label: str) -> str:
+    seed = hashlib.blake2b(label.encode(), digest_size=32).digest()
+    return Identity(Ed25519PrivateKey.from_private_bytes(seed)).peer_id
+
+
+def test_an_open_committee_is_captured_by_grinding_keys_and_a_pinned_one_is_not() -> None:
+    """Open mode has no Sybil resistance, and this test says so rather than hide it: peer ids
+    are free, so an attacker generates keys until three outweigh every honest candidate,
+    announces them, and owns the whole committee. The manifest's ``trusted_verifiers`` pin the
+    committee; the same keys then own no seat. Keys are seeded so the outcome is fixed; how many
+    random keys a capture takes is measured in ``bench/committee_capture.py`` (BENCHMARKS.md)."""
+    run = "sybil-test"
+    honest = [_seeded_peer(f"honest-{i}") for i in range(5)]
+    bar = max(_weight(run, 0, p) for p in honest)
+    sybils = [p for p in (_seeded_peer(f"sybil-{k}") for k in range(2000)) if _weight(run, 0, p) > bar][:3]
+    assert len(sybils) == 3, "2000 seeded keys did not capture the committee"
+    assert set(elect_committee(run, 0, honest + sybils, 3)) == set(sybils)
+    pinned = BanBook(run, honest[0], 3, trusted=honest[:3])
+    assert pinned.elect(honest + sybils) == honest[:3] and pinned.seats == 3
 
 
 def test_quorum_needs_strict_majority_of_committee() -> None:

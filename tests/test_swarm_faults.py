@@ -170,28 +170,33 @@ def test_sigkill_verifier_mid_step_resumes_from_its_journal(tmp_path):
     assert_all_gone(swarm.all_pids())
 
 
-@pytest.mark.parametrize("attack", ["silent", "slow,delay=5"])
-def test_a_silent_or_slow_worker_is_routed_around_without_stalling_a_step(tmp_path, attack):
-    """A stage-1 worker that stops answering (or answers 5 s late) from step 5: every hop it is
-    given is hedged on its replica after a few typical latencies, so no step waits out the
-    20-s hop timeout, and no micro-batch is lost. Its tensors are honest: nobody is struck."""
+@pytest.mark.parametrize("attacks", [{1: "silent"}, {0: "slow,delay=5", 1: "trickle"}],
+                         ids=["silent", "slow+trickle"])
+def test_a_silent_slow_or_trickling_worker_is_routed_around_without_stalling_a_step(tmp_path, attacks):
+    """Stragglers from step 5, one replica per stage at most: a stage-1 worker that stops
+    answering; or a stage-0 worker answering 5 s late beside a stage-1 worker that sends its
+    replies at 4 KiB/s (a live stream, a minute per activation). Every hop they are given is
+    hedged on their replica after a few typical latencies, so no step waits out the 20-s hop
+    timeout, and no micro-batch is lost. Their tensors are honest: nobody is struck."""
     cfg = SwarmConfig(stages=3, replicas=2, verifiers=2, steps=30, malicious=0, eval_every=1000,
                       micro_batches_per_step=2)
     swarm = LocalSwarm(cfg, tmp_path)
-    victim = next(w for w in swarm.workers if w.stage == 1)
-    victim.extra_args = ["--attack", attack, "--attack-start", "5"]
+    for stage, attack in attacks.items():
+        victim = next(w for w in swarm.workers if w.stage == stage)
+        victim.extra_args = ["--attack", attack, "--attack-start", "5"]
+    name = "+".join(a.split(",")[0] for a in attacks.values()) + "-worker"
     try:
         swarm.start()
         swarm.wait()
     finally:
         swarm.stop()
     report = swarm.report()
-    mb = assert_nothing_lost(report, f"{attack.split(',')[0]}-worker")
-    assert mb["hedged_hops"] >= 1, "no hop was hedged: the straggler was never tried"
+    mb = assert_nothing_lost(report, name)
+    assert mb["hedged_hops"] >= len(attacks), "too few hops were hedged: a straggler was never tried"
     timeout_floor = 20.0  # TrainingConfig.hop_timeout_min_s
     for v in swarm.verifiers:
         steps = json.loads(v.report_path.read_text())["step_seconds"]
-        print(f"DRILL {attack.split(',')[0]}-worker: {v.name} step time median {sorted(steps)[len(steps) // 2]:.2f} s, "
+        print(f"DRILL {name}: {v.name} step time median {sorted(steps)[len(steps) // 2]:.2f} s, "
               f"max {max(steps):.2f} s (hop timeout {timeout_floor:.0f} s)")
         assert max(steps) < timeout_floor, f"a step waited out a hop timeout: {steps}"
     assert report["banned"] == [], report["banned"]

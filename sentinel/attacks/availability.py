@@ -12,7 +12,7 @@ import math
 
 from sentinel.attacks.base import Attack, AttackContext
 
-__all__ = ["AvailabilityAttack", "Silent", "Slow"]
+__all__ = ["AvailabilityAttack", "Silent", "Slow", "Trickle"]
 
 
 class AvailabilityAttack(Attack):
@@ -28,7 +28,16 @@ class AvailabilityAttack(Attack):
         return self.delay(ctx)
 
     def delay(self, ctx: AttackContext) -> float:
-        raise NotImplementedError
+        return 0.0
+
+    def reply_pace(self, ctx: AttackContext) -> float | None:
+        """Bytes per second at which the worker sends this reply (None = as fast as it can)."""
+        if not self.active(ctx) or not (self.directions == "both" or self.directions == ctx.direction):
+            return None
+        return self.pace(ctx)
+
+    def pace(self, ctx: AttackContext) -> float | None:
+        return None
 
 
 class Slow(AvailabilityAttack):
@@ -63,3 +72,26 @@ class Silent(AvailabilityAttack):
 
     def delay(self, ctx: AttackContext) -> float:
         return math.inf
+
+
+class Trickle(AvailabilityAttack):
+    """Answers at once, then sends its reply a few bytes at a time.
+
+    Args:
+        bytes_per_s: the sending rate; the default 4096 takes about a minute for one
+            activation of the demo model (256 KiB), three times the 20-s timeout floor.
+
+    Why it matters: the stream is alive and making progress, so a deadline on the first byte or
+    an idle timeout never fires; only a deadline on the whole exchange (or a hedge) does.
+    """
+
+    name = "trickle"
+
+    def __init__(self, bytes_per_s: float = 4096.0, *, directions: str = "both", start_step: int = 0) -> None:
+        super().__init__(directions=directions, start_step=start_step)
+        if not (bytes_per_s > 0 and math.isfinite(bytes_per_s)):
+            raise ValueError(f"bytes_per_s must be a finite number > 0; got {bytes_per_s}")
+        self.bytes_per_s = float(bytes_per_s)
+
+    def pace(self, ctx: AttackContext) -> float | None:
+        return self.bytes_per_s

@@ -11,7 +11,7 @@ The classes live in five small modules grouped by what the adversary exploits:
 from __future__ import annotations
 
 from sentinel.attacks.adaptive import Alie, Collusion, EmaMimic, WhiteBox
-from sentinel.attacks.availability import Silent, Slow
+from sentinel.attacks.availability import Silent, Slow, Trickle
 from sentinel.attacks.averaging import AvgAlie, AvgRandom, AvgScaling
 from sentinel.attacks.base import Attack
 from sentinel.attacks.lazy import LazyPartial, LazyRandom, LazySkip, LazyStale
@@ -57,4 +57,5 @@ BUILTIN_ATTACKS: tuple[type[Attack], ...] = (
     AvgAlie,
     Slow,
     Silent,
+    Trickle,
 )

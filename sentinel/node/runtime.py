@@ -23,6 +23,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,11 @@ from sentinel.protocol.signing import sign_message
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Message, str], Awaitable[Message]]
+
+# A handler may ask for its reply to be sent slowly (bytes/s): the trickling availability attack
+# (``sentinel.attacks.availability.Trickle``) sets it. A ContextVar because the handler runs in
+# the stream's own task, so the value set inside it is seen by ``serve`` and by no other stream.
+REPLY_PACE: ContextVar[float | None] = ContextVar("sentinel_reply_pace", default=None)
 
 
 class BootstrapUnreachableError(RuntimeError):
@@ -261,6 +267,7 @@ class SwarmRuntime:
         async def on_stream(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             remote = info.peer_id.to_base58()
             try:
+                REPLY_PACE.set(None)
                 try:
                     request = await read_message(reader, self.limits)
                     METRICS.inc("sentinel_bytes_total", _approx_size(request), direction="in")
@@ -277,7 +284,7 @@ class SwarmRuntime:
                     logger.exception("handler %s failed", name)
                     METRICS.inc("sentinel_handler_errors_total", handler=name)
                     response = self.error_message("internal", f"{type(e).__name__}: {e}")
-                await write_message(writer, response)
+                await write_message(writer, response, REPLY_PACE.get())
                 METRICS.inc("sentinel_bytes_total", _approx_size(response), direction="out")
             except (ConnectionError, asyncio.IncompleteReadError, OSError):
                 pass

@@ -31,7 +31,7 @@ from sentinel.node.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from sentinel.node.runtime import PeerCallError, SwarmRuntime
+from sentinel.node.runtime import REPLY_PACE, PeerCallError, SwarmRuntime
 from sentinel.node.stage_runner import StageRunner
 from sentinel.node.stage_selection import choose_stage, should_move
 from sentinel.protocol import pipeline as wire
@@ -323,12 +323,17 @@ class WorkerNode:
         return sign_message(wire.reply(msg, "forward_result", {"y": y.contiguous()}), self.runtime.identity)
 
     async def _hold_reply(self, ctx: Any) -> None:
-        """An availability attack (``sentinel.attacks.availability``) holds its honest reply;
-        "never" is bounded by ``MAX_HOLD_S`` so the handler task does not outlive its caller forever."""
+        """An availability attack (``sentinel.attacks.availability``) holds its honest reply, or
+        trickles it; "never" is bounded by ``MAX_HOLD_S`` so the handler task does not outlive
+        its caller forever."""
         delay = getattr(self.attack, "reply_delay", None)
         seconds = delay(ctx) if delay is not None else 0.0
         if seconds > 0:
             await asyncio.sleep(min(seconds, MAX_HOLD_S))
+        pace = getattr(self.attack, "reply_pace", None)
+        bytes_per_s = pace(ctx) if pace is not None else None
+        if bytes_per_s is not None:
+            REPLY_PACE.set(bytes_per_s)
 
     async def _on_backward(self, msg: Message, remote: str) -> Message:
         await self._check(msg, remote, wire.BACKWARD)

@@ -241,10 +241,22 @@ def decode(buf: bytes | bytearray | memoryview, limits: Limits = Limits()) -> Me
     return Message(header, tensors)
 
 
-async def write_message(writer: asyncio.StreamWriter, msg: Message) -> None:
-    """Encode and send one frame, waiting for the transport to drain (backpressure)."""
-    writer.writelines(encode(msg))
-    await writer.drain()
+async def write_message(writer: asyncio.StreamWriter, msg: Message, pace_bytes_per_s: float | None = None) -> None:
+    """Encode and send one frame, waiting for the transport to drain (backpressure).
+
+    ``pace_bytes_per_s`` sends it in small chunks at that rate instead: only the trickling
+    availability attack (``sentinel.attacks.availability.Trickle``) asks for it.
+    """
+    if pace_bytes_per_s is None:
+        writer.writelines(encode(msg))
+        await writer.drain()
+        return
+    data = b"".join(bytes(part) for part in encode(msg))
+    chunk = max(1, min(1024, int(pace_bytes_per_s)))
+    for pos in range(0, len(data), chunk):
+        writer.write(data[pos : pos + chunk])
+        await writer.drain()
+        await asyncio.sleep(chunk / pace_bytes_per_s)
 
 
 async def _read_exactly_into(reader: asyncio.StreamReader, data: bytearray) -> None:
