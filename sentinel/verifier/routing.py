@@ -2,7 +2,13 @@
 
 Pure bookkeeping with an injectable clock, so the simulator and tests drive it with fake time.
 Expected finish time = (requests in flight + 1) x latency EMA; a worker never measured borrows
-its stage's median so newcomers get traffic. A failed worker is skipped for an exponentially
+its stage's median so newcomers get traffic, and so does one whose estimate has aged
+(``reprobe_after_s``): the estimate changes only when the worker is used, so without ageing one
+slow sample starves an honest replica for as long as its peers stay faster (measured in the
+simulator: a last-stage replica got no hop for 9 steps, took no optimizer step, started no
+averaging round, and its frozen parameters were flagged as an averaging outlier 11 times). A
+straggler's estimate (learnt from a hedge it lost) does not age: it is a lower bound, and
+re-probing a silent worker would cost a hedge delay each time. A failed worker is skipped for an exponentially
 growing back-off; timeouts adapt to the measured latency of the stage instead of a constant, and
 a hop unanswered for a few typical latencies is hedged on a second replica (``hedge_after``).
 """
@@ -26,6 +32,7 @@ class RouterConfig:
     timeout_factor: float = 8.0  # timeout = max(floor, factor x slowest latency EMA of the stage)
     hedge_floor_s: float = 2.0  # a hop is hedged after max(floor, factor x the stage's median latency)
     hedge_factor: float = 4.0  # 0 = never hedge
+    reprobe_after_s: float = 5.0  # an answered worker unmeasured this long borrows the stage median (0 = never)
 
 
 @dataclass
@@ -35,6 +42,8 @@ class _WorkerState:
     failures: int = 0
     backoff_until: float = 0.0
     served: int = 0
+    measured_at: float = 0.0  # clock of the latest latency sample
+    straggler: bool = False  # the latest sample is a lower bound from a lost hedge
 
 
 @dataclass
@@ -50,10 +59,14 @@ class Router:
     def expected_finish(self, worker: str, peers: Iterable[str]) -> float:
         st = self._state(worker)
         lat = st.latency
-        if lat is None:
+        if lat is None or self._aged(st):
             known = [self._workers[p].latency for p in peers if p in self._workers and self._workers[p].latency]
             lat = statistics.median(known) if known else self.config.default_latency_s
         return (st.inflight + 1) * lat
+
+    def _aged(self, st: _WorkerState) -> bool:
+        after = self.config.reprobe_after_s
+        return after > 0 and not st.straggler and self.clock() - st.measured_at > after
 
     def available(self, worker: str) -> bool:
         return self._state(worker).backoff_until <= self.clock()
@@ -79,9 +92,12 @@ class Router:
         st = self._state(worker)
         st.inflight = max(0, st.inflight - 1)
         a = self.config.latency_ema
-        st.latency = latency_s if st.latency is None else (1 - a) * st.latency + a * latency_s
+        fresh = st.latency is None or self._aged(st)  # a forgotten estimate restarts from this sample
+        st.latency = latency_s if fresh else (1 - a) * st.latency + a * latency_s
         st.failures = 0
         st.served += 1
+        st.measured_at = self.clock()
+        st.straggler = False
 
     def failed(self, worker: str) -> None:
         st = self._state(worker)
@@ -111,6 +127,8 @@ class Router:
         st.inflight = max(0, st.inflight - 1)
         a = self.config.latency_ema
         st.latency = waited_s if st.latency is None else max(st.latency, (1 - a) * st.latency + a * waited_s)
+        st.measured_at = self.clock()
+        st.straggler = True
 
     def latency(self, worker: str) -> float | None:
         return self._state(worker).latency
