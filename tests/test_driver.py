@@ -269,6 +269,37 @@ def test_a_backup_that_fails_once_is_retried_instead_of_waiting_out_the_silent_r
         assert elapsed < 4.0, f"a hop waited out the 5 s timeout ({elapsed:.1f}s)"
 
 
+class LateReplica(Stragglers):
+    """Stage 0 is known as ``silent`` alone until ``late`` is discovered ``after`` seconds in (the
+    verifier's view of the swarm refreshes on a heartbeat)."""
+
+    def __init__(self, after: float = 0.3):
+        super().__init__(["silent"])
+        self.after = after
+        self.t0: float | None = None
+
+    def replicas(self, stage: int) -> list[str]:
+        if stage != 0:
+            return super().replicas(stage)
+        now = asyncio.get_running_loop().time()
+        self.t0 = now if self.t0 is None else self.t0
+        return ["silent", "late"] if now - self.t0 >= self.after else ["silent"]
+
+
+def test_a_replica_discovered_while_a_hop_waits_can_take_it_over() -> None:
+    transport = LateReplica()
+    driver = _hedging_driver(transport, hedge=True)
+
+    async def go():
+        t0 = asyncio.get_running_loop().time()
+        r = await driver.train_micro_batch(0, 0, torch.randn(HIDDEN), None)
+        return r, asyncio.get_running_loop().time() - t0
+
+    result, elapsed = asyncio.run(go())
+    assert result.completed and result.route[0] == "late" and result.hedged == 1, result
+    assert elapsed < 4.0, f"the hop waited out the 5 s timeout on the silent replica ({elapsed:.1f}s)"
+
+
 def test_without_hedging_the_slow_replica_is_awaited() -> None:
     transport = Stragglers(["slow"], delay=0.2)
     results = []

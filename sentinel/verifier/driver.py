@@ -204,7 +204,9 @@ class PipelineDriver:
             attempts += 1
             timeout = self.router.timeout_for(candidates)
             self.router.started(worker)
-            answered = await self._call(call, worker, timeout, usable, result, failure)
+            answered = await self._call(call, worker, timeout, usable, result, failure,
+                                        lambda: [w for w in self.transport.replicas(stage)
+                                                 if not self.is_banned(w) and w not in flagged])
             if answered is None:  # every replica tried in this attempt failed (each recorded)
                 continue
             hop, worker, latency = answered
@@ -236,6 +238,7 @@ class PipelineDriver:
 
     async def _call(self, call: Callable[[str, float], Any], worker: str, timeout: float, usable: list[str],
                     result: MicroBatchResult, failure: Callable[[str, HopError], None],
+                    usable_now: Callable[[], list[str]] | None = None,
                     ) -> tuple[HopResult, str, float] | None:
         """One attempt of a hop on ``worker``; returns (reply, who answered, their latency), or
         None when every replica tried failed (each failure already went to ``failure``).
@@ -246,7 +249,12 @@ class PipelineDriver:
         A backup that fails does not leave the hop waiting on the straggler: once its back-off
         ends it (or another replica) is tried again, until the attempt's own timeout. A replica
         that failed earlier in this hop is eligible too, so a stream cut once under load does not
-        leave a two-replica stage with only its silent member. The caller marked ``worker`` started.
+        leave a two-replica stage with only its silent member. Backups are chosen from
+        ``usable_now()``, the stage's replicas as the verifier knows them at that moment: a replica
+        discovered while the hop waits (the swarm view refreshes every heartbeat) can take it
+        over. Measured live: a verifier that started its run before it had seen a stage's second
+        replica, whose first replica then went silent, waited 20 s on two hops. The caller marked
+        ``worker`` started.
         """
         after = self.router.hedge_after(usable) if self.config.hedge else None
         if after is not None and after >= timeout:
@@ -261,7 +269,8 @@ class PipelineDriver:
                 if after is not None and now - t0 < timeout:
                     last_slow = max(starts[w] for w in tasks.values()) + after
                     if now >= last_slow:
-                        backup = self.router.pick(usable, exclude=set(tasks.values()))
+                        pool = usable_now() if usable_now is not None else usable
+                        backup = self.router.pick(pool, exclude=set(tasks.values()))
                         if backup is not None:
                             result.hedged += 1
                             logger.debug("hop on %s unanswered after %.1fs: hedging on %s",
