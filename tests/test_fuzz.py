@@ -220,7 +220,8 @@ _sections = {
 
 
 @FUZZ
-@given(top=st.dictionaries(st.sampled_from(["run_id", "num_stages", "seed", "committee_size", "corpus", "bogus"]),
+@given(top=st.dictionaries(st.sampled_from(["run_id", "num_stages", "seed", "committee_size", "corpus",
+                                            "verifier_stamp_bits", "bogus"]),
                            _scalar, max_size=4),
        sections=st.fixed_dictionaries({}, optional={k: st.one_of(v, _value) for k, v in _sections.items()}))
 def test_any_manifest_is_parsed_or_refused_clearly(top: dict, sections: dict) -> None:

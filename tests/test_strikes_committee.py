@@ -132,11 +132,12 @@ def _seeded_peer(label: str) -> str:
 
 
 def test_an_open_committee_is_captured_by_grinding_keys_and_a_pinned_one_is_not() -> None:
-    """Open mode has no Sybil resistance, and this test says so rather than hide it: peer ids
-    are free, so an attacker generates keys until three outweigh every honest candidate,
-    announces them, and owns the whole committee. The manifest's ``trusted_verifiers`` pin the
-    committee; the same keys then own no seat. Keys are seeded so the outcome is fixed; how many
-    random keys a capture takes is measured in ``bench/committee_capture.py`` (BENCHMARKS.md)."""
+    """Open mode with stamps off (``verifier_stamp_bits: 0``) has no Sybil resistance, and this
+    test says so rather than hide it: peer ids are free, so an attacker generates keys until three
+    outweigh every honest candidate, announces them, and owns the whole committee. The manifest's
+    ``trusted_verifiers`` pin the committee; the same keys then own no seat. Keys are seeded so
+    the outcome is fixed; how many keys (or, with stamps, how much work) a capture takes is
+    measured in ``bench/committee_capture.py`` (BENCHMARKS.md); stamps: ``tests/test_stamps.py``."""
     run = "sybil-test"
     honest = [_seeded_peer(f"honest-{i}") for i in range(5)]
     bar = max(_weight(run, 0, p) for p in honest)

@@ -21,6 +21,7 @@ from sentinel.protocol.identity import Identity
 from sentinel.protocol.records import make_value
 from sentinel.protocol.signing import sign_message
 from sentinel.swarm import LocalSwarm, SwarmConfig
+from sentinel.verifier.stamps import solve_stamp
 from tests.conftest import assert_all_gone
 
 pytestmark = pytest.mark.swarm
@@ -55,6 +56,7 @@ async def _scenario(maddr: str, bootstrap_id: str) -> dict[str, str]:
         manifest: RunManifest = await fetch_manifest(client, [bootstrap_id])
         run = manifest.run_id
         key = verifiers_key(run)
+        # first an open-mode candidacy without its proof of work: workers must refuse it by name
         await client.store(key, make_value("verifier", key, run, state="ONLINE", step=0))
         workers = await _wait_online(client, run, manifest.num_stages)
         w0, w1 = workers[0], workers[1]
@@ -81,17 +83,24 @@ async def _scenario(maddr: str, bootstrap_id: str) -> dict[str, str]:
             assert resp.tensors["y"].shape == (b, t, d)
 
         out: dict[str, str] = {}
-        # the workers learn of our verifier record through the DHT: wait for it, don't race it
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                await still_serving()
-                break
-            except PeerCallError as e:
-                if e.reason != "unknown_verifier" or time.monotonic() > deadline:
-                    raise
-                await client.store(key, make_value("verifier", key, run, state="ONLINE", step=0))
+
+        async def wait_until(reason: str, record: dict) -> None:
+            """Re-store ``record`` until a request is answered with ``reason`` ("accepted" = served):
+            the worker learns of verifier records through the DHT, so wait for it, don't race it."""
+            deadline = time.monotonic() + 180
+            while True:
+                got = await reason_of(w0, req(0, {"x": ids}))
+                if got == reason:
+                    return
+                if got not in ("unknown_verifier", "unstamped_verifier") or time.monotonic() > deadline:
+                    raise AssertionError(f"waiting for {reason!r}, got {got!r}")
+                await client.store(key, record)
                 await asyncio.sleep(0.5)
+
+        await wait_until("unstamped_verifier", make_value("verifier", key, run, state="ONLINE", step=0))
+        out["unstamped_verifier"] = "unstamped_verifier"
+        stamp = solve_stamp(run, client.peer_id, manifest.verifier_stamp_bits)
+        await wait_until("accepted", make_value("verifier", key, run, state="ONLINE", step=0, stamp=stamp))
 
         forged = req(0, {"x": ids})
         forged.header["signature"] = Identity.generate().sign(forged.header["digest"])
@@ -160,5 +169,6 @@ def test_bad_input_rejected_and_worker_keeps_serving(tmp_path):
         "oversized": "oversized",
         "malformed": "malformed",
         "dht_claim_under_other_subkey": "rejected",
+        "unstamped_verifier": "unstamped_verifier",
     }
     assert_all_gone(swarm.all_pids())

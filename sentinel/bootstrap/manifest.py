@@ -88,6 +88,13 @@ class RunManifest:
     screening: dict[str, Any] = field(default_factory=dict)  # ScreeningConfig overrides
     committee_size: int = 3
     trusted_verifiers: list[str] = field(default_factory=list)  # pinned committee (trusted mode) if non-empty
+    # Open mode only: a verifier candidacy must carry a proof-of-work stamp of this many leading
+    # zero bits (``sentinel.verifier.stamps``), so a flood of Sybil announcements costs 2**bits
+    # hashes per announcement. 20 bits ~ 0.3 s of one core per verifier and run (measured, 2-core
+    # CI machine); owning a 3-seat committee against N honest candidates then takes ~3(N+1)
+    # stamps (BENCHMARKS.md, "Committee capture"). Public swarms should raise it (each +1 doubles
+    # both costs) or pin the committee. 0 turns stamps off.
+    verifier_stamp_bits: int = 20
     max_message_bytes: int = 64 * 2**20
     seed: int = 0
 
@@ -119,6 +126,9 @@ class RunManifest:
             raise ManifestError(f"training.averaging must be mean|centered-clip|trimmed-mean, got {t.averaging!r}")
         if self.committee_size < 1:
             raise ManifestError(f"committee_size must be >= 1, got {self.committee_size}")
+        bits = self.verifier_stamp_bits
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= 40:
+            raise ManifestError(f"verifier_stamp_bits must be an integer in 0..40 (0 = no stamps), got {bits!r}")
         if self.optimizer.lr <= 0:
             raise ManifestError(f"optimizer.lr must be > 0, got {self.optimizer.lr}")
 

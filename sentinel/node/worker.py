@@ -38,11 +38,12 @@ from sentinel.protocol import pipeline as wire
 from sentinel.protocol.checks import MessageChecker, TensorSpec
 from sentinel.protocol.codec import Message
 from sentinel.protocol.errors import ProtocolError, WrongSenderError
-from sentinel.protocol.records import record_key
+from sentinel.protocol.records import STATES, record_key
 from sentinel.protocol.signing import sign_message
 from sentinel.verifier.bans import committee_bans
 from sentinel.verifier.committee import configured_seats
 from sentinel.verifier.config import ScreeningConfig
+from sentinel.verifier.stamps import stamped_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,12 @@ MAX_HOLD_S = 600.0
 
 class UnknownVerifierError(WrongSenderError):
     reason = "unknown_verifier"
+
+
+class UnstampedVerifierError(UnknownVerifierError):
+    """An announced verifier of an open-mode run whose record lacks a valid candidacy stamp."""
+
+    reason = "unstamped_verifier"
 
 
 def stage_key(run: str, stage: int) -> str:
@@ -181,6 +188,7 @@ class WorkerNode:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self.checker = MessageChecker(manifest.run_id)
         self.known_verifiers: set[str] = set(manifest.trusted_verifiers)
+        self._unstamped_verifiers: set[str] = set()  # announced in open mode without a valid stamp
         self._verifiers_checked_at = 0.0
         self.max_step = 0
         self.tokens = 0
@@ -278,7 +286,15 @@ class WorkerNode:
         if now - self._verifiers_checked_at > 1.0:  # rate-limited refresh: a flood of strangers costs one lookup/s
             self._verifiers_checked_at = now
             recs = await self.runtime.get(verifiers_key(self.run))
-            self.known_verifiers |= {p for p, v in recs.items() if v.get("run") == self.run}
+            # open mode: only candidacies that paid their stamp may drive this worker, so a flood
+            # of free announcements buys no one compute (sentinel.verifier.stamps)
+            bits = 0 if self.manifest.trusted_verifiers else self.manifest.verifier_stamp_bits
+            admitted, refused = stamped_candidates(self.run, recs, bits, states=tuple(STATES))
+            self.known_verifiers |= set(admitted)
+            self._unstamped_verifiers = set(refused) - self.known_verifiers
+        if sender in self._unstamped_verifiers:
+            raise UnstampedVerifierError(f"{sender[-8:]} announced itself as a verifier of run {self.run} without "
+                                         f"a valid {self.manifest.verifier_stamp_bits}-bit candidacy stamp")
         if sender not in self.known_verifiers:
             raise UnknownVerifierError(f"{sender[-8:]} is not an announced verifier of run {self.run}")
 

@@ -108,6 +108,10 @@ def _verifier(value: dict) -> None:
     _field(value, "run", str)
     _state(value)
     _nonneg_int(value, "step")
+    if "stamp" in value and not 0 <= _nonneg_int(value, "stamp") < 2**63:
+        # whether the stamp is *valid* depends on the manifest's bits: checked where candidates are
+        # counted (sentinel.verifier.stamps); here only that it is a proof-of-work nonce at all
+        raise InvalidRecordError("verifier record: field 'stamp' must be < 2**63")
 
 
 def _status(value: dict) -> None:

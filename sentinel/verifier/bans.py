@@ -1,8 +1,8 @@
 """Committee membership and ban votes over the DHT (the network side of bans).
 
 - Verifier candidates announce themselves (``verifiers`` key, own subkey, signed). The committee
-  is elected deterministically from the announcements (rendezvous hashing of run, epoch and
-  peer id) unless the manifest pins it (trusted mode).
+  is elected deterministically from the stamped announcements (rendezvous hashing of run, epoch,
+  peer id and the candidate's proof-of-work stamp) unless the manifest pins it (trusted mode).
 - A verifier whose own strike ledger bans a worker publishes a signed ``ban_vote`` record under
   ``ban/<worker>`` carrying the evidence: the worker-signed digests and signatures of the flagged
   messages, the flagged tensors' statistics and the fences used.
@@ -78,11 +78,13 @@ class BanBook:
     effective: dict[str, BanRecord] = field(default_factory=dict)
     accused: set[str] = field(default_factory=set)  # targets anyone in the committee voted against
 
-    def elect(self, candidates: list[str], epoch: int = 0) -> list[str]:
+    def elect(self, candidates: list[str] | dict[str, int], epoch: int = 0) -> list[str]:
+        """Pinned committee in trusted mode, else the election over ``candidates`` (peer ids, or
+        ``peer -> stamp`` for stamped candidacies, ``sentinel.verifier.stamps``)."""
         if self.trusted:
             self.committee = list(self.trusted)
         else:
-            self.committee = elect_committee(self.run, epoch, sorted(set(candidates)), self.committee_size)
+            self.committee = elect_committee(self.run, epoch, candidates, self.committee_size)
         return self.committee
 
     @property

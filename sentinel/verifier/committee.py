@@ -1,7 +1,9 @@
 """Committee election and ban quorum: pure decisions on plain data (no DHT, no clocks).
 
 Election is rendezvous (highest-random-weight) hashing: every candidate gets the weight
-``BLAKE2b(run_id, epoch, peer)`` and the ``size`` heaviest form the committee. Every verifier that
+``BLAKE2b(run_id, epoch, peer, stamp)`` and the ``size`` heaviest form the committee. The stamp
+is the candidate's proof of work (``sentinel.verifier.stamps``): hashing it into the weight means
+a new draw of the weight costs a new stamp, so grinding keys for heavy weights is priced. Every verifier that
 sees the same candidate set computes the same committee with no coordination; the input order
 does not matter; a candidate leaving changes the committee only if it was a member (it is
 replaced by the next heaviest), and a new epoch reshuffles it. Fields are length-prefixed so
@@ -14,20 +16,24 @@ import hashlib
 from collections.abc import Mapping, Sequence
 
 
-def _weight(run_id: str, epoch: int, peer: str) -> bytes:
+def _weight(run_id: str, epoch: int, peer: str, stamp: int = 0) -> bytes:
     h = hashlib.blake2b(digest_size=32, person=b"sentinel-cmte")
-    for part in (run_id.encode(), str(int(epoch)).encode(), peer.encode()):
+    for part in (run_id.encode(), str(int(epoch)).encode(), peer.encode(), str(int(stamp)).encode()):
         h.update(len(part).to_bytes(8, "big"))
         h.update(part)
     return h.digest()
 
 
-def elect_committee(run_id: str, epoch: int, candidates: Sequence[str], size: int) -> list[str]:
-    """The ``size`` candidates with the highest rendezvous weight, heaviest first."""
+def elect_committee(run_id: str, epoch: int, candidates: Sequence[str] | Mapping[str, int],
+                    size: int) -> list[str]:
+    """The ``size`` candidates with the highest rendezvous weight, heaviest first.
+
+    ``candidates`` is a sequence of peer ids (stamp 0 each) or a mapping ``peer -> stamp``.
+    """
     if size < 0:
         raise ValueError(f"committee size must be >= 0, got {size}")
-    unique = set(candidates)
-    ranked = sorted(unique, key=lambda p: (_weight(run_id, epoch, p), p), reverse=True)
+    stamps = dict(candidates) if isinstance(candidates, Mapping) else dict.fromkeys(candidates, 0)
+    ranked = sorted(stamps, key=lambda p: (_weight(run_id, epoch, p, stamps[p]), p), reverse=True)
     return ranked[:size]
 
 

@@ -35,6 +35,7 @@ from sentinel.verifier.config import ScreeningConfig
 from sentinel.verifier.driver import DriverConfig, FlagEvent, MicroBatchResult, PipelineDriver
 from sentinel.verifier.routing import Router, RouterConfig
 from sentinel.verifier.screen import Screener
+from sentinel.verifier.stamps import solve_stamp, stamped_candidates
 from sentinel.verifier.stats import TensorStats, compute_stats
 from sentinel.verifier.strikes import StrikeLedger, majority_allows_ban
 from sentinel.verifier.transport import P2PTransport
@@ -70,6 +71,8 @@ class VerifierNode:
         self.prior: dict[str, Any] = {}  # micro-batch accounting of the steps before a restart
         self.resumed: list[dict[str, int]] = []
         self.state = "JOINING"
+        self.stamp = 0  # candidacy proof of work, found in ``start`` (open mode only)
+        self._refused_candidates: set[str] = set()  # announced without a valid stamp (counted once)
         self.transport = P2PTransport(runtime, manifest)
         t = manifest.training
         self.router = Router(RouterConfig(timeout_floor_s=t.hop_timeout_min_s, timeout_factor=t.hop_timeout_factor,
@@ -114,6 +117,14 @@ class VerifierNode:
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
+        if not self.manifest.trusted_verifiers:
+            # open mode: the candidacy's proof of work (``sentinel.verifier.stamps``), found off the
+            # event loop so the node keeps answering while it searches (~0.3 s at 20 bits)
+            t0 = time.monotonic()
+            self.stamp = await asyncio.to_thread(solve_stamp, self.run, self.runtime.peer_id,
+                                                 self.manifest.verifier_stamp_bits)
+            logger.info("candidacy stamp of %d bits found in %.2f s", self.manifest.verifier_stamp_bits,
+                        time.monotonic() - t0)
         self.runtime.announce(verifiers_key(self.run), self._record)
         self.runtime.announce(progress_key(self.run), self._progress_record)
         await self.runtime.announce_now()
@@ -124,7 +135,7 @@ class VerifierNode:
     def _record(self) -> dict[str, Any]:
         return self.runtime.record_value(
             "verifier", verifiers_key(self.run), self.run, state=self.state, step=int(self.step),
-            version=__version__, accusations=sorted(self.bans.my_votes)[:64],
+            version=__version__, stamp=int(self.stamp), accusations=sorted(self.bans.my_votes)[:64],
             banned=sorted(self.bans.effective)[:256], strikes=self.ledger.struck(),
         )
 
@@ -205,9 +216,13 @@ class VerifierNode:
             live = sorted(p for p, v in recs.items() if v.get("state") == "ONLINE" and p not in self.bans.effective)
             self.transport.set_replicas(s, live)
         verifiers = await self.runtime.get(verifiers_key(self.run))
-        candidates = [p for p, v in verifiers.items() if v.get("state") in ("ONLINE", "JOINING")]
-        if self.runtime.peer_id not in candidates:
-            candidates.append(self.runtime.peer_id)
+        bits = 0 if self.manifest.trusted_verifiers else self.manifest.verifier_stamp_bits
+        candidates, refused = stamped_candidates(self.run, verifiers, bits)
+        for peer in set(refused) - self._refused_candidates:
+            self._refused_candidates.add(peer)
+            METRICS.inc("sentinel_rejected_records_total", reason="verifier_stamp")
+            logger.warning("verifier candidacy of %s refused: no valid %d-bit stamp", peer[-8:], bits)
+        candidates[self.runtime.peer_id] = int(self.stamp)
         self.bans.elect(candidates)
         accused = set()
         for p, v in verifiers.items():
