@@ -16,6 +16,7 @@ import torch
 from sentinel.verifier.config import ScreeningConfig
 from sentinel.verifier.driver import DriverConfig, FlagEvent, HopError, HopResult, PipelineDriver
 from sentinel.verifier.reference import DISTANCES, profile_of
+from sentinel.verifier.routing import Router
 from sentinel.verifier.screen import BoundaryScreen, Verdict
 from sentinel.verifier.stats import compute_stats
 from sentinel.verifier.strikes import StrikeLedger
@@ -71,15 +72,20 @@ class Scripted:
     def confirm(self, stage, direction, flagged, accepted):
         return self.real.confirm(flagged, accepted)
 
+    def witness(self, stage, direction, worker, x, source=None):
+        return self.screen(stage, direction, worker, x, source) if torch.isfinite(x).all() else None
+
     def boundary(self, stage, direction):
         return self.real
 
 
-def drive(stage0: list[str], flag: set[str], micro_batches: int = 12) -> tuple[StrikeLedger, list[FlagEvent], list]:
+def drive(stage0: list[str], flag: set[str], micro_batches: int = 12,
+          second_witness: bool = False) -> tuple[StrikeLedger, list[FlagEvent], list]:
     ledger = StrikeLedger(strike_limit=3, forgive_after=100)
     events: list[FlagEvent] = []
+    config = DriverConfig(poll_s=0.0, wait_for_replica_s=0.0, second_witness=second_witness)
     driver = PipelineDriver(2, Arithmetic(stage0), screener=Scripted(flag), ledger=ledger,
-                            is_banned=ledger.is_banned, config=DriverConfig(poll_s=0.0, wait_for_replica_s=0.0),
+                            is_banned=ledger.is_banned, config=config,
                             on_flag=events.append, hidden_shape=HIDDEN)
     gen = torch.Generator().manual_seed(1)
 
@@ -149,6 +155,72 @@ def test_confirmation_uses_the_boundary_fences_learned_from_honest_traffic():
     noisy = other + other.pow(2).mean().sqrt() * torch.randn(other.shape, generator=gen)
     assert screen.confirm(as_flagged(noisy), accepted).flagged
     assert screen.confirm(as_flagged(torch.zeros_like(other)), accepted).flagged
+
+
+class LazyWitness(Arithmetic):
+    """Stage 0 has ``lazy``, which skips its layers: it returns its input, which the (scripted)
+    fences pass."""
+
+    async def forward(self, worker, stage, step, micro_batch, x, targets, mode, timeout):
+        if stage == 0 and worker == "lazy":
+            return HopResult(x.clone())
+        return await super().forward(worker, stage, step, micro_batch, x, targets, mode, timeout)
+
+
+class FixedOrder(Router):
+    """Always prefers ``honest-a``, then ``lazy``, then ``honest-c``: the worst order for honest-a."""
+
+    ORDER = ("honest-a", "lazy", "honest-c", "last")
+
+    def pick(self, candidates, exclude=()):
+        ready = [c for c in candidates if c not in set(exclude) and self.available(c)]
+        return min(ready, key=self.ORDER.index) if ready else None
+
+
+def _drive_lazy_witness(second_witness: bool) -> tuple[StrikeLedger, list[FlagEvent], PipelineDriver]:
+    ledger = StrikeLedger(strike_limit=3, forgive_after=100)
+    events: list[FlagEvent] = []
+    driver = PipelineDriver(2, LazyWitness(["honest-a", "lazy", "honest-c"]), router=FixedOrder(),
+                            screener=Scripted({"honest-a"}), ledger=ledger, is_banned=ledger.is_banned,
+                            config=DriverConfig(poll_s=0.0, wait_for_replica_s=0.0, second_witness=second_witness),
+                            on_flag=events.append, hidden_shape=HIDDEN)
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(HIDDEN, generator=gen) for _ in range(12)]
+
+    async def run():
+        for i, x in enumerate(inputs):
+            assert (await driver.train_micro_batch(1, i, x, torch.zeros(2, 8))).completed
+
+    asyncio.run(run())
+    return ledger, events, driver
+
+
+def test_the_tie_break_keeps_a_lazy_witness_from_getting_an_honest_worker_struck() -> None:
+    """An honest replica with a false-positive flag, recomputed by a lazy replica whose output
+    the fences pass: the two disagree. With one witness (the default) that disagreement
+    "confirms" the flag and the honest replica is banned; with the tie-break
+    (``second_witness``) a third replica recomputes the hop, agrees with the flagged one, and the
+    flag is cleared (the lazy answer is still what is passed on). Why it is still off by
+    default: ``DriverConfig.second_witness``."""
+    ledger, events, driver = _drive_lazy_witness(second_witness=False)
+    assert ledger.is_banned("honest-a"), "without the tie-break the lazy witness must get honest-a banned"
+    assert any(e.struck and e.meta.get("confirmed_by") == "lazy" for e in events)
+
+    ledger, events, driver = _drive_lazy_witness(second_witness=True)
+    mine = [e for e in events if e.worker == "honest-a"]
+    assert mine and not any(e.struck for e in mine)
+    assert ledger.state("honest-a").strikes == 0 and not ledger.is_banned("honest-a")
+    tied = [e for e in mine if e.meta.get("disputed_by") == "lazy"]
+    assert tied and all(e.meta["cleared_by"] == "honest-c" for e in tied)
+    assert driver.flags_tied == len(tied) and driver.witness_hops >= len(tied)
+
+
+def test_a_second_witness_still_confirms_a_real_attack() -> None:
+    """The tie-break only clears a flag the third replica agrees with: a sign flipper disagrees
+    with both honest recomputations and is struck and banned exactly as before."""
+    ledger, events, _ = drive(["flipper", "honest-b", "honest-c"], flag={"flipper"}, second_witness=True)
+    assert ledger.is_banned("flipper")
+    assert not any(e.meta.get("disputed_by") for e in events)
 
 
 class Retroactive(Scripted):

@@ -145,6 +145,7 @@ class SimConfig:
     data: str | None = None
     seed: int = 0
     threads: int = 1
+    second_witness: bool = False  # DriverConfig.second_witness: tie-break disputed confirmations
 
     def __post_init__(self) -> None:
         if self.defense not in DEFENSES:
@@ -267,7 +268,8 @@ class Simulation:
         self.driver = PipelineDriver(
             cfg.stages, self.transport, self.router, self.screener, self.ledger if defended else None,
             is_banned=self._is_banned,
-            config=DriverConfig(max_hop_attempts=4 * cfg.replicas + 4, wait_for_replica_s=0.0, poll_s=0.0),
+            config=DriverConfig(max_hop_attempts=4 * cfg.replicas + 4, wait_for_replica_s=0.0, poll_s=0.0,
+                                second_witness=cfg.second_witness),
             on_flag=self._on_flag,
             hidden_shape=model.hidden_shape(cfg.micro_batch_size),
         )
@@ -464,7 +466,8 @@ class Simulation:
             "flag_rate_attacked": self.flagged_attacked / attacked_msgs if attacked_msgs else None,
             "flags": {"total": sum(self.flags_by_boundary.values()), "attacked": self.flagged_attacked,
                       "honest": self.flagged_honest, "honest_struck": self.struck_honest,
-                      "cleared": self.driver.flags_cleared, "retroactive": self.retroactive_flags,
+                      "cleared": self.driver.flags_cleared, "tied": self.driver.flags_tied,
+                      "witness_hops": self.driver.witness_hops, "retroactive": self.retroactive_flags,
                       "by_boundary": dict(sorted(self.flags_by_boundary.items()))},
             "flag_rates": flag_rates,
             "honest_workers_flagged": sorted(n for n in self.flags_by_worker if n not in self.malicious),

@@ -512,6 +512,7 @@ class VerifierNode:
             "hop_failures": dict(self.driver.hop_failures),
             "flags": dict(self.flag_counts),
             "flags_cleared": self.driver.flags_cleared,
+            "flags_tied": self.driver.flags_tied, "witness_hops": self.driver.witness_hops,
             "flag_rates": flag_rates,
             "screen_events": self.screener.counters() if self.screener is not None else {},
             "strikes": {w: self.ledger.state(w).strikes for w in sorted(self.evidence)},

@@ -255,6 +255,27 @@ class BoundaryScreen:
             return None
         return bool(exceeded(distances(profile_of(stats), ref, self.config.sign_rel_threshold), fences))
 
+    def witness(self, worker: str, x: torch.Tensor, source: torch.Tensor | None = None) -> Verdict | None:
+        """The verdict :meth:`screen` would give ``x`` (with its profile), changing nothing; None
+        when ``x`` cannot serve as a witness (malformed, non-finite, or no fences yet).
+
+        For a second recomputation that only arbitrates a disputed confirmation (the driver's
+        tie-break): it must not count as a message, move the reference or fit the fences.
+        """
+        if self._shape_problem(tuple(x.shape), x.numel()):
+            return None
+        stats = compute_stats(x, self.config, source)
+        if self._static_problem(stats) is not None:
+            return None
+        ref = self._reference_for(worker)
+        fences = self.fences()
+        if ref is None or fences is None:
+            return None
+        prof = profile_of(stats)
+        d = distances(prof, ref, self.config.sign_rel_threshold)
+        reasons = exceeded(d, fences)
+        return Verdict(bool(reasons), reasons, d, fences, profile=prof)
+
     def confirm(self, flagged: Verdict, accepted: Verdict) -> Verdict:
         """Does a flag stand once the same hop, recomputed by another replica, was accepted?
 
@@ -749,6 +770,11 @@ class Screener:
                    source: torch.Tensor | None = None) -> bool | None:
         """See :meth:`BoundaryScreen.would_flag`."""
         return self.boundary(stage, direction).would_flag(worker, x, source)
+
+    def witness(self, stage: int, direction: str, worker: str, x: torch.Tensor,
+                source: torch.Tensor | None = None) -> Verdict | None:
+        """See :meth:`BoundaryScreen.witness`."""
+        return self.boundary(stage, direction).witness(worker, x, source)
 
     def confirm(self, stage: int, direction: str, flagged: Verdict, accepted: Verdict) -> Verdict:
         """See :meth:`BoundaryScreen.confirm`."""
