@@ -190,6 +190,10 @@ class PipelineDriver:
                     usable.remove(worker)
             logger.debug("hop %s/%d on %s failed: %s", direction, stage, worker[-8:], e)
 
+        def live() -> list[str]:
+            """The stage's replicas as the verifier knows them now, less banned and flagged ones."""
+            return [w for w in self.transport.replicas(stage) if not self.is_banned(w) and w not in flagged]
+
         while attempts < self.config.max_hop_attempts:  # waiting for a usable replica is not an attempt
             candidates = [w for w in self.transport.replicas(stage) if not self.is_banned(w)]
             usable = [w for w in candidates if w not in flagged]
@@ -218,9 +222,7 @@ class PipelineDriver:
             attempts += 1
             timeout = self.router.timeout_for(candidates)
             self.router.started(worker)
-            answered = await self._call(call, worker, timeout, usable, result, failure,
-                                        lambda: [w for w in self.transport.replicas(stage)
-                                                 if not self.is_banned(w) and w not in flagged])
+            answered = await self._call(call, worker, timeout, usable, result, failure, live)
             if answered is None:  # every replica tried in this attempt failed (each recorded)
                 continue
             hop, worker, latency = answered
@@ -241,7 +243,7 @@ class PipelineDriver:
                                hop.tensor, source=source)
                 continue
             if pending and self.config.second_witness:
-                await self._tie_break(stage, direction, call, pending, result, verdict, worker, flagged, source)
+                await self._tie_break(stage, direction, call, pending, result, verdict, worker, live(), source)
             self._settle(stage, direction, pending, result, verdict, worker, source)
             if self.ledger is not None and not result.tainted:
                 self.ledger.record(worker, False)
@@ -316,11 +318,11 @@ class PipelineDriver:
 
     async def _tie_break(self, stage: int, direction: str, call: Callable[[str, float], Any],
                          pending: list[tuple[str, Any, dict[str, Any], torch.Tensor]], result: MicroBatchResult,
-                         accepted: Any, accepted_by: str, flagged: set[str], source: torch.Tensor | None) -> None:
+                         accepted: Any, accepted_by: str, live: list[str], source: torch.Tensor | None) -> None:
         """Before a disputed flag is struck, ask a third replica (see ``DriverConfig.second_witness``).
 
         A pending flag is *disputed* when the accepted recomputation would confirm it. Another
-        replica (not banned, not flagged in this hop, not the accepted one) then recomputes the
+        replica of ``live`` (not banned, not flagged in this hop), not the accepted one, then recomputes the
         same hop; its answer is judged side-effect free (``Screener.witness``) and serves only if
         the fences pass it. A flagged worker whose tensor that witness does not confirm agrees
         with one of two independent recomputations: the flag is cleared, no strike. Otherwise,
@@ -335,8 +337,7 @@ class PipelineDriver:
         disputed = [p for p in pending if self.screener.confirm(stage, direction, p[1], accepted).flagged]
         if not disputed:
             return
-        pool = [w for w in self.transport.replicas(stage)
-                if not self.is_banned(w) and w not in flagged and w != accepted_by]
+        pool = [w for w in live if w != accepted_by]
         witness = self.router.pick(pool)
         if witness is None:
             return

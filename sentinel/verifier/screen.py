@@ -244,16 +244,8 @@ class BoundaryScreen:
         the full verdict (no drift consensus, no confirmation by recomputation), both of which can
         only clear a flag, so a tensor it passes is passed by :meth:`screen` too.
         """
-        if self._shape_problem(tuple(x.shape), x.numel()):
-            return True
-        stats = compute_stats(x, self.config, source)
-        if self._static_problem(stats) is not None:
-            return True
-        ref = self._reference_for(worker)
-        fences = self.fences()
-        if ref is None or fences is None:
-            return None
-        return bool(exceeded(distances(profile_of(stats), ref, self.config.sign_rel_threshold), fences))
+        v = self._peek(worker, x, source)
+        return None if v.calibrating else v.flagged
 
     def witness(self, worker: str, x: torch.Tensor, source: torch.Tensor | None = None) -> Verdict | None:
         """The verdict :meth:`screen` would give ``x`` (with its profile), changing nothing; None
@@ -262,15 +254,23 @@ class BoundaryScreen:
         For a second recomputation that only arbitrates a disputed confirmation (the driver's
         tie-break): it must not count as a message, move the reference or fit the fences.
         """
+        v = self._peek(worker, x, source)
+        return None if v.calibrating or v.profile is None else v
+
+    def _peek(self, worker: str, x: torch.Tensor, source: torch.Tensor | None) -> Verdict:
+        """The fence verdict on ``x`` against ``worker``'s reference, with ``x``'s profile, and no
+        side effect: a flagged verdict without profile for a malformed or non-finite tensor, a
+        ``calibrating`` one while this boundary has no fences."""
         if self._shape_problem(tuple(x.shape), x.numel()):
-            return None
+            return self._malformed()
         stats = compute_stats(x, self.config, source)
-        if self._static_problem(stats) is not None:
-            return None
+        problem = self._static_problem(stats)
+        if problem is not None:
+            return problem
         ref = self._reference_for(worker)
         fences = self.fences()
         if ref is None or fences is None:
-            return None
+            return Verdict(False, (), {}, {}, calibrating=True)
         prof = profile_of(stats)
         d = distances(prof, ref, self.config.sign_rel_threshold)
         reasons = exceeded(d, fences)
