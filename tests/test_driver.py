@@ -75,6 +75,9 @@ class Scripted:
     def witness(self, stage, direction, worker, x, source=None):
         return self.screen(stage, direction, worker, x, source) if torch.isfinite(x).all() else None
 
+    def disagree(self, stage, direction, checked, check):
+        return self.real.disagree(checked, check)
+
     def boundary(self, stage, direction):
         return self.real
 
@@ -379,3 +382,108 @@ def test_without_hedging_the_slow_replica_is_awaited() -> None:
         driver = _hedging_driver(transport, hedge=hedge)
         results.append(asyncio.run(driver.train_micro_batch(0, 0, torch.randn(HIDDEN), None)))
     assert all(r.completed and r.hedged == 0 and r.route[0] == "slow" for r in results)
+
+
+PUSH = torch.randn(16, generator=torch.Generator().manual_seed(4))
+
+
+class Pushers(Arithmetic):
+    """Stage 0's ``pusher*`` workers add ``0.2 * rms`` along one fixed direction to every
+    output: the white-box attacker's move, which the (scripted) fences pass."""
+
+    async def forward(self, worker, stage, step, micro_batch, x, targets, mode, timeout):
+        hop = await super().forward(worker, stage, step, micro_batch, x, targets, mode, timeout)
+        if stage == 0 and worker.startswith("pusher"):
+            y = hop.tensor
+            return HopResult(y + 0.2 * y.pow(2).mean().sqrt() * PUSH)
+        return hop
+
+
+def _drive_spot(stage0: list[str], router: Router | None = None, spot_check: float = 1.0,
+                micro_batches: int = 24, per_step: int = 4,
+                ) -> tuple[StrikeLedger, list[FlagEvent], PipelineDriver, list]:
+    ledger = StrikeLedger(strike_limit=3, forgive_after=100)
+    events: list[FlagEvent] = []
+    driver = PipelineDriver(2, Pushers(stage0), router=router, screener=Scripted(set()), ledger=ledger,
+                            is_banned=ledger.is_banned,
+                            config=DriverConfig(poll_s=0.0, wait_for_replica_s=0.0, spot_check=spot_check,
+                                                spot_seed=0),
+                            on_flag=events.append, hidden_shape=HIDDEN)
+    gen = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(HIDDEN, generator=gen) for _ in range(micro_batches)]
+
+    async def run():  # in flight together, so the router spreads them over the replicas
+        return await asyncio.gather(*(driver.train_micro_batch(i // per_step, i, x, torch.zeros(2, 8))
+                                      for i, x in enumerate(inputs)))
+
+    seen = list(zip(inputs, asyncio.run(run()), strict=True))
+    assert all(r.completed for _, r in seen)
+    return ledger, events, driver, seen
+
+
+def test_a_spot_check_catches_a_push_the_fences_pass_and_replaces_its_tensor() -> None:
+    """Every fence passes the pusher; spot checks (here on every hop) compare it with two other
+    replicas' answers to the same input, strike it, and pass on the checker's answer."""
+    ledger, events, driver, seen = _drive_spot(["pusher", "honest-b", "honest-c", "honest-d"])
+    assert ledger.is_banned("pusher")
+    struck = [e for e in events if e.struck]
+    assert struck and all(e.worker == "pusher" and e.reasons == ("spot",) for e in struck)
+    assert all(e.meta["spot_distance"] >= e.meta["spot_tolerance"] for e in struck)
+    assert all(set(e.meta["checked_by"]) <= {"honest-b", "honest-c", "honest-d"} for e in struck)
+    assert driver.spot_struck == len(struck) and driver.spot_checks >= len(seen)
+    assert not any(ledger.state(w).strikes for w in ("honest-b", "honest-c", "honest-d"))
+    # what went on to the loss stage was an honest answer, never the push: the route says who
+    assert all(r.route[0] != "pusher" for _, r in seen)
+    # at most one strike per pipeline step; the other caught hops of that step are replaced all the same
+    assert len({e.step for e in struck}) == len(struck)
+
+
+def test_one_spot_strike_per_worker_and_step() -> None:
+    """Twenty-four caught hops in a single step: every one replaced, one strike (a replica one
+    optimizer step away from its stage must not be banned for one moment of divergence)."""
+    ledger, events, driver, seen = _drive_spot(["pusher", "honest-b", "honest-c", "honest-d"], per_step=24)
+    mine = [e for e in events if e.worker == "pusher"]
+    assert len(mine) > 1 and sum(e.struck for e in mine) == 1 and driver.spot_struck == 1
+    assert ledger.state("pusher").strikes == 1 and not ledger.is_banned("pusher")
+    assert all(r.route[0] != "pusher" for _, r in seen)
+
+
+class CheckerFirst(Router):
+    """Serves with ``honest-a`` and asks ``pusher`` first for every check: a lying checker."""
+
+    ORDER = ("honest-a", "pusher", "honest-c", "last")
+
+    def pick(self, candidates, exclude=()):
+        ready = [c for c in candidates if c not in set(exclude) and self.available(c)]
+        return min(ready, key=self.ORDER.index) if ready else None
+
+
+def test_a_lying_checker_cannot_get_an_honest_worker_struck() -> None:
+    """The first checker disagrees every time (it pushes); the second agrees with the worker, so
+    each check is inconclusive: nobody is struck, the honest answer stands."""
+    ledger, events, driver, seen = _drive_spot(["honest-a", "pusher", "honest-c"], router=CheckerFirst())
+    assert driver.spot_inconclusive > 0 and driver.spot_struck == 0
+    assert not any(e.struck for e in events)
+    assert ledger.banned() == [] and ledger.state("honest-a").strikes == 0
+    assert all(r.route[0] == "honest-a" for _, r in seen)
+
+
+def test_spot_checks_are_off_by_default_and_cost_nothing_then() -> None:
+    _, _, driver, _ = _drive_spot(["pusher", "honest-b", "honest-c"], spot_check=0.0, micro_batches=6)
+    assert driver.spot_checks == driver.spot_hops == 0
+
+
+def test_spot_check_rate_and_follow_up() -> None:
+    """At a 25 % rate honest replicas are checked on about a quarter of their hops; a pusher,
+    once a checker disagrees, on every one of its next ``spot_follow_up`` hops."""
+    ledger, events, driver, _ = _drive_spot(["honest-a", "honest-b", "honest-c"], spot_check=0.25,
+                                            micro_batches=80)
+    hops = 80  # stage 0's forwards (the loss stage has no other replica to check it; stage 0 sends no gradient)
+    assert 0.12 * hops < driver.spot_checks < 0.4 * hops
+    assert driver.spot_struck == 0 and not events
+    ledger, events, driver, _ = _drive_spot(["pusher", "honest-b", "honest-c"], spot_check=0.1,
+                                            micro_batches=160)
+    assert ledger.is_banned("pusher")
+    struck = [e for e in events if e.struck]
+    assert len(struck) >= 3 and all(e.worker == "pusher" for e in struck)
+    assert driver.spot_checks < 0.1 * 160 + 3 * driver.config.spot_follow_up

@@ -453,3 +453,43 @@ def test_config_round_trip_and_unknown_keys() -> None:
         ScreeningConfig.from_dict({"fence_kk": 1})
     with pytest.raises(ValueError):
         ScreeningConfig(beta_forward=1.0)
+
+
+# -- spot checks: two answers to the same input ------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(1e-3, 1e3), push=st.floats(0.0, 2.0))
+def test_same_input_distance_is_symmetric_scale_free_and_sees_a_push(seed: int, scale: float, push: float) -> None:
+    from sentinel.verifier.stats import same_input_distance
+
+    g = torch.Generator().manual_seed(seed)
+    a = scale * torch.randn(B, T, D, generator=g)
+    v = torch.randn(D, generator=g)
+    v = v / v.pow(2).mean().sqrt()
+    b = a + push * a.pow(2).mean().sqrt() * v
+    d = same_input_distance(a, b)
+    assert 0.0 <= d <= 1.0
+    assert d == pytest.approx(same_input_distance(b, a), rel=1e-5, abs=1e-7)
+    assert d == pytest.approx(same_input_distance(7.0 * a, 7.0 * b), rel=1e-4, abs=1e-6)
+    assert same_input_distance(a, a) == 0.0
+    assert same_input_distance(a, -a) == pytest.approx(1.0)
+    # a push of m * rms along a unit-rms direction: ~m / (1 + sqrt(1 + m^2)), about m / 2 when small
+    assert d == pytest.approx(push / (1.0 + math.sqrt(1.0 + push**2)), rel=0.25, abs=0.02)
+
+
+def test_disagree_flags_what_a_spot_check_must_and_nothing_else() -> None:
+    screen = BoundaryScreen(ScreeningConfig(spot_tolerance=0.05), "forward")
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(B, T, D, generator=g)
+    rms = a.pow(2).mean().sqrt()
+    close = a + 1e-3 * rms * torch.randn(B, T, D, generator=g)  # replicas' divergence
+    v = screen.disagree(a, close)
+    assert not v.flagged and v.distances["spot"] < 0.01 and v.fences == {"spot": 0.05}
+    assert screen.disagree(a, a + 0.3 * rms * torch.ones(D)).reasons == ("spot",)
+    assert screen.disagree(a, torch.zeros_like(a)).flagged
+    nan = a.clone()
+    nan[0, 0, 0] = float("nan")
+    assert screen.disagree(a, nan).flagged
+    assert screen.disagree(a, a[:, :4]).reasons == ("shape",)
+    assert not screen.disagree(torch.zeros(3), torch.zeros(3)).flagged
+    with pytest.raises(ValueError, match="spot_tolerance"):
+        ScreeningConfig(spot_tolerance=0.0)

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--second-witness", action="store_true",
                    help="tie-break a disputed confirmation on a third replica (off by default: see "
                         "DriverConfig.second_witness)")
+    p.add_argument("--spot-check", type=float, default=d.spot_check, metavar="SHARE",
+                   help="share of accepted hops also recomputed on another replica and compared "
+                        "(DriverConfig.spot_check; default %(default)s = off)")
     p.add_argument("--report", type=Path, help="write the JSON report here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
@@ -96,7 +99,7 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
         micro_batches_per_step=a.micro_batches_per_step, micro_batch_size=a.micro_batch_size,
         model_size=a.model_size, layers=a.layers, lr=a.lr, average_every=a.average_every, averaging=a.averaging,
         eval_every=a.eval_every, eval_batches=a.eval_batches, data=a.data, seed=a.seed, threads=a.threads,
-        second_witness=a.second_witness,
+        second_witness=a.second_witness, spot_check=a.spot_check,
     )
 
 

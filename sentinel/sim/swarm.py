@@ -146,6 +146,7 @@ class SimConfig:
     seed: int = 0
     threads: int = 1
     second_witness: bool = False  # DriverConfig.second_witness: tie-break disputed confirmations
+    spot_check: float = 0.0  # DriverConfig.spot_check: share of accepted hops recomputed elsewhere
 
     def __post_init__(self) -> None:
         if self.defense not in DEFENSES:
@@ -162,6 +163,8 @@ class SimConfig:
             raise ValueError(f"malicious_fraction must be in [0, 1); got {self.malicious_fraction}")
         if self.attack_start < 0:
             raise ValueError(f"attack_start must be >= 0; got {self.attack_start}")
+        if not 0.0 <= self.spot_check <= 1.0:
+            raise ValueError(f"spot_check must be in [0, 1]; got {self.spot_check}")
         per_stage = self.malicious_per_stage
         if per_stage and 2 * per_stage >= self.replicas:
             raise ValueError(
@@ -269,7 +272,9 @@ class Simulation:
             cfg.stages, self.transport, self.router, self.screener, self.ledger if defended else None,
             is_banned=self._is_banned,
             config=DriverConfig(max_hop_attempts=4 * cfg.replicas + 4, wait_for_replica_s=0.0, poll_s=0.0,
-                                second_witness=cfg.second_witness),
+                                second_witness=cfg.second_witness,
+                                spot_check=cfg.spot_check if cfg.defense == "sentinel" else 0.0,
+                                spot_seed=cfg.seed),
             on_flag=self._on_flag,
             hidden_shape=model.hidden_shape(cfg.micro_batch_size),
         )
@@ -468,6 +473,8 @@ class Simulation:
                       "honest": self.flagged_honest, "honest_struck": self.struck_honest,
                       "cleared": self.driver.flags_cleared, "tied": self.driver.flags_tied,
                       "witness_hops": self.driver.witness_hops, "retroactive": self.retroactive_flags,
+                      "spot_checks": self.driver.spot_checks, "spot_hops": self.driver.spot_hops,
+                      "spot_struck": self.driver.spot_struck, "spot_inconclusive": self.driver.spot_inconclusive,
                       "by_boundary": dict(sorted(self.flags_by_boundary.items()))},
             "flag_rates": flag_rates,
             "honest_workers_flagged": sorted(n for n in self.flags_by_worker if n not in self.malicious),

@@ -54,6 +54,16 @@ class ScreeningConfig:
       this share of its flagged distance away from another replica's accepted recomputation of
       the same input (``BoundaryScreen.confirm``): with 0.5, the worker must account for at
       least half of the anomaly. Honest same-input pairs sit at a few percent of the fences.
+    * ``spot_tolerance`` — a spot check (``DriverConfig.spot_check``: another replica
+      recomputes an *accepted* hop) disagrees with the checked tensor when their
+      :func:`~sentinel.verifier.stats.same_input_distance` reaches this. Measured in the
+      simulator (16 x 8, tiny model, tinyshakespeare, 80 steps; BENCHMARKS "Spot checks"): honest
+      same-input pairs at median 0.003-0.005 forward and 0.001-0.002 backward, 99th percentile
+      0.04-0.08 forward and 0.09-0.16 backward (replicas diverge between averaging rounds, and
+      gradients magnify it); the white-box attacker riding just below the fences at median
+      0.05-0.06 from an honest recomputation. So 0.05 sees about half of its messages, and an
+      honest pair disagrees on a few percent: a spot check alone never strikes (see
+      ``DriverConfig.spot_check``).
     * ``drift_fraction`` — when at least this fraction of the recently seen replicas (and at
       least two) have their latest message fence-flagged, the stage moved: recalibrate from
       the median of the replicas' latest statistics instead of striking them.
@@ -106,6 +116,7 @@ class ScreeningConfig:
     forgive_after: int = 100
     drift_fraction: float = 0.5
     confirm_share: float = 0.5
+    spot_tolerance: float = 0.05
     recalibration_guard: float = 0.0
     averaging_outlier_ratio: float = 3.0
     averaging_outlier_floor: float = 0.02
@@ -131,6 +142,8 @@ class ScreeningConfig:
                 raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
         if not (isinstance(self.confirm_share, (int, float)) and 0.0 < self.confirm_share <= 1.0):
             raise ValueError(f"confirm_share must be in (0, 1], got {self.confirm_share!r}")
+        if not (isinstance(self.spot_tolerance, (int, float)) and 0.0 < self.spot_tolerance <= 1.0):
+            raise ValueError(f"spot_tolerance must be in (0, 1], got {self.spot_tolerance!r}")
         if not 0.0 < self.drift_fraction <= 1.0:
             raise ValueError(f"drift_fraction must be in (0, 1], got {self.drift_fraction!r}")
         if self.min_history > self.window * self.min_workers and self.min_history > self.window:

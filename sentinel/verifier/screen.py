@@ -109,7 +109,7 @@ from sentinel.verifier.reference import (
     median_profile,
     profile_of,
 )
-from sentinel.verifier.stats import TensorStats, compute_stats
+from sentinel.verifier.stats import TensorStats, compute_stats, same_input_distance
 
 DIRECTIONS = ("forward", "backward")
 SUMMARY_VERSION = 3  # 2: the ``skip`` distance and ``log_skip`` profile field; 3: ``log_gain``
@@ -295,6 +295,23 @@ class BoundaryScreen:
         share = self.config.confirm_share
         reasons = tuple(r for r in flagged.reasons if r in d and d[r] >= share * flagged.distances.get(r, 0.0) > 0)
         return Verdict(bool(reasons), reasons, d, dict(flagged.fences), profile=flagged.profile)
+
+    def disagree(self, checked: torch.Tensor, check: torch.Tensor) -> Verdict:
+        """Do two replicas' answers to the *same* input differ by more than ``spot_tolerance``?
+
+        For spot checks of accepted hops (``DriverConfig.spot_check``): ``checked`` is the
+        tensor that was passed on, ``check`` another replica's recomputation. The fences judge
+        a tensor against other batches; here both answer the same batch, so the raw tensors are
+        compared (:func:`~sentinel.verifier.stats.same_input_distance`) and honest pairs differ
+        only by the replicas' parameter divergence. The verdict's single distance is ``spot``;
+        tensors of different shapes, or non-finite ones, disagree.
+        """
+        tol = self.config.spot_tolerance
+        if checked.shape != check.shape:
+            return Verdict(True, ("shape",), {}, {"spot": tol})
+        d = same_input_distance(checked, check)
+        flagged = not d < tol  # NaN disagrees
+        return Verdict(flagged, ("spot",) if flagged else (), {"spot": d}, {"spot": tol})
 
     def substitute(self, like: torch.Tensor) -> torch.Tensor:
         """The paper's fallback: the consensus EMA batch-mean broadcast to ``like``'s shape.
@@ -779,6 +796,10 @@ class Screener:
     def confirm(self, stage: int, direction: str, flagged: Verdict, accepted: Verdict) -> Verdict:
         """See :meth:`BoundaryScreen.confirm`."""
         return self.boundary(stage, direction).confirm(flagged, accepted)
+
+    def disagree(self, stage: int, direction: str, checked: torch.Tensor, check: torch.Tensor) -> Verdict:
+        """See :meth:`BoundaryScreen.disagree`."""
+        return self.boundary(stage, direction).disagree(checked, check)
 
     def take_retroactive(self) -> list[tuple[int, str, str, Verdict]]:
         """(stage, direction, worker, verdict) for every retroactive flag since the last call."""

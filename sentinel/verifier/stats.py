@@ -275,3 +275,21 @@ def _skip_cosine(src: torch.Tensor, out: torch.Tensor,
     if not math.isfinite(value):
         return None, src_rms
     return max(-1.0, min(1.0, value)), src_rms
+
+
+def same_input_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / (||a|| + ||b||)`` over the whole tensors, in [0, 1]: how far two answers to
+    the same input are apart (0 identical, 1 opposite or one of them zero).
+
+    Used by spot checks (``BoundaryScreen.disagree``). Symmetric, scale-free, and over the raw
+    tensors rather than a profile: two honest replicas' outputs for one batch differ by their
+    parameter divergence only, which scale-free profile statistics (log gain, per-token
+    alignment) magnify, while a push of ``m * rms`` along a fixed direction shows as ~``m / 2``.
+    Computed in float32; non-finite input gives NaN.
+    """
+    a32, b32 = a.detach().reshape(-1).float(), b.detach().reshape(-1).float()
+    den = float(torch.linalg.vector_norm(a32)) + float(torch.linalg.vector_norm(b32))
+    num = float(torch.linalg.vector_norm(a32 - b32))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("nan")
+    return num / den
