@@ -62,7 +62,7 @@ class ScreeningConfig:
       0.04-0.08 forward and 0.09-0.16 backward (replicas diverge between averaging rounds, and
       gradients magnify it); the white-box attacker riding just below the fences at median
       0.05-0.06 from an honest recomputation. So 0.05 sees about half of its messages, and an
-      honest pair disagrees on a few percent: a spot check alone never strikes (see
+      honest pair disagrees on a few percent: one checker's disagreement never strikes (see
       ``DriverConfig.spot_check``).
     * ``drift_fraction`` — when at least this fraction of the recently seen replicas (and at
       least two) have their latest message fence-flagged, the stage moved: recalibrate from
