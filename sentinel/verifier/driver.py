@@ -279,8 +279,8 @@ class PipelineDriver:
             if self.config.spot_check and self._spot_due(worker):
                 replaced = await self._spot_check(stage, direction, call, result, hop, verdict, worker, live(),
                                                   source)
-                if replaced is not None:
-                    return replaced
+                if replaced is not None:  # the agreeing checker's answer goes on, and counts as its clean message
+                    hop, worker = replaced
             if self.ledger is not None and not result.tainted:
                 self.ledger.record(worker, False)
             if self.on_clean is not None:
@@ -453,7 +453,7 @@ class PipelineDriver:
         if not pool:
             return None
         self.spot_checks += 1
-        checks: list[tuple[str, HopResult]] = []
+        checks: list[tuple[str, HopResult, Any]] = []  # (checker, its answer, its verdict against the worker)
         tried: set[str] = set()
         while len(tried) < 3 and len(checks) < 2:
             checker = self.router.pick([w for w in pool if w not in tried])
@@ -469,16 +469,15 @@ class PipelineDriver:
             seen = judge(stage, direction, checker, answered.tensor, source)
             if seen is None or seen.flagged:
                 continue
+            against = disagree(stage, direction, hop.tensor, answered.tensor)
             if not checks:
-                if not disagree(stage, direction, hop.tensor, answered.tensor).flagged:
+                if not against.flagged:
                     return None  # the usual outcome: an honest pair agrees
                 self._spot_follow[worker] = max(self._spot_follow.get(worker, 0), self.config.spot_follow_up)
-                checks.append((checker, answered))
+                checks.append((checker, answered, against))
                 continue
-            first_by, first_hop = checks[0]
-            if (disagree(stage, direction, hop.tensor, answered.tensor).flagged
-                    and not disagree(stage, direction, first_hop.tensor, answered.tensor).flagged):
-                pair = disagree(stage, direction, hop.tensor, first_hop.tensor)
+            first_by, first_hop, pair = checks[0]
+            if against.flagged and not disagree(stage, direction, first_hop.tensor, answered.tensor).flagged:
                 once = self._spot_struck_at.get(worker) != result.step
                 self._spot_struck_at[worker] = result.step
                 self.spot_struck += once
@@ -488,10 +487,6 @@ class PipelineDriver:
                            hop.tensor, strike=once, source=source)
                 logger.info("spot check at stage %d %s: %s disagrees with %s and %s (distance %s)", stage,
                             direction, worker[-8:], first_by[-8:], checker[-8:], pair.distances.get("spot"))
-                if self.ledger is not None and not result.tainted:
-                    self.ledger.record(first_by, False)
-                if self.on_clean is not None:
-                    self.on_clean(stage, direction, first_by)
                 return first_hop, first_by
             break
         if checks:
