@@ -108,7 +108,9 @@ def swarm_report(swarm: Any) -> dict[str, Any]:
         **scores,
         "honest_banned": [names.get(p, p) for p in scores["honest_banned"]],
         "workers": [{"name": w.name, "stage": w.stage, "malicious": bool(w.attack), "params": r.get("params", {}),
-                     "averaging_divergence": r.get("averaging", {}).get("divergence_mean")}
+                     "averaging_divergence": r.get("averaging", {}).get("divergence_mean"),
+                     "averaging_rounds": r.get("averaging", {}).get("rounds"),
+                     "butterfly": r.get("averaging", {}).get("butterfly", {})}
                     for w, r in by_worker if r],
         "verifier_reports": len(vreports),
         "worker_reports": len(wreports),

@@ -62,6 +62,7 @@ class SwarmConfig:
     micro_batches_per_step: int = 4
     lr: float = 1e-3  # the manifest's default (OptimizerConfig.lr; not imported here: it pulls in torch)
     averaging: str = "mean"  # within-stage aggregation rule (TrainingConfig.averaging)
+    training_overrides: dict[str, Any] = field(default_factory=dict)  # other TrainingConfig fields
     eval_every: int = 50
     eval_batches: int = 4
     seed: int = 0
@@ -144,7 +145,8 @@ class LocalSwarm:
             "run_id": c.run_id, "num_stages": c.stages, "seed": c.seed, "committee_size": c.committee_size,
             "corpus": c.data or "default", "model": c.model, "optimizer": {"lr": c.lr},
             "training": {"micro_batch_size": c.micro_batch_size, "micro_batches_per_step": c.micro_batches_per_step,
-                         "eval_every": c.eval_every, "eval_batches": c.eval_batches, "averaging": c.averaging},
+                         "eval_every": c.eval_every, "eval_batches": c.eval_batches, "averaging": c.averaging,
+                         **c.training_overrides},
             "screening": c.screening_overrides,
         }
 
@@ -351,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--averaging", choices=["mean", "trimmed-mean", "centered-clip"], default=d.averaging,
                    help="how the replicas of a stage aggregate their parameters")
+    p.add_argument("--averaging-partition", choices=["butterfly", "gather"], default=None,
+                   help="how a round moves parameters: each replica reduces its parts (butterfly, the "
+                        "default) or fetches every replica's whole parameters (gather)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workdir", default=None, help="where logs, identities and reports go (default: runs/<time>)")
     p.add_argument("--report", default=None, help="write the final JSON report here")
@@ -366,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
                       attack_direction=args.attack_direction, attack_start=args.attack_start,
                       screening=not args.no_screening, frame_verifiers=args.frame_verifiers,
                       micro_batch_size=args.micro_batch_size, micro_batches_per_step=args.micro_batches_per_step,
-                      lr=args.lr, averaging=args.averaging, seed=args.seed)
+                      lr=args.lr, averaging=args.averaging, seed=args.seed,
+                      training_overrides={"averaging_partition": args.averaging_partition}
+                      if args.averaging_partition else {})
     if cfg.data and not Path(cfg.data).is_file():
         print(f"sentinel-swarm: error: --data {cfg.data}: no such file", file=sys.stderr)
         return 2

@@ -28,8 +28,9 @@ ALL_NAMES = [
 # Need more context than a tensor: the verifier's state (white_box) or the stage module (lazy
 # workers, tests/test_lazy_attacks.py).
 CONTEXT_NAMES = ["white_box", "lazy_skip", "lazy_stale", "lazy_random", "lazy_partial"]
-# Honest on the pipeline, poisoned in averaging: tests/test_averaging.py.
-AVERAGING_NAMES = ["avg_scaling", "avg_random", "avg_alie"]
+# Honest on the pipeline, poisoned in averaging: tests/test_averaging_attacks.py (and the lying
+# butterfly reducer, tests/test_butterfly.py).
+AVERAGING_NAMES = ["avg_scaling", "avg_random", "avg_alie", "avg_reducer"]
 # Honest tensors, late or never: the live drill in tests/test_swarm_faults.py.
 AVAILABILITY_NAMES = ["slow", "silent", "trickle"]
 # Specs under which each attack changes every message from the second one on.

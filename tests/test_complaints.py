@@ -51,8 +51,9 @@ class Stage:
         return sign_message(wire.request(RUN, NOW, 0, STAGE, "complaint", {"params": reply.tensors["params"]},
                                          accused=self.peers[against], evidence=dict(reply.header)), self.ids[by])
 
-    async def fetch(self, stage: int, exclude: set[str]):
-        return [(p, t, self.versions[p]) for p, t in self.params.items() if p not in exclude]
+    async def fetch(self, stage: int, exclude: set[str], part: tuple[int, int] | None = None):
+        lo, hi = part if part is not None else (0, D)
+        return [(p, t[lo:hi], self.versions[p]) for p, t in self.params.items() if p not in exclude]
 
     def live(self, stage: int) -> list[str]:
         return self.peers if stage == STAGE else []
@@ -75,6 +76,32 @@ def test_a_poisoned_contribution_is_upheld_with_its_signed_digest_as_evidence() 
     assert verdict.accused == s.peers[2] and verdict.stage == STAGE and verdict.replicas == 2
     assert verdict.evidence["digest"] == reply.header["digest"]
     assert verdict.evidence["signature"] == reply.header["signature"]
+
+
+def test_a_pushed_butterfly_slice_is_judged_against_the_same_slice_of_the_others() -> None:
+    """A butterfly reducer complains with the slice the accused pushed to it (``reduce``, signed
+    by the accused): the verifier fetches that part only, and the dedupe is per slice."""
+    s = Stage()
+    lo, hi = 100, 250
+
+    def pushed(flat: torch.Tensor, version: int = 20):
+        return sign_message(wire.request(RUN, NOW, 0, STAGE, "reduce", {"params": flat[lo:hi].contiguous()},
+                                         part=[lo, hi], version=version, group=s.peers), s.ids[2])
+
+    bad = s.base - 10 * (s.params[s.peers[2]] - s.base) + 0.5 * torch.randn(D)
+    desk = s.desk()
+    verdict = _judge(desk, s, s.complaint(0, 2, pushed(bad)), by=0)
+    assert verdict is not None and verdict.upheld and verdict.replicas == 2, verdict
+    assert verdict.evidence["part"] == [lo, hi]
+    honest = _judge(s.desk(), s, s.complaint(0, 2, pushed(s.params[s.peers[2]])), by=0)
+    assert honest is not None and not honest.upheld
+    with pytest.raises(ComplaintRejected, match="already judged"):
+        desk.admit(s.complaint(1, 2, pushed(bad)), s.peers[1], s.live)
+    lying = pushed(bad)
+    lying.header["part"] = [lo, hi + 1]  # bounds that do not match the tensor: rejected, even re-signed
+    sign_message(lying, s.ids[2])
+    with pytest.raises(ComplaintRejected, match="does not match"):
+        s.desk().admit(s.complaint(0, 2, lying), s.peers[0], s.live)
 
 
 def test_an_honest_contribution_is_dismissed() -> None:

@@ -7,7 +7,7 @@ syntax and :mod:`sentinel.attacks.catalogue` for the built-ins.
 """
 
 from sentinel.attacks.adaptive import Alie, Collusion, EmaMimic, WhiteBox
-from sentinel.attacks.averaging import AvgAlie, AvgRandom, AvgScaling
+from sentinel.attacks.averaging import AvgAlie, AvgRandom, AvgReducer, AvgScaling
 from sentinel.attacks.base import DIRECTIONS, Attack, AttackContext
 from sentinel.attacks.catalogue import BUILTIN_ATTACKS
 from sentinel.attacks.lazy import LazyPartial, LazyRandom, LazySkip, LazyStale
@@ -34,6 +34,7 @@ __all__ = [
     "AttackSpecError",
     "AvgAlie",
     "AvgRandom",
+    "AvgReducer",
     "AvgScaling",
     "Bias",
     "Collusion",

@@ -6,6 +6,11 @@ that average lands in every honest replica of its stage. Each class here sends h
 forward and backward and lies only in :meth:`~sentinel.attacks.base.Attack.average`, relative to
 the worker's *update* since its previous round (``ctx.anchor``): flipping or scaling raw
 parameters would be absurdly loud, flipping the update is what a careful attacker does.
+
+In a butterfly round (``sentinel.node.butterfly``) the worker is also the reducer of some parts,
+and ``average`` is called on each reduced part it serves as well (``ctx.direction ==
+"reduce"``, ``ctx.anchor`` the same slice of its previous aggregate): each attack lies there the
+same way it lies in its contribution. :class:`AvgReducer` lies only there.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 
 from sentinel.attacks.base import Attack, AttackContext, randn_like, rms
 
-__all__ = ["AveragingAttack", "AvgAlie", "AvgRandom", "AvgScaling"]
+__all__ = ["AveragingAttack", "AvgAlie", "AvgRandom", "AvgReducer", "AvgScaling"]
 
 
 class AveragingAttack(Attack):
@@ -100,3 +105,26 @@ class AvgAlie(AveragingAttack):
             stacked = torch.stack([p.float() for p in peers])
             return (stacked.mean(0) - self.z * stacked.std(0)).to(params.dtype)
         return anchor - self.z * (params - anchor).abs()
+
+
+class AvgReducer(AveragingAttack):
+    """An honest contributor that lies only as a butterfly reducer: it serves
+    ``anchor + factor * (reduced - anchor)`` for each part it reduces for its replicas.
+
+    Args:
+        factor: multiplier of the honest reduced update (default -10, sign-flipped x10).
+
+    Why it matters: its own contributions are clean, so no contribution screen sees it; only a
+    requester that audits its answer (recomputes it from the slices it committed to) does.
+    """
+
+    name = "avg_reducer"
+
+    def __init__(self, factor: float = -10.0, *, directions: str = "both", start_step: int = 0) -> None:
+        super().__init__(directions=directions, start_step=start_step)
+        self.factor = float(factor)
+
+    def poison(self, params, anchor, ctx):
+        if ctx.direction != "reduce":
+            return params
+        return anchor + self.factor * (params - anchor)

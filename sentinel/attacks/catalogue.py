@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from sentinel.attacks.adaptive import Alie, Collusion, EmaMimic, WhiteBox
 from sentinel.attacks.availability import Silent, Slow, Trickle
-from sentinel.attacks.averaging import AvgAlie, AvgRandom, AvgScaling
+from sentinel.attacks.averaging import AvgAlie, AvgRandom, AvgReducer, AvgScaling
 from sentinel.attacks.base import Attack
 from sentinel.attacks.lazy import LazyPartial, LazyRandom, LazySkip, LazyStale
 from sentinel.attacks.simple import (
@@ -55,6 +55,7 @@ BUILTIN_ATTACKS: tuple[type[Attack], ...] = (
     AvgScaling,
     AvgRandom,
     AvgAlie,
+    AvgReducer,
     Slow,
     Silent,
     Trickle,

@@ -62,6 +62,22 @@ class TrainingConfig:
     # accumulating gradients, and applies them when the round ends. Unchecked, a stalled round
     # lets a replica drift from its stage until the verifiers flag it. 0 turns holding off.
     max_local_steps: int = 6
+    # How a round moves parameters (``sentinel.node.worker``). "butterfly": the flat parameters
+    # are cut into parts (``sentinel.node.averaging.partition``), each replica robustly reduces
+    # the parts it owns from everyone's pushed slices and serves the result, so a replica sends
+    # and receives about one copy of its stage per round and no message exceeds one part.
+    # "gather": every replica fetches every other's whole parameters and reduces alone (n copies
+    # per replica per round, one message per stage; kept as the baseline it is measured against).
+    averaging_partition: str = "butterfly"
+    averaging_part_numel: int = 2**20  # largest part, in elements (4 MiB of float32 per message)
+    # A replica's slice pushed to (or pulled by) a reducer this recently is reused for another
+    # requester's round instead of being pulled again: replicas average at about the same pace,
+    # so one push per round serves every reduction of that part.
+    averaging_reuse_s: float = 5.0
+    # Share of reduced parts a requester audits: it fetches the signed slices the reducer
+    # committed to and recomputes the reduction. A reducer's first answer is always audited; one
+    # caught lying is reported to the verifiers and its parts are reduced locally from then on.
+    averaging_audit: float = 0.25
     eval_batches: int = 4  # validation micro-batches per evaluation
     eval_every: int = 50  # verifier steps between validation evaluations
     hop_timeout_min_s: float = 20.0  # floor of the adaptive per-hop timeout
@@ -122,6 +138,15 @@ class RunManifest:
             v = getattr(t, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ManifestError(f"training.{name} must be a finite number >= 0, got {v!r}")
+        if t.averaging_partition not in ("butterfly", "gather"):
+            raise ManifestError(f"training.averaging_partition must be butterfly|gather, got {t.averaging_partition!r}")
+        if isinstance(t.averaging_part_numel, bool) or not isinstance(t.averaging_part_numel, int) \
+                or t.averaging_part_numel < 1:
+            raise ManifestError(f"training.averaging_part_numel must be an integer >= 1, got {t.averaging_part_numel!r}")
+        for name, hi in (("averaging_reuse_s", math.inf), ("averaging_audit", 1.0)):
+            v = getattr(t, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not 0 <= v <= hi:
+                raise ManifestError(f"training.{name} must be a number in [0, {hi:g}], got {v!r}")
         if t.averaging not in ("mean", "centered-clip", "trimmed-mean"):
             raise ManifestError(f"training.averaging must be mean|centered-clip|trimmed-mean, got {t.averaging!r}")
         if self.committee_size < 1:

@@ -57,6 +57,38 @@ def centered_clip(stacked: torch.Tensor, tau: float = 0.0, iters: int = 3) -> to
     return v
 
 
+def partition(numel: int, peers: int, max_part: int) -> list[tuple[int, int]]:
+    """Contiguous ``[lo, hi)`` parts of a flat vector of ``numel`` for a butterfly round among
+    ``peers``: at least one part per peer (each reduces its share), and as many more as needed
+    so no part exceeds ``max_part`` elements (one part is one message, whatever the model's size).
+    Part ``i`` belongs to peer ``i % peers`` of the group sorted by peer id, so every peer that
+    sees the same group computes the same assignment without talking to the others."""
+    if numel < 1 or peers < 1 or max_part < 1:
+        raise ValueError(f"cannot partition {numel} elements among {peers} peers in parts of {max_part}")
+    k = min(numel, max(peers, -(-numel // max_part)))
+    base, extra = divmod(numel, k)
+    bounds, lo = [], 0
+    for i in range(k):
+        hi = lo + base + (1 if i < extra else 0)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def same_reduction(claimed: torch.Tensor, contributions: Sequence[torch.Tensor], rule: str,
+                   rtol: float = 1e-4) -> bool:
+    """Whether ``claimed`` is what ``rule`` makes of ``contributions`` (an audit of a reducer).
+
+    The reduction is deterministic for a given order of inputs, so an honest reducer's answer
+    matches to rounding; the tolerance (relative to the contributions' scale) only absorbs
+    float differences between machines. A lie worth telling moves the answer far more."""
+    if not contributions or claimed.shape != contributions[0].reshape(-1).shape:
+        return False
+    expected = aggregate(contributions, rule)
+    scale = max(float(torch.stack([c.reshape(-1).float() for c in contributions]).norm(dim=1).max()), 1e-12)
+    return bool(torch.isfinite(claimed).all()) and float((claimed.float() - expected).norm()) <= rtol * scale
+
+
 def contribution_scores(vectors: Sequence[torch.Tensor], floor: float = 0.0) -> list[float]:
     """Each contribution's distance to the coordinate-wise median of all of them, in units of
     ``max(median distance, floor * |median|)``.

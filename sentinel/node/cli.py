@@ -343,7 +343,8 @@ def _write_node_report(args: argparse.Namespace, node: Any) -> None:
 
     with contextlib.suppress(Exception):
         write_json(args.report, {"role": "worker", "peer": node.runtime.peer_id, **node.status(),
-                                 "attack": args.attack, "averaging": node.averaging_log.summary(),
+                                 "attack": args.attack, "averaging": {**node.averaging_log.summary(),
+                                                                "butterfly": dict(node.butterfly.stats)},
                                  "params": node.params_summary(),
                                  "metrics": METRICS.snapshot()})
 

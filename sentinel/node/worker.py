@@ -23,7 +23,8 @@ import torch
 from sentinel import __version__
 from sentinel.bootstrap.manifest import RunManifest
 from sentinel.metrics import METRICS
-from sentinel.node.averaging import AveragingLog, aggregate, contribution_scores
+from sentinel.node.averaging import AveragingLog, aggregate, contribution_scores, partition
+from sentinel.node.butterfly import Butterfly
 from sentinel.node.checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -37,7 +38,7 @@ from sentinel.node.stage_selection import choose_stage, should_move
 from sentinel.protocol import pipeline as wire
 from sentinel.protocol.checks import MessageChecker, TensorSpec
 from sentinel.protocol.codec import Message
-from sentinel.protocol.errors import ProtocolError, WrongSenderError
+from sentinel.protocol.errors import MalformedMessageError, ProtocolError, WrongSenderError
 from sentinel.protocol.records import STATES, record_key
 from sentinel.protocol.signing import sign_message
 from sentinel.verifier.bans import committee_bans
@@ -117,14 +118,19 @@ def version_of(msg: Message) -> int:
 
 async def fetch_params(runtime: SwarmRuntime, checker: MessageChecker, run: str, step: int, stage: int,
                        peers: list[str], numel: int | None = None, timeout: float = 20.0,
+                       part: tuple[int, int] | None = None,
                        ) -> tuple[list[tuple[str, Message]], list[tuple[str, Exception]]]:
-    """Ask each of ``peers`` for its flat parameters of ``stage``: the signed, checked
-    ``params_result`` of those that answer, and (peer, error) for the rest. Replicas use it to
-    average (``numel`` known), verifiers to judge a complaint against the stage."""
+    """Ask each of ``peers`` for its flat parameters of ``stage`` (or the slice ``part`` =
+    ``(lo, hi)`` of them): the signed, checked ``params_result`` of those that answer, and
+    (peer, error) for the rest. Replicas use it to average and join, verifiers to judge a
+    complaint against the stage."""
+    if part is not None:
+        numel = part[1] - part[0]
     spec = {"params": TensorSpec("float32", (numel,))}
+    extra = {"part": list(part)} if part is not None else {}
 
     async def fetch(peer: str) -> tuple[str, Message | Exception]:
-        req = sign_message(wire.request(run, step, 0, stage, "params", {}), runtime.identity)
+        req = sign_message(wire.request(run, step, 0, stage, "params", {}, **extra), runtime.identity)
         try:
             resp = await runtime.call(peer, wire.PARAMS, req, timeout)
             checker.check(resp, expected_sender=peer, expected=spec, check_replay=False)
@@ -132,8 +138,9 @@ async def fetch_params(runtime: SwarmRuntime, checker: MessageChecker, run: str,
             # bound to this request: the echoed step is what dates the reply as evidence
             # (``sentinel.verifier.complaints``), so the sender must not choose it
             if h.get("in_reply_to") != req.header["digest"] or h.get("step") != req.header["step"] \
-                    or h.get("stage") != stage or h.get("direction") != "params_result":
-                raise ProtocolError("params reply is not bound to this request (in_reply_to/step/stage)")
+                    or h.get("stage") != stage or h.get("direction") != "params_result" \
+                    or (part is not None and h.get("part") != list(part)):
+                raise ProtocolError("params reply is not bound to this request (in_reply_to/step/stage/part)")
         except (PeerCallError, ProtocolError) as e:
             logger.debug("params of stage %d from %s failed: %s", stage, peer[-8:], e)
             return peer, e
@@ -201,6 +208,7 @@ class WorkerNode:
         # its replicas' contributions before complaining to the verifiers
         self.screen_config = ScreeningConfig.from_dict(manifest.screening) if manifest.screening else ScreeningConfig()
         self._anchor: torch.Tensor | None = None  # the aggregate this worker loaded at its last round
+        self.butterfly = Butterfly(self)  # partitioned rounds (TrainingConfig.averaging_partition)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -225,7 +233,8 @@ class WorkerNode:
         await self._resume_from_checkpoint()
         await self._join_from_replica()
         for name, fn in ((wire.FORWARD, self._on_forward), (wire.BACKWARD, self._on_backward),
-                         (wire.PARAMS, self._on_params), (wire.STATUS, self._on_status)):
+                         (wire.PARAMS, self._on_params), (wire.STATUS, self._on_status),
+                         (wire.REDUCE, self.butterfly.on_reduce), (wire.REDUCE_AUDIT, self.butterfly.on_audit)):
             await self.runtime.serve(name, fn)
         self.state = "ONLINE"
         await self.runtime.announce_now()
@@ -378,20 +387,37 @@ class WorkerNode:
         self.checker.check(msg, expected_sender=remote, expected={}, check_replay=False)
         if msg.header.get("stage") != self.stage:
             raise ProtocolError(f"params requested for stage {msg.header.get('stage')}, I serve {self.stage}")
+        part = msg.header.get("part")
+        numel = self.runner.num_parameters()
+        extra: dict[str, Any] = {}
+        if part is not None:
+            if not (isinstance(part, list) and len(part) == 2 and all(type(v) is int for v in part)
+                    and 0 <= part[0] < part[1] <= numel):
+                raise MalformedMessageError(f"part must be [lo, hi] with 0 <= lo < hi <= {numel}, got {part!r:.80}")
+            extra["part"] = part
         flat = await self._in_thread(self.runner.flat_parameters)
-        if self.attack is not None:
-            flat = self.attack.average(flat, self._average_ctx(msg, remote))
-        return sign_message(wire.reply(msg, "params_result", {"params": flat.contiguous()}, version=self.runner.version),
-                            self.runtime.identity)
+        flat = self.poison_contribution(flat, f"{msg.header['step']}|{remote}")
+        if part is not None:
+            flat = flat[part[0]:part[1]]
+        return sign_message(wire.reply(msg, "params_result", {"params": flat.contiguous()}, version=self.runner.version,
+                                       **extra), self.runtime.identity)
 
-    def _average_ctx(self, msg: Message, remote: str):
+    def poison_contribution(self, flat: torch.Tensor, tag: str, part: tuple[int, int] | None = None) -> torch.Tensor:
+        """What this worker contributes to averaging: ``flat`` itself, or an averaging attack's
+        poison of it (the whole parameters, or the reduced slice ``part`` it serves)."""
+        if self.attack is None:
+            return flat
         from sentinel.attacks.base import AttackContext
 
-        seed = int.from_bytes(hashlib.blake2b(f"{self.attack_seed}|{msg.header['step']}|{remote}|average".encode(),
+        seed = int.from_bytes(hashlib.blake2b(f"{self.attack_seed}|{tag}|{part}|average".encode(),
                                               digest_size=8).digest(), "big")
-        return AttackContext(step=int(self.max_step), stage=self.stage, worker=self.runtime.peer_id, micro_batch=-1,
-                             direction="average", generator=torch.Generator().manual_seed(seed % (2**63)),
-                             num_stages=self.manifest.num_stages, anchor=self._anchor)
+        anchor = self._anchor
+        if anchor is not None and part is not None:
+            anchor = anchor[part[0]:part[1]]
+        ctx = AttackContext(step=int(self.max_step), stage=self.stage, worker=self.runtime.peer_id, micro_batch=-1,
+                            direction="reduce" if part is not None else "average", generator=torch.Generator().manual_seed(seed % (2**63)),
+                            num_stages=self.manifest.num_stages, anchor=anchor)
+        return self.attack.average(flat, ctx)
 
     async def _on_status(self, msg: Message, remote: str) -> Message:
         self.checker.check(msg, expected_sender=remote, expected={}, check_replay=False)
@@ -417,19 +443,42 @@ class WorkerNode:
 
     # -- parameters from replicas ------------------------------------------------------------------
     async def _fetch_replica_states(self, timeout: float = 20.0) -> list[tuple[torch.Tensor, int]]:
-        """(flat parameters, optimizer-step count) of every live, non-banned replica that answers."""
-        return [(msg.tensors["params"], version_of(msg)) for _, msg in await self._fetch_replica_replies(timeout)]
+        """(flat parameters, optimizer-step count) of every live, non-banned replica that answers,
+        fetched part by part (``averaging_part_numel``) so a stage larger than one message can join."""
+        peers = await self._live_replicas()
+        if not peers:
+            return []
+        chunks: dict[str, list[torch.Tensor]] = {p: [] for p in peers}
+        versions: dict[str, int] = {}
+        for lo, hi in partition(self.runner.num_parameters(), 1, self.manifest.training.averaging_part_numel):
+            got, failed = await fetch_params(self.runtime, self.checker, self.run, self.max_step, self.stage,
+                                             list(chunks), timeout=timeout, part=(lo, hi))
+            for _, e in failed:
+                METRICS.inc("sentinel_averaging_failures_total", reason=getattr(e, "reason", "error"))
+            answered = dict(got)
+            chunks = {p: [*c, answered[p].tensors["params"]] for p, c in chunks.items() if p in answered}
+            for p, msg in got:
+                versions.setdefault(p, version_of(msg))
+        return [(torch.cat(c), versions[p]) for p, c in chunks.items()]
 
-    async def _fetch_replica_replies(self, timeout: float = 20.0) -> list[tuple[str, Message]]:
-        """(peer, its signed ``params_result``) of every live, non-banned replica that answers.
-        The signed reply is kept: it is the evidence if the contribution turns out poisoned."""
+    async def stage_replicas(self) -> list[str]:
+        """Every replica that claims my stage in the DHT (any state)."""
+        return list((await read_stage_claims(self.runtime, self.run, self.manifest.num_stages)).get(self.stage, {}))
+
+    async def _live_replicas(self) -> list[str]:
+        """The other ONLINE, non-banned replicas of my stage."""
         claims = (await read_stage_claims(self.runtime, self.run, self.manifest.num_stages)).get(self.stage, {})
         banned = await self.banned_peers() & set(claims)
         for peer in banned - self._excluded:
             logger.info("leaving banned replica %s out of averaging", peer[-8:])
         self._excluded |= banned
-        peers = [p for p, v in claims.items()
-                 if p != self.runtime.peer_id and v.get("state") == "ONLINE" and p not in banned]
+        return [p for p, v in claims.items()
+                if p != self.runtime.peer_id and v.get("state") == "ONLINE" and p not in banned]
+
+    async def _fetch_replica_replies(self, timeout: float = 20.0) -> list[tuple[str, Message]]:
+        """(peer, its signed ``params_result``) of every live, non-banned replica that answers.
+        The signed reply is kept: it is the evidence if the contribution turns out poisoned."""
+        peers = await self._live_replicas()
         got, failed = await fetch_params(self.runtime, self.checker, self.run, self.max_step, self.stage, peers,
                                          self.runner.num_parameters(), timeout)
         for _, e in failed:
@@ -449,21 +498,45 @@ class WorkerNode:
             if score > cfg.averaging_outlier_ratio:
                 logger.info("contribution of %s is %.1f x the spread of stage %d: reporting it to the verifiers",
                             peer[-8:], score, self.stage)
-                task = asyncio.create_task(self._complain(peer, reply, score))
-                self._complaints.add(task)
-                task.add_done_callback(self._complaints.discard)
+                self.complain_later(peer, reply, score)
+
+    def complain_later(self, peer: str, evidence: Message, score: float) -> None:
+        """Report ``peer``'s signed contribution (whole, or a slice) to the verifiers in the background."""
+        task = asyncio.create_task(self._complain(peer, evidence, score))
+        self._complaints.add(task)
+        task.add_done_callback(self._complaints.discard)
+
+    def report_reduction(self, reducer: str, result: Message, inputs: list[Message]) -> None:
+        """Report a butterfly reducer whose signed answer its own committed inputs contradict
+        (``sentinel.node.butterfly``): the verifiers recompute it from this evidence alone."""
+        req = wire.request(self.run, self.max_step, 0, self.stage, "complaint",
+                           {"part": result.tensors["part"],
+                            "params": torch.stack([m.tensors["params"] for m in inputs])},
+                           kind="reduction", accused=reducer, evidence=dict(result.header),
+                           contributions=[dict(m.header) for m in inputs])
+        size = sum(t.numel() * t.element_size() for t in req.tensors.values())
+        if size > self.runtime.limits.max_payload_bytes:
+            logger.warning("cannot report reducer %s: the evidence (%d MiB) exceeds one message; it stays "
+                           "distrusted here", reducer[-8:], size >> 20)
+            return
+        task = asyncio.create_task(self._send_complaint(sign_message(req, self.runtime.identity)))
+        self._complaints.add(task)
+        task.add_done_callback(self._complaints.discard)
 
     async def _complain(self, peer: str, reply: Message, score: float, timeout: float = 30.0) -> None:
         header = dict(reply.header)
+        req = wire.request(self.run, self.max_step, 0, self.stage, "complaint", {"params": reply.tensors["params"]},
+                           accused=peer, evidence=header, score=round(float(score), 3))
+        await self._send_complaint(sign_message(req, self.runtime.identity), timeout)
+
+    async def _send_complaint(self, req: Message, timeout: float = 30.0) -> None:
+        """Send a signed complaint to every live verifier of the run."""
         try:
             recs = await self.runtime.get(verifiers_key(self.run))
             verifiers = sorted(p for p, v in recs.items() if v.get("run") == self.run and v.get("state") != "OFFLINE")
         except Exception as e:  # noqa: BLE001 - a DHT hiccup: tell the verifiers this worker already knows
             logger.debug("cannot read verifier records: %s", e)
             verifiers = sorted(self.known_verifiers)
-        req = wire.request(self.run, self.max_step, 0, self.stage, "complaint", {"params": reply.tensors["params"]},
-                           accused=peer, evidence=header, score=round(float(score), 3))
-        sign_message(req, self.runtime.identity)
 
         async def send(v: str) -> None:
             try:
@@ -550,12 +623,24 @@ class WorkerNode:
 
     async def _average(self) -> None:
         try:
-            replies = await self._fetch_replica_replies()
-            if not replies:
-                return
-            peers = [msg.tensors["params"] for _, msg in replies]
-            own = await self._in_thread(self.runner.flat_parameters)
-            agg = aggregate([own, *peers], self.manifest.training.averaging)
+            if self.manifest.training.averaging_partition == "butterfly":
+                peers = await self._live_replicas()
+                if not peers:
+                    return
+                t0 = time.perf_counter()
+                agg = await self.butterfly.round(peers)
+                own = await self._in_thread(self.runner.flat_parameters)
+                METRICS.inc("sentinel_averaging_seconds_total", time.perf_counter() - t0)
+                replies = []
+            else:
+                t0 = time.perf_counter()
+                replies = await self._fetch_replica_replies()
+                if not replies:
+                    return
+                peers = [msg.tensors["params"] for _, msg in replies]
+                own = await self._in_thread(self.runner.flat_parameters)
+                agg = aggregate([own, *peers], self.manifest.training.averaging)
+                METRICS.inc("sentinel_averaging_seconds_total", time.perf_counter() - t0)
             await self._in_thread(self.runner.load_flat_parameters, agg)
             self._anchor = agg.to(own.dtype)
             self._screen_contributions(own, replies)

@@ -14,7 +14,9 @@ from sentinel.protocol.codec import Message
 
 FORWARD = "sentinel.forward"  # x (+ targets on the last stage) -> y (the loss on the last stage)
 BACKWARD = "sentinel.backward"  # x, grad (targets on the last stage) -> grad_x (nothing on stage 0)
-PARAMS = "sentinel.params"  # () -> flat parameters of the stage, for averaging and joining
+PARAMS = "sentinel.params"  # () or part=[lo, hi] -> flat parameters of the stage (or that slice)
+REDUCE = "sentinel.reduce"  # my slice [lo, hi) of the stage's parameters + the group -> the reduced slice
+REDUCE_AUDIT = "sentinel.reduce_audit"  # (a reduction's digest, index) -> one signed slice it committed to
 COMPLAINT = "sentinel.complaint"  # a replica's signed averaging contribution, reported as poisoned -> ack
 STATUS = "sentinel.status"  # () -> a node's status header, for `sentinel-node status`
 

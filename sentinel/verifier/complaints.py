@@ -48,8 +48,14 @@ from sentinel.protocol.errors import MalformedMessageError, ProtocolError
 
 logger = logging.getLogger(__name__)
 
-# (peer, flat parameters, optimizer-step count) of the stage's other replicas, fetched by the verifier
-FetchReplicas = Callable[[int, set[str]], Awaitable[list[tuple[str, torch.Tensor, int]]]]
+# (peer, flat parameters or the slice ``part``, optimizer-step count) of the stage's other
+# replicas, fetched by the verifier: fetch(stage, exclude, part)
+FetchReplicas = Callable[[int, set[str], "tuple[int, int] | None"], Awaitable[list[tuple[str, torch.Tensor, int]]]]
+
+# What a contribution may be: a replica's whole parameters or one slice of them answering a
+# ``params`` request, a slice it pushed to a butterfly reducer, or a reducer's own slice
+# (``sentinel.node.butterfly``). All are signed by the accused; all say what it contributed.
+EVIDENCE_DIRECTIONS = ("params_result", "reduce", "slice")
 
 
 class ComplaintRejected(ProtocolError):
@@ -71,6 +77,7 @@ class Verdict:
     bound: float  # the ratio it had to exceed (``ScreeningConfig.averaging_outlier_ratio``)
     replicas: int  # contributions the verifier compared it with
     evidence: dict[str, Any] = field(default_factory=dict)  # for a ban vote: digest, signature, version
+    reason: str = "contribution"  # or "reduction": a butterfly reducer's answer its own inputs contradict
 
 
 class ComplaintDesk:
@@ -88,12 +95,14 @@ class ComplaintDesk:
             honest replica may find several outliers in one averaging round), then one per
             ``min_interval_s``.
         clock: monotonic seconds (injectable for tests).
+        rule: the run's aggregation rule, to recompute a reduction a reducer is accused of faking.
     """
 
     def __init__(self, run: str, ratio: float, floor: float, fetch_replicas: FetchReplicas,
                  now_step: Callable[[], int] = lambda: 0, stale_steps: int = 4, remember: int = 4096, min_interval_s: float = 1.0,
-                 burst: int = 4, clock: Callable[[], float] = time.monotonic):
+                 burst: int = 4, clock: Callable[[], float] = time.monotonic, rule: str = "mean"):
         self.run = run
+        self.rule = rule  # the run's aggregation rule (TrainingConfig.averaging): how reductions are recomputed
         self.ratio = ratio
         self.floor = floor
         self.fetch_replicas = fetch_replicas
@@ -125,41 +134,34 @@ class ComplaintDesk:
         self.checker.check(reply, expected_sender=accused, expected={"params": TensorSpec("float32", (None,))},
                            check_replay=False)
         rh = reply.header
-        if rh.get("direction") != "params_result" or rh.get("stage") != stage:
-            raise ComplaintRejected("the evidence is not a params_result of that stage", "not_params")
+        if rh.get("direction") not in EVIDENCE_DIRECTIONS or rh.get("stage") != stage:
+            raise ComplaintRejected("the evidence is not a contribution to that stage's averaging", "not_params")
+        part = rh.get("part")
+        if part is not None and not (isinstance(part, list) and len(part) == 2 and all(type(v) is int for v in part)
+                                     and 0 <= part[0] < part[1] and part[1] - part[0] == reply.tensors["params"].numel()):
+            raise ComplaintRejected(f"the evidence's part {part!r:.80} does not match its tensor", "not_params")
         age = self.now_step() - rh["step"]
         if age > self.stale_steps:
             raise ComplaintRejected(f"evidence answers a request of step {rh['step']}, {age} steps ago "
                                     f"(at most {self.stale_steps})", "stale")
-        state = _state_key(accused, rh.get("version"))
+        state = _state_key(accused, rh.get("version"), part)
         if state in self._seen:
             raise ComplaintRejected(f"{accused[-8:]}'s parameters at optimizer step {rh.get('version')!r} were "
                                     "already judged", "duplicate")
         if accused in self._busy:
             raise ComplaintRejected(f"a complaint against {accused[-8:]} is being judged", "busy")
-        now = self.clock()
-        tokens, at = self._tokens.get(complainer, (float(self.burst), now))
-        if self.min_interval_s > 0:
-            tokens = min(float(self.burst), tokens + (now - at) / self.min_interval_s)
-        else:
-            tokens = float(self.burst)
-        if tokens < 1.0:
-            raise ComplaintRejected(f"{complainer[-8:]} complains faster than {self.burst} at once and one per "
-                                    f"{self.min_interval_s:g}s", "rate_limited")
-        self._tokens[complainer] = (tokens - 1.0, now)
-        self._tokens.move_to_end(complainer)
-        while len(self._tokens) > self._remember:
-            self._tokens.popitem(last=False)
+        self._take_token(complainer)
         return accused, stage, reply
 
     async def judge(self, accused: str, stage: int, reply: Message) -> Verdict | None:
         """Compare the accused's signed contribution with the stage's other replicas, fetched
         now. None when there are too few of them to say (fewer than two)."""
         digest = bytes(reply.header["digest"])
-        state = _state_key(accused, reply.header.get("version"))
+        part = reply.header.get("part")
+        state = _state_key(accused, reply.header.get("version"), part)
         self._busy.add(accused)
         try:
-            others = await self.fetch_replicas(stage, {accused})
+            others = await self.fetch_replicas(stage, {accused}, tuple(part) if part is not None else None)
         finally:
             self._busy.discard(accused)
         contribution = reply.tensors["params"]
@@ -176,12 +178,90 @@ class ComplaintDesk:
         METRICS.inc("sentinel_averaging_complaints_received_total", outcome="upheld" if upheld else "dismissed")
         return Verdict(accused, stage, upheld, scores[0], self.ratio, len(others),
                        {"digest": digest, "signature": bytes(reply.header["signature"]), "version": version,
-                        "evidence_step": reply.header["step"]})
+                        "evidence_step": reply.header["step"], **({"part": part} if part is not None else {})})
+
+    def _take_token(self, complainer: str) -> None:
+        now = self.clock()
+        tokens, at = self._tokens.get(complainer, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) / self.min_interval_s) if self.min_interval_s > 0 \
+            else float(self.burst)
+        if tokens < 1.0:
+            raise ComplaintRejected(f"{complainer[-8:]} complains faster than {self.burst} at once and one per "
+                                    f"{self.min_interval_s:g}s", "rate_limited")
+        self._tokens[complainer] = (tokens - 1.0, now)
+        self._tokens.move_to_end(complainer)
+        while len(self._tokens) > self._remember:
+            self._tokens.popitem(last=False)
+
+    def judge_reduction(self, msg: Message, complainer: str, live: Callable[[int], list[str]]) -> Verdict:
+        """Judge a complaint that a butterfly reducer lied (``sentinel.node.butterfly``): its
+        signed ``reduce_result`` (header as ``evidence``, tensor ``part``) and the slices it
+        committed to (headers as ``contributions``, stacked as ``params``). Every slice must be
+        signed by the contributor the reducer named, with the digest it committed to; the
+        verifier then recomputes the reduction with the run's ``rule``. Nothing is fetched: the
+        reducer's own signature binds it to inputs that prove it wrong, and an honest reducer
+        cannot be framed, because any inputs that match its commitment reproduce its answer."""
+        from sentinel.node.averaging import same_reduction
+
+        h = msg.header
+        accused, evidence, heads = h.get("accused"), h.get("evidence"), h.get("contributions")
+        stage = h["stage"]
+        if not isinstance(accused, str) or not isinstance(evidence, dict) or not isinstance(heads, list) \
+                or set(msg.tensors) != {"part", "params"}:
+            raise MalformedMessageError("a reduction complaint carries 'accused', the reducer's reply header as "
+                                        "'evidence', the committed slices' headers as 'contributions', and the "
+                                        "'part' and stacked 'params' tensors")
+        replicas = live(stage)
+        if complainer not in replicas or accused not in replicas or complainer == accused:
+            raise ComplaintRejected(f"complainer {complainer[-8:]} and accused {accused[-8:]} must be two live "
+                                    f"replicas of stage {stage}", "not_replicas")
+        part, stacked = msg.tensors["part"], msg.tensors["params"]
+        result = Message(header=dict(evidence), tensors={"part": part})
+        self.checker.check(result, expected_sender=accused, expected={"part": TensorSpec("float32", (None,))},
+                           check_replay=False)
+        rh = result.header
+        committed = rh.get("contributions")
+        bounds = rh.get("part")
+        if rh.get("direction") != "reduce_result" or rh.get("stage") != stage or not isinstance(committed, list) \
+                or not isinstance(bounds, list) or len(committed) != len(heads) or stacked.dim() != 2 \
+                or stacked.shape != (len(heads), part.numel()):
+            raise ComplaintRejected("the evidence is not a reduce_result of that stage with its committed slices",
+                                    "not_params")
+        age = self.now_step() - rh["step"]
+        if age > self.stale_steps:
+            raise ComplaintRejected(f"evidence answers a request of step {rh['step']}, {age} steps ago "
+                                    f"(at most {self.stale_steps})", "stale")
+        key = "reduction@" + bytes(rh["digest"]).hex()
+        if key in self._seen:
+            raise ComplaintRejected("that reduction was already judged", "duplicate")
+        self._take_token(complainer)
+        inputs = []
+        for i, (head, entry) in enumerate(zip(heads, committed, strict=True)):
+            if not isinstance(head, dict) or not isinstance(entry, list) or len(entry) != 2:
+                raise MalformedMessageError(f"committed slice {i} is malformed")
+            one = Message(header=dict(head), tensors={"params": stacked[i].contiguous()})
+            self.checker.check(one, expected_sender=entry[0], expected={"params": TensorSpec("float32", (None,))},
+                               check_replay=False)
+            if one.header.get("digest") != entry[1] or one.header.get("part") != bounds \
+                    or one.header.get("stage") != stage:
+                raise ComplaintRejected(f"slice {i} is not the one the reducer committed to", "not_params")
+            inputs.append(one.tensors["params"])
+        self._seen[key] = None
+        while len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
+        upheld = not same_reduction(part, inputs, self.rule)
+        METRICS.inc("sentinel_averaging_complaints_received_total", outcome="upheld" if upheld else "dismissed")
+        return Verdict(accused, stage, upheld, 1.0 if upheld else 0.0, 0.0, len(inputs),
+                       {"digest": bytes(rh["digest"]), "signature": bytes(rh["signature"]),
+                        "evidence_step": rh["step"], "part": bounds}, reason="reduction")
 
     async def handle(self, msg: Message, complainer: str, live: Callable[[int], list[str]],
                      on_verdict: Callable[[Verdict], Any]) -> None:
         """Admit and judge in one go (the verifier runs this as a task, after acknowledging)."""
         try:
+            if msg.header.get("kind") == "reduction":
+                on_verdict(self.judge_reduction(msg, complainer, live))
+                return
             accused, stage, reply = self.admit(msg, complainer, live)
             verdict = await self.judge(accused, stage, reply)
         except ComplaintRejected as e:
@@ -199,6 +279,7 @@ class ComplaintDesk:
             on_verdict(verdict)
 
 
-def _state_key(accused: str, version: Any) -> str:
-    """One parameter state of one replica: its peer id and the optimizer step it signed."""
-    return f"{accused}@{version!r}"
+def _state_key(accused: str, version: Any, part: Any = None) -> str:
+    """One parameter state of one replica (or one slice of it): its peer id, the optimizer step
+    it signed and the slice's bounds."""
+    return f"{accused}@{version!r}" + (f"@{part!r}" if part is not None else "")

@@ -109,7 +109,7 @@ class VerifierNode:
         # complaints about poisoned averaging contributions (``sentinel.verifier.complaints``)
         self.complaints = ComplaintDesk(self.run, self.screen_config.averaging_outlier_ratio,
                                         self.screen_config.averaging_outlier_floor, self._fetch_stage_params,
-                                        now_step=lambda: int(self.step))
+                                        now_step=lambda: int(self.step), rule=manifest.training.averaging)
         self.averaging_upheld: dict[str, int] = defaultdict(int)
         self._complaint_tasks: set[asyncio.Task] = set()
         self.val_batches = corpus.val_batches(t.micro_batch_size, manifest.model.seq_len, t.eval_batches)
@@ -169,7 +169,10 @@ class VerifierNode:
     # -- complaints about averaging contributions ------------------------------------------------
     async def _on_complaint(self, msg: Message, remote: str) -> Message:
         """Acknowledge at once, judge in the background: judging fetches the stage's replicas."""
-        self.complaints.checker.check(msg, expected_sender=remote, expected={"params": TensorSpec("float32", (None,))})
+        expected = {"params": TensorSpec("float32", (None,))}
+        if msg.header.get("kind") == "reduction":  # a butterfly reducer's answer and the slices it committed to
+            expected = {"part": TensorSpec("float32", (None,)), "params": TensorSpec("float32", (None, None))}
+        self.complaints.checker.check(msg, expected_sender=remote, expected=expected)
         judged = self.screening and self.complaints.ratio > 0
         if judged:
             task = asyncio.create_task(self.complaints.handle(msg, remote, self.transport.replicas, self._on_verdict))
@@ -179,12 +182,13 @@ class VerifierNode:
             METRICS.inc("sentinel_averaging_complaints_received_total", outcome="not_screening")
         return sign_message(wire.reply(msg, "complaint_result", {}, judged=judged), self.runtime.identity)
 
-    async def _fetch_stage_params(self, stage: int, exclude: set[str],
+    async def _fetch_stage_params(self, stage: int, exclude: set[str], part: tuple[int, int] | None = None,
                                   timeout: float = 20.0) -> list[tuple[str, Any, int]]:
-        """The current flat parameters of the stage's live, non-banned replicas (but ``exclude``)."""
+        """The current flat parameters (or their slice ``part``) of the stage's live, non-banned
+        replicas (but ``exclude``)."""
         peers = [p for p in self.transport.replicas(stage) if p not in exclude]
         got, _ = await fetch_params(self.runtime, self.complaints.checker, self.run, self.step, stage, peers,
-                                    timeout=timeout)
+                                    timeout=timeout, part=part)
         return [(p, msg.tensors["params"], version_of(msg)) for p, msg in got]
 
     def _on_verdict(self, v: Verdict) -> None:
@@ -198,10 +202,11 @@ class VerifierNode:
         METRICS.inc("sentinel_flags_total", stage=str(v.stage), direction="average")
         self.ledger.record(v.accused, True)
         self.evidence[v.accused].append({
-            "step": self.step, "micro_batch": 0, "stage": v.stage, "direction": "average", "reasons": ["contribution"],
-            **v.evidence, "distances": {"contribution": _finite(v.score)}, "fences": {"contribution": v.bound},
+            "step": self.step, "micro_batch": 0, "stage": v.stage, "direction": "average", "reasons": [v.reason],
+            **v.evidence, "distances": {v.reason: _finite(v.score)}, "fences": {v.reason: v.bound},
         })
-        self._vote_if_banned(v.accused, v.stage, "average", self.step, "averaging contributions")
+        self._vote_if_banned(v.accused, v.stage, "average", self.step,
+                             "averaging contributions" if v.reason == "contribution" else "a faked reduction")
 
     def status(self) -> dict[str, Any]:
         return {"role": "verifier", "state": self.state, "step": int(self.step), "tokens": int(self.tokens),

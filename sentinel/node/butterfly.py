@@ -1,0 +1,478 @@
+"""Butterfly averaging: each replica of a stage robustly reduces only its parts of the parameters.
+
+A gather round (every replica downloads every other's whole parameters) costs each replica
+``n - 1`` copies of its stage per round and needs the stage to fit in one message. Here the flat
+parameters are cut into parts (:func:`~sentinel.node.averaging.partition`), part ``i`` owned by
+member ``i % n`` of the group sorted by peer id, and a round is, from one requester's side:
+
+1. For each part another member owns, push my slice to that owner in a signed ``reduce`` request
+   that names the group. The owner answers with the part reduced by the run's rule (CenteredClip,
+   trimmed mean or mean) over the members' slices, and commits to its inputs: the list of
+   (contributor, digest) it reduced, inside its signed answer.
+2. Parts I own, and parts whose owner failed to answer or was caught lying, I reduce myself.
+3. Audit: a reducer's answers until one audit has passed, then a share ``averaging_audit``. I
+   fetch each committed slice (signed by its own contributor, so the reducer cannot invent one),
+   check it against the commitment, and recompute the reduction. A mismatch is a provable lie:
+   I reduce that owner's parts myself (this round's other parts it answered included) from then
+   on, and report it to the verifiers with the proof.
+
+The reducer (:meth:`Butterfly.on_reduce`) reuses a member's slice pushed or pulled within
+``averaging_reuse_s`` and pulls the others (a ``params`` request for that part), so when the
+replicas average at about the same pace each sends and receives about one copy of the stage per
+round, and no message is larger than one part. It screens the slices it reduces like a gather
+round screens whole contributions, and complains to the verifiers with the outlier's own signed
+slice: the same evidence path, one part at a time.
+
+What it does not do: agree on one round (replicas average on their own clocks, so two requesters'
+reductions of one part may mix slices a few seconds apart, as gather rounds always did).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sentinel.metrics import METRICS
+from sentinel.node.averaging import aggregate, contribution_scores, partition, same_reduction
+from sentinel.node.runtime import PeerCallError
+from sentinel.protocol import pipeline as wire
+from sentinel.protocol.checks import TensorSpec
+from sentinel.protocol.codec import Message
+from sentinel.protocol.errors import MalformedMessageError, ProtocolError
+from sentinel.protocol.signing import sign_message
+
+if TYPE_CHECKING:
+    from sentinel.node.worker import WorkerNode
+
+logger = logging.getLogger(__name__)
+
+MAX_GROUP = 1024  # members one reduce request may name (a stage never has that many replicas)
+# A pushed slice must be signed within this many pipeline steps of the reducer's own: it is the
+# evidence of a complaint, and the verifiers refuse evidence older than a few steps.
+PUSH_STEPS_BEHIND = 2
+PUSH_STEPS_AHEAD = 8
+# A reducer asked for a part waits this long for the other members' pushes before it pulls their
+# slices: replicas that average together push within moments of each other, and a pull moves a
+# slice that is about to arrive anyway.
+PUSH_WAIT_S = 1.0
+KNOWN_REPLICAS_S = 5.0  # how long a reducer trusts its last read of the stage's claims
+KEEP_REDUCTIONS = 32  # reductions whose inputs are kept for audits
+KEEP_REDUCTIONS_S = 120.0
+
+
+class ReductionMismatch(ProtocolError):
+    """A reducer's answer does not follow from the slices it committed to. ``proof`` holds the
+    reducer's signed answer and the signed slices when the lie is provable to a third party."""
+
+    reason = "reduction_mismatch"
+
+    def __init__(self, message: str, proof: tuple[Message, list[Message]] | None = None) -> None:
+        super().__init__(message)
+        self.proof = proof
+
+
+@dataclass
+class _Kept:
+    group: frozenset[str]
+    inputs: list[Message]
+    at: float
+
+
+def _part_of(header: dict[str, Any]) -> tuple[int, int] | None:
+    part = header.get("part")
+    if not isinstance(part, list) or len(part) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                for v in part):
+        return None
+    return part[0], part[1]
+
+
+def _digest_of(msg: Message) -> bytes:
+    return bytes(msg.header["digest"])
+
+
+class Butterfly:
+    """One worker's side of butterfly averaging: requester (:meth:`round`) and reducer
+    (:meth:`on_reduce`, :meth:`on_audit`)."""
+
+    def __init__(self, worker: WorkerNode) -> None:
+        self.w = worker
+        t = worker.manifest.training
+        self.rule = t.averaging
+        self.part_numel = t.averaging_part_numel
+        self.reuse_s = t.averaging_reuse_s
+        self.audit_share = t.averaging_audit
+        # (lo, hi) -> contributor -> (when it arrived, its signed slice)
+        self._slices: dict[tuple[int, int], dict[str, tuple[float, Message]]] = {}
+        self._kept: OrderedDict[bytes, _Kept] = OrderedDict()  # reduction digest -> its inputs
+        self._pulling: dict[tuple[str, int, int], asyncio.Future] = {}  # pulls in flight, shared
+        self._arrivals: dict[tuple[int, int], asyncio.Condition] = {}  # notified on every push of a part
+        self._complained: OrderedDict[bytes, None] = OrderedDict()  # slices already reported
+        self._audited: set[str] = set()  # reducers that have passed an audit
+        self.distrusted: set[str] = set()  # reducers caught lying: their parts are reduced here
+        self._own: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._known: tuple[float, set[str]] | None = None  # (when read, replicas of my stage)
+        self._own_slices: dict[tuple, Message] = {}  # my signed slices of the current parameter state
+        # recent reductions by their exact inputs ((contributor, digest), ...), shared
+        self._reductions: OrderedDict[tuple, asyncio.Future] = OrderedDict()
+        self._rng = random.SystemRandom()  # a reducer must not be able to predict which answers get audited
+        self.stats = {"parts_pushed": 0, "parts_reduced": 0, "parts_served": 0, "slices_pulled": 0,
+                      "slices_reused": 0, "reductions_shared": 0, "audits": 0, "lies_caught": 0,
+                      "fallbacks": 0}
+
+    # -- my own slices ---------------------------------------------------------------------------
+    async def _own_flat(self) -> torch.Tensor:
+        """My current flat parameters, as contributed (an attacker's poison included); cached
+        until my parameters next change, since every part of a round needs them."""
+        r = self.w.runner
+        key = (r.version, r.stats.averaging_rounds)
+        if self._own is None or self._own[0] != key:
+            flat = await self.w._in_thread(r.flat_parameters)
+            self._own = (key, self.w.poison_contribution(flat, "contribution"))
+        return self._own[1]
+
+    def _sign_slice(self, flat: torch.Tensor, lo: int, hi: int, direction: str, **extra: Any) -> Message:
+        w = self.w
+        msg = wire.request(w.run, w.max_step, 0, w.stage, direction, {"params": flat[lo:hi].contiguous()},
+                           part=[lo, hi], version=w.runner.version, **extra)
+        return sign_message(msg, w.runtime.identity)
+
+    # -- requester -------------------------------------------------------------------------------
+    async def round(self, peers: list[str], timeout: float = 30.0) -> torch.Tensor:
+        """One averaging round with ``peers`` (live, non-banned replicas): the aggregate of the
+        whole flat parameters, assembled part by part."""
+        w = self.w
+        me = w.runtime.peer_id
+        group = sorted({me, *peers})
+        numel = w.runner.num_parameters()
+        parts = partition(numel, len(group), self.part_numel)
+        own = await self._own_flat()
+
+        # parts go out in order, a few at a time: requesters averaging together then push each
+        # part at about the same moment, so its reducer finds the slices it needs already pushed
+        in_flight = asyncio.Semaphore(max(2, len(group)))
+
+        async def one(i: int, lo: int, hi: int) -> torch.Tensor:
+            async with in_flight:
+                return await one_part(i, lo, hi)
+
+        async def one_part(i: int, lo: int, hi: int) -> torch.Tensor:
+            owner = group[i % len(group)]
+            if owner != me and owner not in self.distrusted:
+                try:
+                    part = await self._ask(owner, own, lo, hi, group, timeout)
+                    answered[i] = owner
+                    return part
+                except ReductionMismatch as e:
+                    self.stats["lies_caught"] += 1
+                    self.distrusted.add(owner)
+                    METRICS.inc("sentinel_averaging_reducer_lies_total")
+                    logger.warning("reducer %s lied about part [%d, %d) of stage %d (%s): reducing its parts "
+                                   "here from now on", owner[-8:], lo, hi, w.stage, e)
+                    if e.proof is not None:
+                        w.report_reduction(owner, *e.proof)
+                except (PeerCallError, ProtocolError, asyncio.TimeoutError) as e:
+                    self.stats["fallbacks"] += 1
+                    METRICS.inc("sentinel_averaging_failures_total", reason=getattr(e, "reason", "error"))
+                    logger.debug("reduce of [%d, %d) by %s failed: %s; reducing it here", lo, hi, owner[-8:], e)
+            return await self.reduce(lo, hi, group, None, timeout)
+
+        answered: dict[int, str] = {}
+        reduced = list(await asyncio.gather(*(one(i, lo, hi) for i, (lo, hi) in enumerate(parts))))
+        for i, owner in answered.items():  # a reducer caught lying on one part is not trusted on the others
+            if owner in self.distrusted:
+                reduced[i] = await self.reduce(*parts[i], group, None, timeout)
+        return torch.cat(reduced)
+
+    async def _ask(self, owner: str, own: torch.Tensor, lo: int, hi: int, group: list[str],
+                   timeout: float) -> torch.Tensor:
+        """Push my slice of ``[lo, hi)`` to its owner and take its reduction, audited as due."""
+        w = self.w
+        req = self._sign_slice(own, lo, hi, "reduce", group=group)
+        self.stats["parts_pushed"] += 1
+        resp = await w.runtime.call(owner, wire.REDUCE, req, timeout)
+        w.checker.check(resp, expected_sender=owner, expected={"part": TensorSpec("float32", (hi - lo,))},
+                        check_replay=False)
+        h = resp.header
+        if h.get("in_reply_to") != req.header["digest"] or h.get("direction") != "reduce_result" \
+                or _part_of(h) != (lo, hi) or h.get("stage") != w.stage:
+            raise ProtocolError("reduce reply is not bound to this request (in_reply_to/part/stage)")
+        committed = h.get("contributions")
+        if not isinstance(committed, list) or not all(
+                isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and isinstance(c[1], bytes)
+                for c in committed):
+            raise MalformedMessageError("reduce reply lacks its 'contributions' commitment")
+        who = [c[0] for c in committed]
+        if len(set(who)) != len(who) or not set(who) <= set(group) \
+                or [w.runtime.peer_id, req.header["digest"]] not in committed:
+            raise ReductionMismatch("committed to slices from outside the group, twice from one member, or not "
+                                    "to the slice I pushed")
+        if len(who) < len(group) // 2 + 1:  # members it could not reach: not a lie, but not an answer either
+            raise PeerCallError(f"reduced only {len(who)} slices of a group of {len(group)}", "minority")
+        part = resp.tensors["part"]
+        if owner not in self._audited or self._rng.random() < self.audit_share:
+            # every answer is audited until one audit of this reducer has passed (a round's parts
+            # are asked at once, so its whole first round is checked), then a random share
+            await self._audit(owner, resp, committed, lo, hi, req, timeout)
+            self._audited.add(owner)
+        return part
+
+    async def _audit(self, owner: str, resp: Message, committed: list[list], lo: int, hi: int, mine: Message,
+                     timeout: float) -> None:
+        """Fetch every slice ``owner`` committed to (but ``mine``, the one I pushed), check each
+        against its contributor's signature and the commitment, and recompute the reduction."""
+        w = self.w
+        self.stats["audits"] += 1
+        METRICS.inc("sentinel_averaging_audits_total")
+
+        async def fetch(i: int) -> Message:
+            if committed[i] == [w.runtime.peer_id, mine.header["digest"]]:
+                return mine
+            req = sign_message(wire.request(w.run, w.max_step, 0, w.stage, "reduce_audit", {},
+                                            of=resp.header["digest"], index=i), w.runtime.identity)
+            got = await w.runtime.call(owner, wire.REDUCE_AUDIT, req, timeout)
+            w.checker.check(got, expected_sender=owner, expected={"params": TensorSpec("float32", (hi - lo,))},
+                            check_replay=False)
+            header = got.header.get("contribution")
+            if got.header.get("in_reply_to") != req.header["digest"] or not isinstance(header, dict):
+                raise ProtocolError("audit reply is not bound to this request")
+            inner = Message(header=dict(header), tensors={"params": got.tensors["params"]})
+            contributor, digest = committed[i]
+            try:
+                self._check_slice(inner, contributor, lo, hi)
+            except ProtocolError as e:
+                raise ReductionMismatch(f"committed slice {i} from {contributor[-8:]} does not check: {e}") from e
+            if inner.header["digest"] != digest:
+                raise ReductionMismatch(f"slice {i} is not the one committed to")
+            return inner
+
+        inputs = await asyncio.gather(*(fetch(i) for i in range(len(committed))))
+        if not same_reduction(resp.tensors["part"], [m.tensors["params"] for m in inputs], self.rule):
+            raise ReductionMismatch(f"its {self.rule} of the {len(inputs)} committed slices is not what it sent",
+                                    proof=(resp, list(inputs)))
+
+    def _check_slice(self, msg: Message, contributor: str, lo: int, hi: int) -> None:
+        """A slice of this stage's parameters, signed by ``contributor``, for exactly ``[lo, hi)``."""
+        w = self.w
+        w.checker.check(msg, expected_sender=contributor, expected={"params": TensorSpec("float32", (hi - lo,))},
+                        check_replay=False)
+        h = msg.header
+        if h.get("direction") not in ("reduce", "params_result", "slice") or h.get("stage") != w.stage \
+                or _part_of(h) != (lo, hi):
+            raise ProtocolError(f"not a slice [{lo}, {hi}) of stage {w.stage}")
+
+    # -- reducer ---------------------------------------------------------------------------------
+    async def on_reduce(self, msg: Message, remote: str) -> Message:
+        """Serve a requester's reduce: its pushed slice in, the signed reduction of that part out."""
+        w = self.w
+        h = msg.header
+        part = _part_of(h)
+        numel = w.runner.num_parameters()
+        if part is None or not 0 <= part[0] < part[1] <= numel or part[1] - part[0] > self.part_numel:
+            raise MalformedMessageError(f"part must be [lo, hi] within [0, {numel}] and at most "
+                                        f"{self.part_numel} long, got {h.get('part')!r:.80}")
+        lo, hi = part
+        w.checker.check(msg, expected_sender=remote, expected={"params": TensorSpec("float32", (hi - lo,))})
+        group = h.get("group")
+        if not isinstance(group, list) or not 2 <= len(group) <= MAX_GROUP \
+                or not all(isinstance(p, str) for p in group) or len(set(group)) != len(group):
+            raise MalformedMessageError("group must be a list of distinct peer ids")
+        if h["stage"] != w.stage or w.runtime.peer_id not in group or remote not in group:
+            raise ProtocolError(f"a reduce for stage {h['stage']} by a group without both of us; I serve {w.stage}")
+        if not w.max_step - PUSH_STEPS_BEHIND <= h["step"] <= w.max_step + PUSH_STEPS_AHEAD:
+            raise ProtocolError(f"pushed slice signed at step {h['step']}, I am at step {w.max_step}")
+        if h.get("direction") != "reduce":
+            raise MalformedMessageError("a reduce request has direction 'reduce'")
+        banned = await w.banned_peers()
+        if remote in banned:
+            raise ProtocolError("banned replicas are not averaged with")
+        self._slices.setdefault((lo, hi), {})[remote] = (time.monotonic(), msg)
+        arrived = self._arrivals.setdefault((lo, hi), asyncio.Condition())
+        async with arrived:
+            arrived.notify_all()
+        # only replicas I know of are pulled from: a group padded with made-up peers must not
+        # make me dial each of them
+        known = await self._known_replicas()
+        members = [p for p in group if p not in banned and (p in known or p in (remote, w.runtime.peer_id))]
+        result = await self.reduce(lo, hi, members, msg)
+        self.stats["parts_served"] += 1
+        return result
+
+    async def _known_replicas(self) -> set[str]:
+        """The replicas of my stage in the DHT's stage claims, re-read at most every few seconds."""
+        now = time.monotonic()
+        if self._known is None or now - self._known[0] > KNOWN_REPLICAS_S:
+            try:
+                self._known = (now, set(await self.w.stage_replicas()))
+            except Exception as e:  # noqa: BLE001 - a DHT hiccup: keep the last view
+                logger.debug("cannot read the stage's claims: %s", e)
+                self._known = (now, self._known[1] if self._known else set())
+        return self._known[1]
+
+    async def reduce(self, lo: int, hi: int, group: list[str], request: Message | None,
+                     timeout: float = 20.0) -> Any:
+        """Reduce part ``[lo, hi)`` over ``group``'s slices: mine, reused or pulled ones. For a
+        ``request`` the signed ``reduce_result`` (inputs kept for audits); else the tensor."""
+        w = self.w
+        me = w.runtime.peer_id
+        mine = await self._own_slice(lo, hi)
+        now = time.monotonic()
+        held = self._slices.setdefault((lo, hi), {})
+        slices: dict[str, Message] = {me: mine}
+        if request is not None:
+            slices[request.header["sender"]] = request
+        # first the slices of this very round: pushed within the last PUSH_WAIT_S, or arriving
+        # within PUSH_WAIT_S from now (replicas averaging together push within moments of each
+        # other, and then their requests reduce identical inputs, computed once); then older
+        # slices up to averaging_reuse_s (a replica averaging on another clock); then pulls
+        stale = self._take_fresh(group, held, slices, now, PUSH_WAIT_S)
+        if stale:
+            arrived = self._arrivals.setdefault((lo, hi), asyncio.Condition())
+            deadline = time.monotonic() + PUSH_WAIT_S
+            while stale and time.monotonic() < deadline:
+                async with arrived:
+                    try:
+                        await asyncio.wait_for(arrived.wait(), deadline - time.monotonic())
+                    except asyncio.TimeoutError:
+                        pass
+                stale = self._take_fresh(stale, held, slices, time.monotonic(), 2 * PUSH_WAIT_S)
+        stale = self._take_fresh(stale, held, slices, time.monotonic(), self.reuse_s)
+        if stale:
+            got = await asyncio.gather(*(self._pull(p, lo, hi, timeout) for p in stale))
+            slices.update({p: m for p, m in zip(stale, got, strict=True) if m is not None})
+        self._prune(now)
+        order = [p for p in group if p in slices]
+        inputs = [slices[p] for p in order]
+        agg = await self._aggregate(order, inputs)
+        if request is None:
+            return agg
+        agg = w.poison_contribution(agg, "reduction", (lo, hi))
+        reply = wire.reply(request, "reduce_result", {"part": agg.contiguous()}, part=[lo, hi],
+                           contributions=[[p, _digest_of(m)] for p, m in zip(order, inputs, strict=True)])
+        sign_message(reply, w.runtime.identity)
+        self._kept[_digest_of(reply)] = _Kept(frozenset(order), inputs, now)
+        while len(self._kept) > KEEP_REDUCTIONS:
+            self._kept.popitem(last=False)
+        return reply
+
+    async def _own_slice(self, lo: int, hi: int) -> Message:
+        """My slice ``[lo, hi)``, signed once per parameter state: the same input to every
+        reduction of that part until my parameters change, so those reductions can be shared."""
+        own = await self._own_flat()
+        state = self._own[0]
+        got = self._own_slices.get((state, lo, hi))
+        if got is None:
+            if any(k[0] != state for k in self._own_slices):
+                self._own_slices.clear()
+            got = self._own_slices[(state, lo, hi)] = self._sign_slice(own, lo, hi, "slice")
+        return got
+
+    async def _aggregate(self, order: list[str], inputs: list[Message]) -> torch.Tensor:
+        """The reduction of ``inputs``, computed once for requests that reduce the very same
+        signed slices (replicas averaging together all ask for one part at about once)."""
+        key = tuple((p, _digest_of(m)) for p, m in zip(order, inputs, strict=True))
+        task = self._reductions.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self.w._in_thread(aggregate, [m.tensors["params"] for m in inputs], self.rule))
+            self._reductions[key] = task
+            task.add_done_callback(lambda t, key=key: t.cancelled() or t.exception() is None
+                                   or self._reductions.pop(key, None))
+            while len(self._reductions) > KEEP_REDUCTIONS:
+                self._reductions.popitem(last=False)
+            self.stats["parts_reduced"] += 1
+            self._screen(order, inputs)
+        else:
+            self.stats["reductions_shared"] += 1
+        return await asyncio.shield(task)
+
+    def _take_fresh(self, members: list[str], held: dict[str, tuple[float, Message]], slices: dict[str, Message],
+                    now: float, max_age: float) -> list[str]:
+        """Move ``members``' slices held for at most ``max_age`` seconds into ``slices``; the rest."""
+        stale = []
+        for p in members:
+            if p in slices:
+                continue
+            got = held.get(p)
+            if got is not None and now - got[0] <= max_age:
+                slices[p] = got[1]
+                self.stats["slices_reused"] += 1
+            else:
+                stale.append(p)
+        return stale
+
+    async def _pull(self, peer: str, lo: int, hi: int, timeout: float) -> Message | None:
+        """``peer``'s current slice ``[lo, hi)``, or None if it does not answer. Concurrent
+        reductions of one part (requesters that average at the same moment) share one pull."""
+        key = (peer, lo, hi)
+        task = self._pulling.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch_slice(peer, lo, hi, timeout))
+            self._pulling[key] = task
+            task.add_done_callback(lambda _t, key=key: self._pulling.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _fetch_slice(self, peer: str, lo: int, hi: int, timeout: float) -> Message | None:
+        from sentinel.node.worker import fetch_params
+
+        w = self.w
+        got, _ = await fetch_params(w.runtime, w.checker, w.run, w.max_step, w.stage, [peer], timeout=timeout,
+                                    part=(lo, hi))
+        if not got:
+            return None
+        self.stats["slices_pulled"] += 1
+        msg = got[0][1]
+        held = self._slices.setdefault((lo, hi), {})
+        if peer not in held or held[peer][0] < time.monotonic() - self.reuse_s:  # a push may have arrived meanwhile
+            held[peer] = (time.monotonic(), msg)
+        return msg
+
+    def _screen(self, order: list[str], inputs: list[Message]) -> None:
+        """Complain about each slice that is an outlier among this part's contributions (once
+        per signed slice), exactly as a gather round does with whole contributions."""
+        w = self.w
+        cfg = w.screen_config
+        if cfg.averaging_outlier_ratio <= 0 or len(inputs) < 3:
+            return
+        scores = contribution_scores([m.tensors["params"] for m in inputs], cfg.averaging_outlier_floor)
+        for peer, msg, score in zip(order, inputs, scores, strict=True):
+            if peer == w.runtime.peer_id or score <= cfg.averaging_outlier_ratio or _digest_of(msg) in self._complained:
+                continue
+            self._complained[_digest_of(msg)] = None
+            while len(self._complained) > 4096:
+                self._complained.popitem(last=False)
+            logger.info("slice %s of %s is %.1f x the spread of stage %d: reporting it to the verifiers",
+                        msg.header.get("part"), peer[-8:], score, w.stage)
+            w.complain_later(peer, msg, score)
+
+    def _prune(self, now: float) -> None:
+        horizon = max(self.reuse_s, 1.0) * 4
+        for key in list(self._slices):
+            kept = {p: v for p, v in self._slices[key].items() if now - v[0] <= horizon}
+            if kept:
+                self._slices[key] = kept
+            else:
+                del self._slices[key]
+        for key in [k for k in self._arrivals if k not in self._slices and not self._arrivals[k].locked()]:
+            del self._arrivals[key]
+        while self._kept and now - next(iter(self._kept.values())).at > KEEP_REDUCTIONS_S:
+            self._kept.popitem(last=False)
+
+    async def on_audit(self, msg: Message, remote: str) -> Message:
+        """Hand a member of a reduction's group one of the signed slices it reduced."""
+        w = self.w
+        w.checker.check(msg, expected_sender=remote, expected={}, check_replay=False)
+        of, index = msg.header.get("of"), msg.header.get("index")
+        kept = self._kept.get(of) if isinstance(of, bytes) else None
+        if kept is None or remote not in kept.group:
+            raise ProtocolError("no reduction of mine with that digest includes you (or it is too old)")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(kept.inputs):
+            raise MalformedMessageError(f"index must be in 0..{len(kept.inputs) - 1}")
+        inner = kept.inputs[index]
+        return sign_message(wire.reply(msg, "reduce_audit_result", {"params": inner.tensors["params"]},
+                                       contribution=dict(inner.header)), w.runtime.identity)
