@@ -353,9 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--averaging", choices=["mean", "trimmed-mean", "centered-clip"], default=d.averaging,
                    help="how the replicas of a stage aggregate their parameters")
-    p.add_argument("--averaging-partition", choices=["butterfly", "gather"], default=None,
-                   help="how a round moves parameters: each replica reduces its parts (butterfly, the "
-                        "default) or fetches every replica's whole parameters (gather)")
+    p.add_argument("--averaging-partition", choices=["auto", "butterfly", "gather"], default=None,
+                   help="how a round moves parameters: each replica reduces its parts (butterfly) or "
+                        "fetches every replica's whole parameters (gather); auto (the manifest's "
+                        "default): gather while a stage fits in half a message")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workdir", default=None, help="where logs, identities and reports go (default: runs/<time>)")
     p.add_argument("--report", default=None, help="write the final JSON report here")

@@ -234,6 +234,24 @@ def test_an_honest_contributor_that_lies_only_as_a_reducer_is_caught():
         assert torch.allclose(got, expected, atol=1e-6)  # every part it answered recomputed here
 
 
+def test_a_reducer_that_turns_liar_after_passing_its_first_audit_is_caught_by_the_outlier_rule():
+    """No random audits at all (share 0): once a reducer has passed an audit, only the outlier
+    rule looks at it, and a sign-flipped x10 answer moves the requester's slice far more than
+    the round's honest parts do."""
+    net, nodes = _stage(4, "centered-clip", 2**20, audit=0.0, seed=7)
+    _rounds(nodes, who=[0])  # every reducer honest and audited once
+    assert len(nodes[0].butterfly._audited) == 3 and not nodes[0].butterfly.distrusted
+    liar = nodes[2]
+    liar.attack = load_attack("avg_reducer")
+    honest_audits = nodes[0].butterfly.stats["audits"]
+    got, = _rounds(nodes, who=[0])
+    assert liar.runtime.peer_id in nodes[0].butterfly.distrusted
+    assert nodes[0].butterfly.stats["audits"] == honest_audits + 1  # the liar's answer only
+    expected = torch.cat([centered_clip(torch.stack([n.runner.flat for n in nodes])[:, lo:hi])
+                          for lo, hi in partition(NUMEL, 4, 2**20)])
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def _reduction_complaint(node: WorkerNode, accused: str, result, inputs):
     req = wire.request(node.run, 30, 0, STAGE, "complaint",
                        {"part": result.tensors["part"], "params": torch.stack([m.tensors["params"] for m in inputs])},
@@ -278,30 +296,101 @@ def _answer(nodes, owner):
     return _run(nodes, go())
 
 
-@pytest.mark.parametrize("case", ["outside", "too_long", "not_member", "stale", "banned", "direction"])
+@pytest.mark.parametrize("case", ["ok", "outside", "too_long", "tiny", "not_member", "stale", "banned",
+                                  "stranger", "direction"])
 def test_a_reducer_refuses_bad_requests_with_a_clear_error(case):
+    """Each bad push is refused by name; the same push unmodified ("ok") is served."""
     net, nodes = _stage(3, "mean", 200)
     asker, owner = nodes[0], nodes[1]
     ids = sorted(n.runtime.peer_id for n in nodes)
-    lo, hi, group, direction, step = 0, 200, ids, "reduce", 30
+    lo, hi = partition(NUMEL, 3, 200)[1]  # a part a round of three makes (200 elements at most)
+    group, direction, step = ids, "reduce", 30
+    error = {"outside": "one of the parts", "too_long": "one of the parts", "tiny": "one of the parts",
+             "not_member": "without both of us", "stale": "signed at step", "banned": "banned",
+             "stranger": "not a replica", "direction": "direction"}.get(case)
     if case == "outside":
         lo, hi = 900, 1100
     elif case == "too_long":
         lo, hi = 0, 201
+    elif case == "tiny":  # a few hand-picked coordinates: never signed, never evidence
+        lo, hi = 5, 8
     elif case == "not_member":
         group = [asker.runtime.peer_id, nodes[2].runtime.peer_id]
     elif case == "stale":
         step = 10
     elif case == "banned":
         owner.runtime.banned = {asker.runtime.peer_id}
+    elif case == "stranger":
+        async def others():
+            return [n.runtime.peer_id for n in nodes[1:]]
+
+        owner.stage_replicas = others
     elif case == "direction":
         direction = "params_result"
     flat = torch.zeros(NUMEL + 200)
     req = sign_message(wire.request(asker.run, step, 0, STAGE, direction, {"params": flat[lo:hi].contiguous()},
                                     part=[lo, hi], version=1, group=group), asker.runtime.identity)
-    with pytest.raises(ProtocolError):
+    if error is None:
+        reply = _run(nodes, owner.butterfly.on_reduce(_wire(req), asker.runtime.peer_id))
+        assert reply.header["direction"] == "reduce_result" and reply.tensors["part"].numel() == hi - lo
+        assert owner.butterfly.stats["parts_served"] == 1
+        return
+    with pytest.raises(ProtocolError, match=error):
         _run(nodes, owner.butterfly.on_reduce(_wire(req), asker.runtime.peer_id))
     assert owner.butterfly.stats["parts_served"] == 0
+
+
+def test_params_are_signed_only_for_parts_a_round_makes_and_steps_that_have_come():
+    """A replica signs no slice of hand-picked coordinates (a complainer could find a few that
+    look like an outlier in anyone's ordinary drift) and no reply dated in the future."""
+    net, nodes = _stage(3, "mean", 200)
+    asker, owner = nodes[0], nodes[1]
+
+    def ask(part, step=30):
+        req = sign_message(wire.request(asker.run, step, 0, STAGE, "params", {}, **({"part": part} if part else {})),
+                           asker.runtime.identity)
+        return _run(nodes, owner._on_params(_wire(req), asker.runtime.peer_id))
+
+    lo, hi = partition(NUMEL, 4, 200)[2]
+    assert torch.equal(ask([lo, hi]).tensors["params"], owner.runner.flat[lo:hi])
+    assert ask(None).tensors["params"].numel() == NUMEL
+    for bad in ([5, 8], [lo, hi + 1], [0, NUMEL]):
+        with pytest.raises(ProtocolError, match="one of the parts"):
+            ask(bad)
+    with pytest.raises(ProtocolError, match="params requested for step 130, I am at step 30"):
+        ask(None, step=30 + 100)
+
+
+def test_an_audit_is_not_fooled_by_a_huge_slice_the_reducer_commits_to():
+    """The audit's tolerance is scaled by the expected answer and the median input, never the
+    largest input: a reducer's own slice of 1e20 must not make its lie 'close enough'."""
+    from sentinel.node.averaging import same_reduction
+
+    g = torch.Generator().manual_seed(0)
+    honest = [torch.randn(500, generator=g) for _ in range(3)]
+    for rule in ("mean", "trimmed-mean", "centered-clip"):
+        for huge in (1e6, 1e20):
+            inputs = [*honest, torch.full((500,), huge)]
+            lie = torch.randn(500, generator=g)
+            assert not same_reduction(lie, inputs, rule), (rule, huge)
+            assert same_reduction(aggregate(inputs, rule), inputs, rule), (rule, huge)
+
+
+def test_a_reducer_that_leaves_a_member_out_is_not_used_but_not_called_a_liar():
+    """A reducer that does not know one member yet commits to fewer slices than the group: its
+    answer is not taken (a reducer free to leave members out could keep only its accomplices'),
+    the part is reduced by the requester, and nobody is distrusted."""
+    net, nodes = _stage(4, "mean")
+    ids = [n.runtime.peer_id for n in nodes]
+
+    async def three():
+        return ids[:3]
+
+    nodes[1].stage_replicas = three  # node 1 does not know node 3
+    expected = aggregate([n.runner.flat for n in nodes], "mean")
+    got, = _rounds(nodes, who=[0])
+    assert nodes[0].butterfly.stats["fallbacks"] >= 1 and not nodes[0].butterfly.distrusted
+    assert torch.allclose(got, expected, atol=1e-6)
 
 
 def test_an_unknown_or_foreign_audit_is_refused():
@@ -333,3 +422,12 @@ def test_the_manifest_refuses_impossible_butterfly_settings_by_name(field, value
 
     with pytest.raises(ManifestError, match=f"training.{field}"):
         RunManifest(training=TrainingConfig(**{field: value}))
+
+
+def test_auto_gathers_a_stage_that_fits_in_half_a_message_and_butterflies_a_larger_one():
+    m = RunManifest()
+    assert m.training.averaging_partition == "auto"
+    half = m.max_message_bytes // 2 // 4
+    assert not m.butterfly_averaging(half) and m.butterfly_averaging(half + 1)
+    assert RunManifest(training=TrainingConfig(averaging_partition="butterfly")).butterfly_averaging(10)
+    assert not RunManifest(training=TrainingConfig(averaging_partition="gather")).butterfly_averaging(10**9)

@@ -120,10 +120,9 @@ def test_gaussian_backward_attacker_is_banned_despite_a_framing_verifier(tmp_pat
 # activations and gradients and contributes its sign-flipped update x10 to every averaging round
 # of its stage (``avg_scaling``); its replicas aggregate with CenteredClip, complain with its
 # signed contribution, and the verifiers re-judge and ban through the same ledger and committee
-# (default screening: ``averaging_outlier_ratio`` 3, ``averaging_outlier_floor`` 0.02). Rounds are
-# butterflies (the default): the attacker's poisoned slices reach the reducers of the parts it
-# does not own, which complain with them; its own parts' answers it poisons too, which its
-# requesters' audits catch (``tests/test_butterfly.py`` has that path case by case).
+# (default screening: ``averaging_outlier_ratio`` 3, ``averaging_outlier_floor`` 0.02). Rounds
+# gather (``averaging_partition: auto`` for this small stage); butterfly rounds, where the
+# attacker also lies as a reducer, are ``test_butterfly.py`` and ``test_butterfly_p2p.py``.
 # Honest parameter norms against the clean run's, same stage: the poison pushes against the
 # training direction x10 every round, so an uncontained attacker moves the norm by far more.
 MAX_NORM_GAP = 0.05
@@ -145,5 +144,4 @@ def test_poisoned_averaging_contributions_get_the_replica_banned(tmp_path, shake
         print(f"{w['name']}: parameter norm {w['params']['norm']:.3f} vs clean {clean_norms[w['name']]:.3f} "
               f"({gap:+.2%}), drift from the stage average per round {w['averaging_divergence']:.2%}")
         assert gap <= MAX_NORM_GAP, (w, clean_norms)
-        # the default round is the butterfly: this replica pushed its slices to the parts' owners
-        assert w["butterfly"].get("parts_pushed", 0) > 0 and w["averaging_rounds"] > 0, w
+        assert w["averaging_rounds"] > 0, w

@@ -64,11 +64,15 @@ class TrainingConfig:
     max_local_steps: int = 6
     # How a round moves parameters (``sentinel.node.worker``). "butterfly": the flat parameters
     # are cut into parts (``sentinel.node.averaging.partition``), each replica robustly reduces
-    # the parts it owns from everyone's pushed slices and serves the result, so a replica sends
-    # and receives about one copy of its stage per round and no message exceeds one part.
-    # "gather": every replica fetches every other's whole parameters and reduces alone (n copies
-    # per replica per round, one message per stage; kept as the baseline it is measured against).
-    averaging_partition: str = "butterfly"
+    # the parts it owns from everyone's pushed slices and serves the result, so a replica moves
+    # about 2(n-1)/n copies of its stage per round and no message exceeds one part. "gather":
+    # every replica fetches every other's whole parameters and reduces alone (n-1 copies, the
+    # stage in one message). "auto" (default): gather while a stage fits in half a message,
+    # butterfly beyond. Why not always butterfly: replicas average on their own clocks, and in
+    # the 3 x 3 live swarm butterfly rounds (which wait for, or reuse, the others' pushes) left
+    # replicas 2.4-2.6 % apart per round against gather's 1.1-1.8 %, enough for the screen to
+    # ban an honest stage-0 worker in 2 of 3 runs (BENCHMARKS.md, "Butterfly vs gather").
+    averaging_partition: str = "auto"
     averaging_part_numel: int = 2**20  # largest part, in elements (4 MiB of float32 per message)
     # A replica's slice pushed to (or pulled by) a reducer this recently is reused for another
     # requester's round instead of being pulled again: replicas average at about the same pace,
@@ -138,8 +142,9 @@ class RunManifest:
             v = getattr(t, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ManifestError(f"training.{name} must be a finite number >= 0, got {v!r}")
-        if t.averaging_partition not in ("butterfly", "gather"):
-            raise ManifestError(f"training.averaging_partition must be butterfly|gather, got {t.averaging_partition!r}")
+        if t.averaging_partition not in ("auto", "butterfly", "gather"):
+            raise ManifestError("training.averaging_partition must be auto|butterfly|gather, "
+                                f"got {t.averaging_partition!r}")
         if isinstance(t.averaging_part_numel, bool) or not isinstance(t.averaging_part_numel, int) \
                 or t.averaging_part_numel < 1:
             raise ManifestError(f"training.averaging_part_numel must be an integer >= 1, got {t.averaging_part_numel!r}")
@@ -158,6 +163,12 @@ class RunManifest:
             raise ManifestError(f"optimizer.lr must be > 0, got {self.optimizer.lr}")
 
     # -- serialisation -------------------------------------------------------------------------
+    def butterfly_averaging(self, numel: int) -> bool:
+        """Whether a stage of ``numel`` float32 parameters averages in butterfly rounds
+        (``training.averaging_partition``; "auto": when it does not fit in half a message)."""
+        mode = self.training.averaging_partition
+        return mode == "butterfly" or (mode == "auto" and 4 * numel > self.max_message_bytes // 2)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["model"] = self.model.to_dict()

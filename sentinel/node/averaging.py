@@ -80,13 +80,40 @@ def same_reduction(claimed: torch.Tensor, contributions: Sequence[torch.Tensor],
     """Whether ``claimed`` is what ``rule`` makes of ``contributions`` (an audit of a reducer).
 
     The reduction is deterministic for a given order of inputs, so an honest reducer's answer
-    matches to rounding; the tolerance (relative to the contributions' scale) only absorbs
-    float differences between machines. A lie worth telling moves the answer far more."""
+    matches to rounding; the tolerance only absorbs float differences between machines. Its scale
+    is the larger of the expected answer's norm and the *median* input's, in float64: never the
+    largest input's, or a reducer could commit to a huge slice of its own to widen the tolerance
+    until any answer passes."""
     if not contributions or claimed.shape != contributions[0].reshape(-1).shape:
         return False
-    expected = aggregate(contributions, rule)
-    scale = max(float(torch.stack([c.reshape(-1).float() for c in contributions]).norm(dim=1).max()), 1e-12)
-    return bool(torch.isfinite(claimed).all()) and float((claimed.float() - expected).norm()) <= rtol * scale
+    expected = aggregate(contributions, rule).double()
+    norms = torch.stack([c.reshape(-1).double().norm() for c in contributions])
+    scale = max(float(expected.norm()), float(norms.median()), 1e-12)
+    if not (torch.isfinite(expected).all() and torch.isfinite(claimed).all()) or not math.isfinite(scale):
+        return False
+    return float((claimed.double() - expected).norm()) <= rtol * scale
+
+
+def canonical_part(numel: int, max_part: int, lo: int, hi: int, max_peers: int = 256) -> bool:
+    """Whether ``[lo, hi)`` is one of the parts :func:`partition` makes of ``numel`` for some
+    group of up to ``max_peers``. Replicas sign slices only of such parts: a slice of a few
+    hand-picked coordinates would let a complainer find, in an honest replica's ordinary drift,
+    a handful that look like an outlier (a part is large, so its drift averages out)."""
+    if not 0 <= lo < hi <= numel or max_part < 1:
+        return False
+    least = -(-numel // max_part)
+    for k in sorted({min(numel, max(g, least)) for g in range(1, max_peers + 1)}):
+        base, extra = divmod(numel, k)
+        big = extra * (base + 1)
+        if lo < big:
+            i, r = divmod(lo, base + 1)
+            size = base + 1
+        else:
+            i, r = divmod(lo - big, base)
+            i, size = i + extra, base
+        if r == 0 and i < k and hi == lo + size:
+            return True
+    return False
 
 
 def contribution_scores(vectors: Sequence[torch.Tensor], floor: float = 0.0) -> list[float]:

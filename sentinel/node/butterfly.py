@@ -10,7 +10,8 @@ member ``i % n`` of the group sorted by peer id, and a round is, from one reques
    trimmed mean or mean) over the members' slices, and commits to its inputs: the list of
    (contributor, digest) it reduced, inside its signed answer.
 2. Parts I own, and parts whose owner failed to answer or was caught lying, I reduce myself.
-3. Audit: a reducer's answers until one audit has passed, then a share ``averaging_audit``. I
+3. Audit: a reducer's answers until one audit has passed, every answer that moves my slice
+   far more than the round's other parts do, and a random share ``averaging_audit``. I
    fetch each committed slice (signed by its own contributor, so the reducer cannot invent one),
    check it against the commitment, and recompute the reduction. A mismatch is a provable lie:
    I reduce that owner's parts myself (this round's other parts it answered included) from then
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sentinel.metrics import METRICS
-from sentinel.node.averaging import aggregate, contribution_scores, partition, same_reduction
+from sentinel.node.averaging import aggregate, canonical_part, contribution_scores, partition, same_reduction
 from sentinel.node.runtime import PeerCallError
 from sentinel.protocol import pipeline as wire
 from sentinel.protocol.checks import TensorSpec
@@ -63,8 +64,19 @@ PUSH_STEPS_AHEAD = 8
 # slice that is about to arrive anyway.
 PUSH_WAIT_S = 1.0
 KNOWN_REPLICAS_S = 5.0  # how long a reducer trusts its last read of the stage's claims
-KEEP_REDUCTIONS = 32  # reductions whose inputs are kept for audits
-KEEP_REDUCTIONS_S = 120.0
+# Reductions whose inputs are kept for audits (a reducer serves about parts * (n-1) / n answers
+# a round; the inputs are mostly the same few signed slices, shared between entries)
+KEEP_REDUCTIONS = 256
+KEEP_REDUCTIONS_S = 60.0
+# A committed slice must be signed within this many pipeline steps of the auditor's own: a
+# reducer must not reduce a member's old parameters into a round (a rollback) undetected
+AUDIT_STEPS_BEHIND = 16
+# An answer that moves my slice more than this many times the round's median part does (or more
+# than AUDIT_FLOOR of its norm, whichever is larger) is always audited: the same 3x-the-spread
+# rule the contribution screen uses. A liar can then hide only lies below it, and each of those
+# is still audited at the random share.
+AUDIT_OUTLIER = 3.0
+AUDIT_FLOOR = 0.005
 
 
 class ReductionMismatch(ProtocolError):
@@ -83,6 +95,19 @@ class _Kept:
     group: frozenset[str]
     inputs: list[Message]
     at: float
+
+
+@dataclass
+class _Answer:
+    """A reducer's signed answer for one part of my round, kept until it is audited or not."""
+
+    owner: str
+    resp: Message
+    committed: list[list]
+    request: Message
+    lo: int
+    hi: int
+    part: torch.Tensor
 
 
 def _part_of(header: dict[str, Any]) -> tuple[int, int] | None:
@@ -157,42 +182,73 @@ class Butterfly:
         # parts go out in order, a few at a time: requesters averaging together then push each
         # part at about the same moment, so its reducer finds the slices it needs already pushed
         in_flight = asyncio.Semaphore(max(2, len(group)))
+        answers: dict[int, _Answer] = {}
 
         async def one(i: int, lo: int, hi: int) -> torch.Tensor:
             async with in_flight:
-                return await one_part(i, lo, hi)
+                owner = group[i % len(group)]
+                if owner != me and owner not in self.distrusted:
+                    try:
+                        answers[i] = await self._ask(owner, own, lo, hi, group, timeout)
+                        return answers[i].part
+                    except ReductionMismatch as e:
+                        self._caught(owner, lo, hi, e)
+                    except (PeerCallError, ProtocolError, asyncio.TimeoutError) as e:
+                        self._failed(owner, lo, hi, e)
+                # mine: wait for the others' pushes; someone else's: nobody pushes it to me
+                return await self.reduce(lo, hi, group, None, timeout, wait=owner == me)
 
-        async def one_part(i: int, lo: int, hi: int) -> torch.Tensor:
-            owner = group[i % len(group)]
-            if owner != me and owner not in self.distrusted:
-                try:
-                    part = await self._ask(owner, own, lo, hi, group, timeout)
-                    answered[i] = owner
-                    return part
-                except ReductionMismatch as e:
-                    self.stats["lies_caught"] += 1
-                    self.distrusted.add(owner)
-                    METRICS.inc("sentinel_averaging_reducer_lies_total")
-                    logger.warning("reducer %s lied about part [%d, %d) of stage %d (%s): reducing its parts "
-                                   "here from now on", owner[-8:], lo, hi, w.stage, e)
-                    if e.proof is not None:
-                        w.report_reduction(owner, *e.proof)
-                except (PeerCallError, ProtocolError, asyncio.TimeoutError) as e:
-                    self.stats["fallbacks"] += 1
-                    METRICS.inc("sentinel_averaging_failures_total", reason=getattr(e, "reason", "error"))
-                    logger.debug("reduce of [%d, %d) by %s failed: %s; reducing it here", lo, hi, owner[-8:], e)
-            return await self.reduce(lo, hi, group, None, timeout)
-
-        answered: dict[int, str] = {}
         reduced = list(await asyncio.gather(*(one(i, lo, hi) for i, (lo, hi) in enumerate(parts))))
-        for i, owner in answered.items():  # a reducer caught lying on one part is not trusted on the others
-            if owner in self.distrusted:
-                reduced[i] = await self.reduce(*parts[i], group, None, timeout)
+
+        # which answers to audit: a reducer's until one audit of it has passed, a random share,
+        # and every answer that moves my slice more than AUDIT_OUTLIER times the round's median
+        # part does (a liar's part stands out among the honest ones, mine included; an outlier
+        # audited and found honest costs only the audit)
+        moved = [float((r - own[lo:hi]).norm() / own[lo:hi].norm().clamp_min(1e-12))
+                 for r, (lo, hi) in zip(reduced, parts, strict=True)]
+        bound = max(AUDIT_OUTLIER * sorted(moved)[len(moved) // 2], AUDIT_FLOOR)
+        due = [i for i, a in answers.items()
+               if a.owner not in self._audited or moved[i] > bound or self._rng.random() < self.audit_share]
+
+        async def audit(i: int) -> bool:
+            a = answers[i]
+            async with in_flight:
+                try:
+                    await self._audit(a.owner, a.resp, a.committed, a.lo, a.hi, a.request, timeout)
+                    self._audited.add(a.owner)
+                    return True
+                except ReductionMismatch as e:
+                    self._caught(a.owner, a.lo, a.hi, e)
+                except (PeerCallError, ProtocolError, asyncio.TimeoutError) as e:
+                    self._failed(a.owner, a.lo, a.hi, e)
+                return False
+
+        passed = dict(zip(due, await asyncio.gather(*(audit(i) for i in due)), strict=True))
+        # an answer whose audit did not pass, or from a reducer caught lying on another part,
+        # is replaced by my own reduction of that part
+        redo = [i for i, a in answers.items() if not passed.get(i, True) or a.owner in self.distrusted]
+        again = await asyncio.gather(*(self.reduce(*parts[i], group, None, timeout, wait=False) for i in redo))
+        for i, part in zip(redo, again, strict=True):
+            reduced[i] = part
         return torch.cat(reduced)
 
+    def _caught(self, owner: str, lo: int, hi: int, e: ReductionMismatch) -> None:
+        self.stats["lies_caught"] += 1
+        self.distrusted.add(owner)
+        METRICS.inc("sentinel_averaging_reducer_lies_total")
+        logger.warning("reducer %s lied about part [%d, %d) of stage %d (%s): reducing its parts here from now on",
+                       owner[-8:], lo, hi, self.w.stage, e)
+        if e.proof is not None:
+            self.w.report_reduction(owner, *e.proof)
+
+    def _failed(self, owner: str, lo: int, hi: int, e: Exception) -> None:
+        self.stats["fallbacks"] += 1
+        METRICS.inc("sentinel_averaging_failures_total", reason=getattr(e, "reason", "error"))
+        logger.debug("reduce of [%d, %d) by %s failed: %s; reducing it here", lo, hi, owner[-8:], e)
+
     async def _ask(self, owner: str, own: torch.Tensor, lo: int, hi: int, group: list[str],
-                   timeout: float) -> torch.Tensor:
-        """Push my slice of ``[lo, hi)`` to its owner and take its reduction, audited as due."""
+                   timeout: float) -> _Answer:
+        """Push my slice of ``[lo, hi)`` to its owner and take its answer (not yet audited)."""
         w = self.w
         req = self._sign_slice(own, lo, hi, "reduce", group=group)
         self.stats["parts_pushed"] += 1
@@ -213,15 +269,12 @@ class Butterfly:
                 or [w.runtime.peer_id, req.header["digest"]] not in committed:
             raise ReductionMismatch("committed to slices from outside the group, twice from one member, or not "
                                     "to the slice I pushed")
-        if len(who) < len(group) // 2 + 1:  # members it could not reach: not a lie, but not an answer either
-            raise PeerCallError(f"reduced only {len(who)} slices of a group of {len(group)}", "minority")
-        part = resp.tensors["part"]
-        if owner not in self._audited or self._rng.random() < self.audit_share:
-            # every answer is audited until one audit of this reducer has passed (a round's parts
-            # are asked at once, so its whole first round is checked), then a random share
-            await self._audit(owner, resp, committed, lo, hi, req, timeout)
-            self._audited.add(owner)
-        return part
+        if set(who) != set(group):
+            # members it could not reach (or does not know yet): not a lie, but not an answer
+            # either. A reducer free to leave members out could keep only its accomplices' slices
+            # with mine, and a robust rule needs an honest majority of its inputs.
+            raise PeerCallError(f"reduced {len(who)} slices of a group of {len(group)}", "incomplete")
+        return _Answer(owner, resp, committed, req, lo, hi, resp.tensors["part"])
 
     async def _audit(self, owner: str, resp: Message, committed: list[list], lo: int, hi: int, mine: Message,
                      timeout: float) -> None:
@@ -250,6 +303,9 @@ class Butterfly:
                 raise ReductionMismatch(f"committed slice {i} from {contributor[-8:]} does not check: {e}") from e
             if inner.header["digest"] != digest:
                 raise ReductionMismatch(f"slice {i} is not the one committed to")
+            if inner.header["step"] < w.max_step - AUDIT_STEPS_BEHIND:
+                raise PeerCallError(f"committed slice {i} from {contributor[-8:]} is of step {inner.header['step']}, "
+                                    f"I am at {w.max_step}", "stale_slice")
             return inner
 
         inputs = await asyncio.gather(*(fetch(i) for i in range(len(committed))))
@@ -274,9 +330,9 @@ class Butterfly:
         h = msg.header
         part = _part_of(h)
         numel = w.runner.num_parameters()
-        if part is None or not 0 <= part[0] < part[1] <= numel or part[1] - part[0] > self.part_numel:
-            raise MalformedMessageError(f"part must be [lo, hi] within [0, {numel}] and at most "
-                                        f"{self.part_numel} long, got {h.get('part')!r:.80}")
+        if part is None or not canonical_part(numel, self.part_numel, *part):
+            raise MalformedMessageError(f"part must be one of the parts a round cuts {numel} parameters into "
+                                        f"(at most {self.part_numel} long), got {h.get('part')!r:.80}")
         lo, hi = part
         w.checker.check(msg, expected_sender=remote, expected={"params": TensorSpec("float32", (hi - lo,))})
         group = h.get("group")
@@ -292,14 +348,16 @@ class Butterfly:
         banned = await w.banned_peers()
         if remote in banned:
             raise ProtocolError("banned replicas are not averaged with")
+        # only replicas of my stage are served and pulled from: a stranger must not park slices
+        # here, nor a group padded with made-up peers make me dial each of them
+        known = await self._known_replicas()
+        if remote not in known:
+            raise ProtocolError(f"{remote[-8:]} is not a replica of stage {w.stage} in the stage claims")
         self._slices.setdefault((lo, hi), {})[remote] = (time.monotonic(), msg)
         arrived = self._arrivals.setdefault((lo, hi), asyncio.Condition())
         async with arrived:
             arrived.notify_all()
-        # only replicas I know of are pulled from: a group padded with made-up peers must not
-        # make me dial each of them
-        known = await self._known_replicas()
-        members = [p for p in group if p not in banned and (p in known or p in (remote, w.runtime.peer_id))]
+        members = [p for p in group if p not in banned and (p in known or p == w.runtime.peer_id)]
         result = await self.reduce(lo, hi, members, msg)
         self.stats["parts_served"] += 1
         return result
@@ -316,7 +374,7 @@ class Butterfly:
         return self._known[1]
 
     async def reduce(self, lo: int, hi: int, group: list[str], request: Message | None,
-                     timeout: float = 20.0) -> Any:
+                     timeout: float = 20.0, wait: bool = True) -> Any:
         """Reduce part ``[lo, hi)`` over ``group``'s slices: mine, reused or pulled ones. For a
         ``request`` the signed ``reduce_result`` (inputs kept for audits); else the tensor."""
         w = self.w
@@ -332,7 +390,7 @@ class Butterfly:
         # other, and then their requests reduce identical inputs, computed once); then older
         # slices up to averaging_reuse_s (a replica averaging on another clock); then pulls
         stale = self._take_fresh(group, held, slices, now, PUSH_WAIT_S)
-        if stale:
+        if stale and wait:
             arrived = self._arrivals.setdefault((lo, hi), asyncio.Condition())
             deadline = time.monotonic() + PUSH_WAIT_S
             while stale and time.monotonic() < deadline:
@@ -451,15 +509,12 @@ class Butterfly:
             w.complain_later(peer, msg, score)
 
     def _prune(self, now: float) -> None:
+        """Drop old slices in place (a reduction waiting on a part holds its dict; parts are
+        canonical, so the dicts and their Conditions are few and kept)."""
         horizon = max(self.reuse_s, 1.0) * 4
-        for key in list(self._slices):
-            kept = {p: v for p, v in self._slices[key].items() if now - v[0] <= horizon}
-            if kept:
-                self._slices[key] = kept
-            else:
-                del self._slices[key]
-        for key in [k for k in self._arrivals if k not in self._slices and not self._arrivals[k].locked()]:
-            del self._arrivals[key]
+        for held in self._slices.values():
+            for p in [p for p, v in held.items() if now - v[0] > horizon]:
+                del held[p]
         while self._kept and now - next(iter(self._kept.values())).at > KEEP_REDUCTIONS_S:
             self._kept.popitem(last=False)
 

@@ -23,7 +23,7 @@ import torch
 from sentinel import __version__
 from sentinel.bootstrap.manifest import RunManifest
 from sentinel.metrics import METRICS
-from sentinel.node.averaging import AveragingLog, aggregate, contribution_scores, partition
+from sentinel.node.averaging import AveragingLog, aggregate, canonical_part, contribution_scores, partition
 from sentinel.node.butterfly import Butterfly
 from sentinel.node.checkpoint import (
     CheckpointError,
@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 # round, at most 4-6 % after the first steps; a replica that drifts further than this between
 # rounds produces outputs that differ from its replicas', which is what the verifiers flag.
 DRIFT_WARNING = 0.10
+# A params request may be dated at most this many pipeline steps ahead of the highest step this
+# worker has seen (verifiers and replicas run a step or two apart).
+PARAMS_STEPS_AHEAD = 16
 # The longest an availability attack holds one reply ("never" included): by then every caller
 # has long timed out, and the handler task must end some time.
 MAX_HOLD_S = 600.0
@@ -390,15 +393,20 @@ class WorkerNode:
         part = msg.header.get("part")
         numel = self.runner.num_parameters()
         extra: dict[str, Any] = {}
+        if msg.header["step"] > self.max_step + PARAMS_STEPS_AHEAD:
+            # a reply is evidence dated by this step: none signed for a step that has not come yet
+            raise ProtocolError(f"params requested for step {msg.header['step']}, I am at step {self.max_step}")
         if part is not None:
             if not (isinstance(part, list) and len(part) == 2 and all(type(v) is int for v in part)
-                    and 0 <= part[0] < part[1] <= numel):
-                raise MalformedMessageError(f"part must be [lo, hi] with 0 <= lo < hi <= {numel}, got {part!r:.80}")
+                    and canonical_part(numel, self.manifest.training.averaging_part_numel, *part)):
+                raise MalformedMessageError(f"part must be one of the parts an averaging round cuts {numel} "
+                                            f"parameters into, got {part!r:.80}")
             extra["part"] = part
-        flat = await self._in_thread(self.runner.flat_parameters)
-        flat = self.poison_contribution(flat, f"{msg.header['step']}|{remote}")
-        if part is not None:
-            flat = flat[part[0]:part[1]]
+            # one flat copy per parameter state serves every part a round pulls
+            flat = (await self.butterfly._own_flat())[part[0]:part[1]]
+        else:
+            flat = await self._in_thread(self.runner.flat_parameters)
+            flat = self.poison_contribution(flat, f"{msg.header['step']}|{remote}")
         return sign_message(wire.reply(msg, "params_result", {"params": flat.contiguous()}, version=self.runner.version,
                                        **extra), self.runtime.identity)
 
@@ -623,7 +631,7 @@ class WorkerNode:
 
     async def _average(self) -> None:
         try:
-            if self.manifest.training.averaging_partition == "butterfly":
+            if self.manifest.butterfly_averaging(self.runner.num_parameters()):
                 peers = await self._live_replicas()
                 if not peers:
                     return

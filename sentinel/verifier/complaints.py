@@ -259,8 +259,8 @@ class ComplaintDesk:
                      on_verdict: Callable[[Verdict], Any]) -> None:
         """Admit and judge in one go (the verifier runs this as a task, after acknowledging)."""
         try:
-            if msg.header.get("kind") == "reduction":
-                on_verdict(self.judge_reduction(msg, complainer, live))
+            if msg.header.get("kind") == "reduction":  # signatures and a reduction: off the event loop
+                on_verdict(await asyncio.to_thread(self.judge_reduction, msg, complainer, live))
                 return
             accused, stage, reply = self.admit(msg, complainer, live)
             verdict = await self.judge(accused, stage, reply)
