@@ -29,33 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 from statistics import median
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MODES = ("gather", "butterfly")
-
-
-class FlatRunner:
-    """A stage's flat parameters: as much of ``StageRunner`` as averaging touches."""
-
-    def __init__(self, numel: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.flat = torch.randn(numel, generator=g)
-        self.version = 1
-        self.stats = SimpleNamespace(averaging_rounds=0)
-
-    def num_parameters(self) -> int:
-        return self.flat.numel()
-
-    def flat_parameters(self) -> torch.Tensor:
-        return self.flat.clone()
-
-    def load_flat_parameters(self, flat: torch.Tensor) -> None:
-        self.flat = flat.clone()
-        self.stats.averaging_rounds += 1
 
 
 def _bytes() -> float:
@@ -71,12 +50,15 @@ async def child(a: argparse.Namespace) -> None:
     from sentinel.node.worker import WorkerNode, fetch_params
     from sentinel.protocol import pipeline as wire
 
+    # a stage's flat parameters, as much of StageRunner as averaging touches
+    from tests.test_butterfly import Runner
+
     torch.set_num_threads(1)
     d = Path(a.dir)
     runtime = await SwarmRuntime.create(NetworkConfig(initial_peers=[a.initial_peer], startup_timeout=120))
     manifest = RunManifest(run_id="bench-butterfly", training=TrainingConfig(averaging="centered-clip"))
     node = WorkerNode(runtime, manifest)
-    node.stage, node.runner = 0, FlatRunner(a.numel, a.index)
+    node.stage, node.runner = 0, Runner(torch.randn(a.numel, generator=torch.Generator().manual_seed(a.index)))
     for name, fn in ((wire.PARAMS, node._on_params), (wire.REDUCE, node.butterfly.on_reduce),
                      (wire.REDUCE_AUDIT, node.butterfly.on_audit)):
         await runtime.serve(name, fn)

@@ -126,10 +126,7 @@ class ComplaintDesk:
         if not isinstance(accused, str) or not isinstance(evidence, dict) or set(msg.tensors) != {"params"}:
             raise MalformedMessageError("a complaint carries 'accused', the accused's reply header as 'evidence', "
                                         "and its 'params' tensor")
-        replicas = live(stage)
-        if complainer not in replicas or accused not in replicas or complainer == accused:
-            raise ComplaintRejected(f"complainer {complainer[-8:]} and accused {accused[-8:]} must be two live "
-                                    f"replicas of stage {stage}", "not_replicas")
+        _check_parties(complainer, accused, stage, live)
         reply = Message(header=dict(evidence), tensors={"params": msg.tensors["params"]})
         self.checker.check(reply, expected_sender=accused, expected={"params": TensorSpec("float32", (None,))},
                            check_replay=False)
@@ -140,10 +137,7 @@ class ComplaintDesk:
         if part is not None and not (isinstance(part, list) and len(part) == 2 and all(type(v) is int for v in part)
                                      and 0 <= part[0] < part[1] and part[1] - part[0] == reply.tensors["params"].numel()):
             raise ComplaintRejected(f"the evidence's part {part!r:.80} does not match its tensor", "not_params")
-        age = self.now_step() - rh["step"]
-        if age > self.stale_steps:
-            raise ComplaintRejected(f"evidence answers a request of step {rh['step']}, {age} steps ago "
-                                    f"(at most {self.stale_steps})", "stale")
+        self._check_fresh(rh["step"])
         state = _state_key(accused, rh.get("version"), part)
         if state in self._seen:
             raise ComplaintRejected(f"{accused[-8:]}'s parameters at optimizer step {rh.get('version')!r} were "
@@ -180,6 +174,13 @@ class ComplaintDesk:
                        {"digest": digest, "signature": bytes(reply.header["signature"]), "version": version,
                         "evidence_step": reply.header["step"], **({"part": part} if part is not None else {})})
 
+    def _check_fresh(self, step: int) -> None:
+        """Evidence dated more than ``stale_steps`` pipeline steps ago is refused."""
+        age = self.now_step() - step
+        if age > self.stale_steps:
+            raise ComplaintRejected(f"evidence answers a request of step {step}, {age} steps ago "
+                                    f"(at most {self.stale_steps})", "stale")
+
     def _take_token(self, complainer: str) -> None:
         now = self.clock()
         tokens, at = self._tokens.get(complainer, (float(self.burst), now))
@@ -211,10 +212,7 @@ class ComplaintDesk:
             raise MalformedMessageError("a reduction complaint carries 'accused', the reducer's reply header as "
                                         "'evidence', the committed slices' headers as 'contributions', and the "
                                         "'part' and stacked 'params' tensors")
-        replicas = live(stage)
-        if complainer not in replicas or accused not in replicas or complainer == accused:
-            raise ComplaintRejected(f"complainer {complainer[-8:]} and accused {accused[-8:]} must be two live "
-                                    f"replicas of stage {stage}", "not_replicas")
+        _check_parties(complainer, accused, stage, live)
         part, stacked = msg.tensors["part"], msg.tensors["params"]
         result = Message(header=dict(evidence), tensors={"part": part})
         self.checker.check(result, expected_sender=accused, expected={"part": TensorSpec("float32", (None,))},
@@ -227,10 +225,7 @@ class ComplaintDesk:
                 or stacked.shape != (len(heads), part.numel()):
             raise ComplaintRejected("the evidence is not a reduce_result of that stage with its committed slices",
                                     "not_params")
-        age = self.now_step() - rh["step"]
-        if age > self.stale_steps:
-            raise ComplaintRejected(f"evidence answers a request of step {rh['step']}, {age} steps ago "
-                                    f"(at most {self.stale_steps})", "stale")
+        self._check_fresh(rh["step"])
         key = "reduction@" + bytes(rh["digest"]).hex()
         if key in self._seen:
             raise ComplaintRejected("that reduction was already judged", "duplicate")
@@ -277,6 +272,14 @@ class ComplaintDesk:
             return
         if verdict is not None:
             on_verdict(verdict)
+
+
+def _check_parties(complainer: str, accused: str, stage: int, live: Callable[[int], list[str]]) -> None:
+    """Complainer and accused must be two live replicas of the stage."""
+    replicas = live(stage)
+    if complainer not in replicas or accused not in replicas or complainer == accused:
+        raise ComplaintRejected(f"complainer {complainer[-8:]} and accused {accused[-8:]} must be two live "
+                                f"replicas of stage {stage}", "not_replicas")
 
 
 def _state_key(accused: str, version: Any, part: Any = None) -> str:
