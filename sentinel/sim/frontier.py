@@ -10,7 +10,8 @@ directions, undefended and defended, on the detection table's swarm (16 stages x
 reports recall, F1 and honest bans of the defended run, and the *damage*: final validation loss
 minus that of the clean run of the same defense, relative to it (so the defense's own cost on a
 clean run is not counted as damage). The goal per point (issue "Detect-or-harmless"): recall >= 0.9
-or defended damage <= 1 %; the points that miss are listed with their numbers.
+or defended damage <= 1 %; the points that miss are listed with their numbers and their
+cause (:meth:`Point.cause`).
 
 Also here, in the ``lazy`` and ``adaptive`` parts: the lazy workers of
 :mod:`sentinel.attacks.lazy` in both directions, and the two adaptive attackers (``ema_mimic``,
@@ -28,6 +29,7 @@ import datetime as _dt
 import math
 import os
 import platform
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -56,6 +58,9 @@ DIRECTIONS = ("forward", "backward")
 #: the goal of a point: recall at least this, or damage at most ``HARMLESS``
 RECALL_GOAL = 0.9
 HARMLESS = 0.01
+#: two clean runs of the sweep's swarm with different seeds end this far apart (relative val
+#: loss; measured in ``results/detection_table.md``'s noise part): damage below it is not evidence
+NOISE = 0.02
 
 
 def spec(attack: str, param: str, value: float) -> str:
@@ -143,7 +148,12 @@ def plan(f: FrontierConfig) -> list[Row]:
 
 @dataclass
 class Point:
-    """One attack x strength x direction: the defended run against its undefended twin."""
+    """One attack x strength x direction: the defended run against its undefended twin.
+
+    Besides the scores it keeps the facts :meth:`cause` needs to say *why* a point misses the
+    goal, read from the runs' reports, so the explanation is re-derived on every re-run instead
+    of written by hand against one run's numbers.
+    """
 
     attack: str
     value: float | None
@@ -154,22 +164,118 @@ class Point:
     damage: float | None  # defended, relative to the clean defended run
     damage_undefended: float | None  # relative to the clean undefended run
     flagged: float | None  # share of attacked messages flagged
+    #: scored attackers the defended run never banned
+    missed: tuple[str, ...] = ()
+    #: scored attackers in all
+    attackers: int = 0
+    #: honest workers banned, with the step of the ban
+    honest_banned: tuple[tuple[str, int | None], ...] = ()
+    stages: int = 0
+    attack_start: int = 0
+    #: share of honest messages flagged in this run and in the clean defended run
+    honest_flag_rate: float | None = None
+    clean_honest_flag_rate: float | None = None
+    #: micro-batches that went on with the reference in place of a flagged tensor
+    substituted: int = 0
+    #: flagged share above which strikes outpace forgiveness (see :func:`breakeven_flag_share`)
+    breakeven: float | None = None
+    #: mean steps from the attack's start to an attacker's ban
+    latency: float | None = None
+
+    @property
+    def caught(self) -> bool:
+        return self.recall is not None and self.recall >= RECALL_GOAL
+
+    @property
+    def harmless(self) -> bool:
+        return self.damage is not None and self.damage <= HARMLESS
 
     @property
     def meets_goal(self) -> bool:
-        caught = self.recall is not None and self.recall >= RECALL_GOAL
-        harmless = self.damage is not None and self.damage <= HARMLESS
-        return (caught or harmless) and self.honest_bans == 0
+        return (self.caught or self.harmless) and self.honest_bans == 0
 
     def miss_reason(self) -> str:
         parts = []
         if self.honest_bans:
             parts.append(f"{self.honest_bans} honest ban(s)")
-        if not (self.recall is not None and self.recall >= RECALL_GOAL) and not (
-                self.damage is not None and self.damage <= HARMLESS):
+        if not (self.caught or self.harmless):
             parts.append(f"recall {_f(self.recall, 2)} and damage {_pct(self.damage)} "
                          f"(undefended {_pct(self.damage_undefended)})")
         return "; ".join(parts)
+
+    def cause(self) -> str:
+        """Why the point misses, in measured facts: who was banned wrongly or never, how often
+        the attacked messages were flagged against the share that outpaces forgiveness, what
+        the defence itself cost, and whether the damage is outside clean-run noise."""
+        if self.meets_goal:
+            return ""
+        out: list[str] = []
+        if self.honest_banned:
+            who = ", ".join(f"{w} ({_stage_kind(w, self.stages) or f'stage {_stage_of(w)}'}, step {s})"
+                            for w, s in self.honest_banned)
+            before = sum(1 for _, s in self.honest_banned if s is not None and s < self.attack_start)
+            note = f"; {before} before the attack began" if before else ""
+            raised = (self.honest_flag_rate is not None and self.clean_honest_flag_rate is not None
+                      and self.honest_flag_rate > 1.5 * self.clean_honest_flag_rate)
+            out.append(f"honest banned: {who}{note}; honest flag rate {_share(self.honest_flag_rate)} "
+                       f"against {_share(self.clean_honest_flag_rate)} on the clean run"
+                       + (", so the attack moved the statistics of honest traffic" if raised else ""))
+        if not (self.caught or self.harmless):
+            ends = [w for w in self.missed if _stage_kind(w, self.stages)]
+            if self.missed and len(ends) == len(self.missed):
+                out.append(f"the {len(self.missed)} of {self.attackers} attackers never banned are all on the "
+                           "first or last stage, where no source tensor gives the gain and skip statistics")
+            elif self.missed:
+                out.append(f"{len(self.missed)} of {self.attackers} attackers never banned "
+                           f"({len(ends)} on the first or last stage)")
+            if self.flagged is not None and self.breakeven is not None:
+                if self.flagged < self.breakeven:
+                    out.append(f"under the fences: {_share(self.flagged)} of attacked messages flagged, below "
+                               f"the {_share(self.breakeven)} at which strikes outpace forgiveness")
+                else:
+                    out.append(f"{_share(self.flagged)} of attacked messages flagged in all (strikes outpace "
+                               f"forgiveness above {_share(self.breakeven)}), mean ban latency "
+                               f"{_f(self.latency, 1)} steps")
+            if (self.damage is not None and self.damage_undefended is not None
+                    and self.damage > self.damage_undefended + NOISE):
+                out.append(f"the defence did worse than no defence ({_pct(self.damage)} against "
+                           f"{_pct(self.damage_undefended)}): {self.substituted} micro-batches went on with the "
+                           f"reference substituted, honest flag rate {_share(self.honest_flag_rate)} "
+                           f"(clean {_share(self.clean_honest_flag_rate)})")
+            if self.damage is not None and self.damage <= NOISE:
+                out.append(f"the damage is within the ~{NOISE:.0%} spread between clean runs of different seeds")
+        return "; ".join(out)
+
+
+def breakeven_flag_share(strike_limit: int, forgive_after: int) -> float:
+    """The flagged share of a worker's messages above which its strikes grow without bound.
+
+    Each flag adds one strike and each clean message forgives ``strike_limit / forgive_after``
+    (:class:`sentinel.verifier.strikes.StrikeLedger`), so at flagged share ``f`` the strikes drift
+    by ``f - (1 - f) * r`` per message, ``r = strike_limit / forgive_after``: positive only for
+    ``f > r / (1 + r)``. Below it an attacker is banned only by a run of flags in a row.
+    """
+    r = strike_limit / forgive_after
+    return r / (1 + r)
+
+
+def _stage_of(worker: str) -> int | None:
+    m = re.match(r"s(\d+)r\d+$", worker)
+    return int(m.group(1)) if m else None
+
+
+def _stage_kind(worker: str, stages: int) -> str:
+    """``"first stage"`` / ``"last stage"`` for a worker on an end stage, else ``""``."""
+    s = _stage_of(worker)
+    if s == 0:
+        return "first stage"
+    if s is not None and s == stages - 1:
+        return "last stage"
+    return ""
+
+
+def _share(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
 
 
 def _rel(v: float | None, ref: float | None) -> float | None:
@@ -191,7 +297,8 @@ def _pct(v: float | None) -> str:
 def points(rows: list[Row], part: str, clean_part: str = "clean") -> list[Point]:
     """Score every (attack, strength, direction) of ``part`` that has both runs."""
     reports = {(r.part, r.label): r.report for r in rows if r.report is not None}
-    clean = {d: (reports.get((clean_part, f"clean/{d}")) or {}).get("val_loss_final") for d in ("none", "sentinel")}
+    clean_reports = {d: reports.get((clean_part, f"clean/{d}")) or {} for d in ("none", "sentinel")}
+    clean = {d: rep.get("val_loss_final") for d, rep in clean_reports.items()}
     out: list[Point] = []
     for r in rows:
         if r.part != part or not r.label.endswith("/sentinel") or r.label.startswith("clean/"):
@@ -202,9 +309,22 @@ def points(rows: list[Row], part: str, clean_part: str = "clean") -> list[Point]
             continue
         attack, _, kv = name.partition(",")
         value = float(kv.split("=", 1)[1]) if kv else None
-        out.append(Point(attack, value, direction, dfd["recall"], dfd["f1"], len(dfd["honest_banned"]),
-                         _rel(dfd["val_loss_final"], clean["sentinel"]),
-                         _rel(und["val_loss_final"], clean["none"]), dfd.get("flag_rate_attacked")))
+        banned = {b["worker"]: b["step"] for b in dfd.get("banned", [])}
+        scored = dfd.get("malicious_scored", [])
+        sc = dfd.get("screening_config") or {}
+        out.append(Point(
+            attack, value, direction, dfd["recall"], dfd["f1"], len(dfd["honest_banned"]),
+            _rel(dfd["val_loss_final"], clean["sentinel"]), _rel(und["val_loss_final"], clean["none"]),
+            dfd.get("flag_rate_attacked"),
+            missed=tuple(w for w in scored if w not in banned), attackers=len(scored),
+            honest_banned=tuple((w, banned.get(w)) for w in dfd["honest_banned"]),
+            stages=dfd["config"]["stages"], attack_start=dfd["config"]["attack_start"],
+            honest_flag_rate=dfd.get("flag_rate_honest"),
+            clean_honest_flag_rate=clean_reports["sentinel"].get("flag_rate_honest"),
+            substituted=(dfd.get("micro_batches") or {}).get("substituted", 0),
+            breakeven=(breakeven_flag_share(sc["strike_limit"], sc["forgive_after"])
+                       if "strike_limit" in sc and "forgive_after" in sc else None),
+            latency=dfd.get("detection_latency_steps")))
     return out
 
 
@@ -241,8 +361,11 @@ def render(f: FrontierConfig, rows: list[Row], seconds: float, command: str) -> 
         f"(clean: undefended {_f((clean.get('clean/none') or {}).get('val_loss_final'))}, "
         f"defended {_f((clean.get('clean/sentinel') or {}).get('val_loss_final'))}). "
         f"Goal per point: recall >= {RECALL_GOAL} or defended damage <= {HARMLESS:.0%}, with no honest ban. "
-        "Two clean runs with different seeds differ by about 2 % on this budget "
-        "(`results/detection_table.md`), so damages within a couple of percent are noise.",
+        f"Two clean runs with different seeds differ by about {NOISE:.0%} on this budget "
+        "(`results/detection_table.md`), so damages within a couple of percent are noise. "
+        "Every point that misses the goal is listed with its cause, derived from the run's report: who "
+        "was banned wrongly or never (and on which stage), the share of attacked messages flagged against "
+        "the share at which strikes outpace forgiveness, and whether the defence cost more than the attack.",
         "",
     ]
     if sweep:
@@ -261,7 +384,7 @@ def render(f: FrontierConfig, rows: list[Row], seconds: float, command: str) -> 
             lines.append("")
         misses = [p for p in sweep if not p.meets_goal]
         lines += ["### Points that miss the goal", ""]
-        lines += [f"- {p.attack} {SWEEPS.get(p.attack, ('?',))[0]}={p.value:g} {p.direction}: {p.miss_reason()}"
+        lines += [_miss_line(f"{p.attack} {SWEEPS.get(p.attack, ('?',))[0]}={p.value:g} {p.direction}", p)
                   for p in misses] or ["- none"]
         lines.append("")
     for part, title in (("lazy", "Lazy workers"), ("adaptive", f"Adaptive attackers, {f.long_factor}x longer runs")):
@@ -275,8 +398,12 @@ def render(f: FrontierConfig, rows: list[Row], seconds: float, command: str) -> 
             lines.append(f"| {p.attack} | {p.direction} | {_f(p.recall, 2)} | {_f(p.f1, 2)} | {p.honest_bans} "
                          f"| {'-' if p.flagged is None else f'{p.flagged:.1%}'} | {_pct(p.damage)} "
                          f"| {_pct(p.damage_undefended)} | {'yes' if p.meets_goal else '**no**'} |")
-        lines.append("")
+        lines += ["", *[_miss_line(f"{p.attack} {p.direction}", p) for p in pts if not p.meets_goal], ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _miss_line(name: str, p: Point) -> str:
+    return f"- **{name}**: {p.miss_reason()}. Cause: {p.cause()}."
 
 
 def plot(f: FrontierConfig, rows: list[Row]) -> list[Path]:
