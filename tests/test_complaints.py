@@ -211,3 +211,32 @@ def test_a_complainer_is_rate_limited() -> None:
     desk.admit(s.complaint(0, 1, s.reply(1)), s.peers[0], s.live)
     with pytest.raises(ComplaintRejected):
         desk.admit(s.complaint(0, 3, s.reply(3)), s.peers[0], s.live)
+
+
+@pytest.mark.parametrize("reason", ["contribution", "reduction"])
+def test_an_upheld_verdict_strikes_and_is_logged_in_its_own_terms(reason: str, caplog) -> None:
+    """A verifier records an upheld complaint as an averaging strike with its evidence; a faked
+    reduction is logged as a contradicted recomputation, not as a distance to the spread."""
+    from types import SimpleNamespace
+
+    from sentinel.bootstrap.manifest import RunManifest
+    from sentinel.model.corpus import load_corpus
+    from sentinel.verifier.complaints import Verdict
+    from sentinel.verifier.node import VerifierNode
+
+    node = VerifierNode(SimpleNamespace(peer_id=Identity.generate().peer_id), RunManifest(run_id=RUN),
+                        load_corpus("default"), steps=50)
+    accused = Identity.generate().peer_id
+    score, bound = (7.5, 3.0) if reason == "contribution" else (1.0, 0.0)
+    verdict = Verdict(accused, STAGE, True, score, bound, 4, {"digest": b"d" * 32, "evidence_step": NOW - 1},
+                      reason=reason)
+    with caplog.at_level("INFO", logger="sentinel.verifier.node"):
+        node._on_verdict(verdict)
+    assert node.ledger.state(accused).flags == 1 and node.averaging_upheld[accused] == 1
+    assert node.evidence[accused][-1]["reasons"] == [reason]
+    text = caplog.text
+    assert f"{reason} complaint against" in text and "upheld" in text
+    if reason == "reduction":
+        assert "contradicts the recomputation" in text and "spread" not in text
+    else:
+        assert "7.5 x the spread of 4 replicas (bound 3.0)" in text

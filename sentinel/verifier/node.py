@@ -193,9 +193,14 @@ class VerifierNode:
         return [(p, msg.tensors["params"], version_of(msg)) for p, msg in got]
 
     def _on_verdict(self, v: Verdict) -> None:
-        logger.info("complaint against %s (stage %d averaging): %s, %.1f x the spread of %d replicas (bound %.1f), "
-                    "evidence of step %s judged at step %d", v.accused[-8:], v.stage,
-                    "upheld" if v.upheld else "dismissed", v.score, v.replicas, v.bound, v.evidence.get("evidence_step"), self.step)
+        outcome = "upheld" if v.upheld else "dismissed"
+        if v.reason == "reduction":
+            found = (f"its reduction over {v.replicas} committed slices "
+                     f"{'contradicts' if v.upheld else 'matches'} the recomputation")
+        else:
+            found = f"{v.score:.1f} x the spread of {v.replicas} replicas (bound {v.bound:.1f})"
+        logger.info("%s complaint against %s (stage %d averaging): %s, %s, evidence of step %s judged at step %d",
+                    v.reason, v.accused[-8:], v.stage, outcome, found, v.evidence.get("evidence_step"), self.step)
         if not v.upheld:
             return
         self.averaging_upheld[v.accused] += 1
