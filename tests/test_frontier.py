@@ -10,6 +10,7 @@ from sentinel.sim.frontier import (
     NOISE,
     FrontierConfig,
     Point,
+    _miss_line,
     breakeven_flag_share,
     main,
     plan,
@@ -49,10 +50,10 @@ def test_render_and_plots(swept) -> None:
     md = render(f, rows, 0.0, "pytest")
     assert "### scaling (factor)" in md and "| 1.1 |" in md and "| -1 |" in md
     assert "Points that miss the goal" in md
-    for p in points(rows, "sweep"):
-        assert (p.cause() == "") == p.meets_goal  # every miss, and only a miss, gets a cause
-        if not p.meets_goal:
-            assert p.cause() in md
+    pts = points(rows, "sweep")
+    misses = [p for p in pts if not p.meets_goal]
+    assert all(p.cause() for p in misses) and not any(p.cause() for p in pts if p.meets_goal)
+    assert all(p.cause() in md for p in misses) and ("- none" in md) == (not misses)
     for path in plot(f, rows):
         assert path.is_file() and path.stat().st_size > 1000
 
@@ -68,11 +69,13 @@ def test_cli_rejects_bad_flags(argv: list[str], fragment: str, tmp_path: Path) -
 
 
 def _point(**kw) -> Point:
-    base = dict(attack="bias", value=0.1, direction="forward", recall=0.5, f1=0.6, honest_bans=0,
+    """A defended point of a 16-stage run with 45 scored attackers; recall follows ``missed``."""
+    base = dict(attack="bias", value=0.1, direction="forward", f1=0.6, honest_bans=0,
                 damage=0.04, damage_undefended=0.03, flagged=0.05, attackers=45, stages=16, attack_start=20,
-                honest_flag_rate=0.02, clean_honest_flag_rate=0.019, breakeven=breakeven_flag_share(5, 50),
-                latency=6.0)
+                honest_flag_rate=0.02, clean_honest_flag_rate=0.019, latency=6.0)
     base.update(kw)
+    base.setdefault("recall", 1 - len(base.get("missed", ())) / base["attackers"])
+    base["honest_bans"] = len(base.get("honest_banned", ()))
     return Point(**base)
 
 
@@ -92,33 +95,45 @@ def test_breakeven_share_matches_the_strike_ledger(limit: int, after: int) -> No
         assert state is not None and state.banned is banned, (share, f)
 
 
-def test_cause_names_end_stage_attackers_under_the_fences() -> None:
-    p = _point(missed=("s00r01", "s15r04"), flagged=0.03)
+def test_cause_names_end_stage_attackers_never_banned() -> None:
+    missed = tuple(f"s{s:02d}r0{r}" for s in (0, 15) for r in (1, 3, 5))  # recall 39/45 = 0.87
+    p = _point(missed=missed, flagged=0.03)
     assert not p.meets_goal
     c = p.cause()
-    assert "2 of 45 attackers never banned are all on the first or last stage" in c
-    assert "under the fences: 3.0% of attacked messages flagged, below the 9.1%" in c
-    assert "worse than no defence" not in c
+    assert "the 6 of 45 attackers never banned are all on the first or last stage" in c
+    assert "3.0% of attacked messages flagged, all attackers pooled; mean ban latency 6.0 steps" in c
+    assert "did worse than the undefended" not in c
 
 
-def test_cause_counts_middle_stage_misses_and_reports_latency_when_flagged_often() -> None:
-    c = _point(missed=("s00r01", "s07r02", "s08r00"), flagged=0.4).cause()
-    assert "3 of 45 attackers never banned (1 on the first or last stage)" in c
-    assert "40.0% of attacked messages flagged in all" in c and "latency 6.0 steps" in c
+def test_cause_counts_middle_stage_misses() -> None:
+    missed = ("s00r01", *(f"s{s:02d}r02" for s in range(3, 12)))
+    c = _point(missed=missed, flagged=0.4).cause()
+    assert "10 of 45 attackers never banned (1 on the first or last stage)" in c
+    assert "40.0% of attacked messages flagged" in c
 
 
-def test_cause_names_honest_bans_and_a_defence_worse_than_none() -> None:
-    p = _point(honest_bans=2, honest_banned=(("s15r02", 34), ("s03r01", 12)), damage=0.12,
-               damage_undefended=0.05, substituted=300, honest_flag_rate=0.3, missed=("s05r01",))
+def test_cause_names_honest_bans_in_ban_order_and_a_defence_worse_than_none() -> None:
+    p = _point(honest_banned=(("s03r01", 12), ("s15r02", 34)), damage=0.12, damage_undefended=0.05,
+               substituted=300, honest_flag_rate=0.3, missed=tuple(f"s05r0{r}" for r in range(6)))
     c = p.cause()
-    assert "s15r02 (last stage, step 34)" in c and "s03r01 (stage 3, step 12)" in c
-    assert "1 before the attack began" in c
-    assert "honest flag rate 30.0% against 1.9% on the clean run" in c
-    assert "did worse than no defence (+12.0% against +5.0%): 300 micro-batches" in c
+    assert "honest banned: s03r01 (stage 3, step 12), s15r02 (last stage, step 34); 1 before the attack" in c
+    assert "unattacked messages flagged 30.0% (clean run 1.9%)" in c
+    assert "did worse than the undefended one (+12.0% against +5.0%), with 300 hops substituted" in c
 
 
 def test_cause_marks_damage_inside_clean_run_noise_and_is_empty_for_a_met_goal() -> None:
-    assert f"within the ~{NOISE:.0%} spread" in _point(damage=0.015, missed=("s04r00",)).cause()
-    assert "spread between clean runs" not in _point(damage=0.05, missed=("s04r00",)).cause()
-    assert _point(recall=0.95).cause() == "" and _point(damage=0.005).cause() == ""
-    assert _point(recall=0.95, honest_bans=1, honest_banned=(("s01r00", 30),)).cause() != ""
+    missed = tuple(f"s04r0{r}" for r in range(6))
+    assert f"within the {NOISE:.1%} range of clean runs" in _point(damage=0.012, missed=missed).cause()
+    assert "range of clean runs" not in _point(damage=0.05, missed=missed).cause()
+    assert _point(missed=("s04r00",)).cause() == ""  # recall 0.98: caught
+    assert _point(damage=0.005, missed=missed).cause() == ""  # harmless
+    assert _point(honest_banned=(("s01r00", 30),)).cause().startswith("honest banned: s01r00")
+
+
+def test_a_miss_is_rendered_with_its_cause(swept) -> None:
+    f, rows = swept
+    md = render(f, rows, 0.0, "pytest")
+    p = _point(missed=tuple(f"s04r0{r}" for r in range(6)))
+    assert _miss_line("bias bias=0.1 forward", p) == (
+        f"- **bias bias=0.1 forward**: {p.miss_reason()}. Cause: {p.cause()}.")
+    assert "forgiven faster than it is struck" in md  # the scale for the flagged shares

@@ -58,9 +58,10 @@ DIRECTIONS = ("forward", "backward")
 #: the goal of a point: recall at least this, or damage at most ``HARMLESS``
 RECALL_GOAL = 0.9
 HARMLESS = 0.01
-#: two clean runs of the sweep's swarm with different seeds end this far apart (relative val
-#: loss; measured in ``results/detection_table.md``'s noise part): damage below it is not evidence
-NOISE = 0.02
+#: the range of the clean undefended val loss over three seeds on the sweep's swarm and 80-step
+#: budget (``results/detection_table.md``, "Clean runs", at d5b8fbc): damage below it is not
+#: evidence of harm (a three-seed range understates the spread, so this is the generous side)
+NOISE = 0.015
 
 
 def spec(attack: str, param: str, value: float) -> str:
@@ -172,13 +173,11 @@ class Point:
     honest_banned: tuple[tuple[str, int | None], ...] = ()
     stages: int = 0
     attack_start: int = 0
-    #: share of honest messages flagged in this run and in the clean defended run
+    #: share of unattacked messages flagged in this run and in the clean defended run
     honest_flag_rate: float | None = None
     clean_honest_flag_rate: float | None = None
-    #: micro-batches that went on with the reference in place of a flagged tensor
+    #: hops that went on with the reference in place of a flagged tensor
     substituted: int = 0
-    #: flagged share above which strikes outpace forgiveness (see :func:`breakeven_flag_share`)
-    breakeven: float | None = None
     #: mean steps from the attack's start to an attacker's ban
     latency: float | None = None
 
@@ -204,9 +203,10 @@ class Point:
         return "; ".join(parts)
 
     def cause(self) -> str:
-        """Why the point misses, in measured facts: who was banned wrongly or never, how often
-        the attacked messages were flagged against the share that outpaces forgiveness, what
-        the defence itself cost, and whether the damage is outside clean-run noise."""
+        """Why the point misses, as measured facts: who was banned wrongly (where, when) or never
+        (how many on the end stages), how often attacked messages were flagged and how fast the
+        bans came, whether the defended run did worse than the undefended one, and whether the
+        damage is inside clean-run noise. Facts that go together, not a proof of mechanism."""
         if self.meets_goal:
             return ""
         out: list[str] = []
@@ -215,35 +215,27 @@ class Point:
                             for w, s in self.honest_banned)
             before = sum(1 for _, s in self.honest_banned if s is not None and s < self.attack_start)
             note = f"; {before} before the attack began" if before else ""
-            raised = (self.honest_flag_rate is not None and self.clean_honest_flag_rate is not None
-                      and self.honest_flag_rate > 1.5 * self.clean_honest_flag_rate)
-            out.append(f"honest banned: {who}{note}; honest flag rate {_share(self.honest_flag_rate)} "
-                       f"against {_share(self.clean_honest_flag_rate)} on the clean run"
-                       + (", so the attack moved the statistics of honest traffic" if raised else ""))
+            out.append(f"honest banned: {who}{note}; unattacked messages flagged {_share(self.honest_flag_rate)} "
+                       f"(clean run {_share(self.clean_honest_flag_rate)})")
         if not (self.caught or self.harmless):
             ends = [w for w in self.missed if _stage_kind(w, self.stages)]
             if self.missed and len(ends) == len(self.missed):
                 out.append(f"the {len(self.missed)} of {self.attackers} attackers never banned are all on the "
-                           "first or last stage, where no source tensor gives the gain and skip statistics")
+                           "first or last stage, which are screened without the gain and skip statistics")
             elif self.missed:
                 out.append(f"{len(self.missed)} of {self.attackers} attackers never banned "
                            f"({len(ends)} on the first or last stage)")
-            if self.flagged is not None and self.breakeven is not None:
-                if self.flagged < self.breakeven:
-                    out.append(f"under the fences: {_share(self.flagged)} of attacked messages flagged, below "
-                               f"the {_share(self.breakeven)} at which strikes outpace forgiveness")
-                else:
-                    out.append(f"{_share(self.flagged)} of attacked messages flagged in all (strikes outpace "
-                               f"forgiveness above {_share(self.breakeven)}), mean ban latency "
-                               f"{_f(self.latency, 1)} steps")
+            if self.flagged is not None:
+                out.append(f"{_share(self.flagged)} of attacked messages flagged, all attackers pooled; mean ban "
+                           f"latency {_f(self.latency, 1)} steps")
             if (self.damage is not None and self.damage_undefended is not None
                     and self.damage > self.damage_undefended + NOISE):
-                out.append(f"the defence did worse than no defence ({_pct(self.damage)} against "
-                           f"{_pct(self.damage_undefended)}): {self.substituted} micro-batches went on with the "
-                           f"reference substituted, honest flag rate {_share(self.honest_flag_rate)} "
-                           f"(clean {_share(self.clean_honest_flag_rate)})")
+                out.append(f"the defended run did worse than the undefended one ({_pct(self.damage)} against "
+                           f"{_pct(self.damage_undefended)}), with {self.substituted} hops substituted and "
+                           f"unattacked messages flagged {_share(self.honest_flag_rate)} "
+                           f"(clean run {_share(self.clean_honest_flag_rate)})")
             if self.damage is not None and self.damage <= NOISE:
-                out.append(f"the damage is within the ~{NOISE:.0%} spread between clean runs of different seeds")
+                out.append(f"the damage is within the {NOISE:.1%} range of clean runs over three seeds")
         return "; ".join(out)
 
 
@@ -257,6 +249,17 @@ def breakeven_flag_share(strike_limit: int, forgive_after: int) -> float:
     """
     r = strike_limit / forgive_after
     return r / (1 + r)
+
+
+def _forgiveness_note(screening: dict[str, Any]) -> str:
+    if "strike_limit" not in screening or "forgive_after" not in screening:
+        return ""
+    limit, after = int(screening["strike_limit"]), int(screening["forgive_after"])
+    if limit < 2:
+        return ""
+    return (f" For scale: with {limit} strikes to a ban and full forgiveness after {after} clean messages, a "
+            f"worker whose confirmed flags stay under {breakeven_flag_share(limit, after):.1%} of its screened "
+            "messages, spread out, is forgiven faster than it is struck.")
 
 
 def _stage_of(worker: str) -> int | None:
@@ -311,19 +314,20 @@ def points(rows: list[Row], part: str, clean_part: str = "clean") -> list[Point]
         value = float(kv.split("=", 1)[1]) if kv else None
         banned = {b["worker"]: b["step"] for b in dfd.get("banned", [])}
         scored = dfd.get("malicious_scored", [])
-        sc = dfd.get("screening_config") or {}
+        honest_set = set(dfd["honest_banned"])
         out.append(Point(
             attack, value, direction, dfd["recall"], dfd["f1"], len(dfd["honest_banned"]),
             _rel(dfd["val_loss_final"], clean["sentinel"]), _rel(und["val_loss_final"], clean["none"]),
             dfd.get("flag_rate_attacked"),
             missed=tuple(w for w in scored if w not in banned), attackers=len(scored),
-            honest_banned=tuple((w, banned.get(w)) for w in dfd["honest_banned"]),
+            # the report's meaning, in ban order: a worker that sent no attacked tensor (an attacker
+            # on stage 0 of a backward attack has none to send) and was banned counts as honest
+            honest_banned=tuple((b["worker"], b["step"]) for b in dfd.get("banned", [])
+                                if b["worker"] in honest_set),
             stages=dfd["config"]["stages"], attack_start=dfd["config"]["attack_start"],
             honest_flag_rate=dfd.get("flag_rate_honest"),
             clean_honest_flag_rate=clean_reports["sentinel"].get("flag_rate_honest"),
             substituted=(dfd.get("micro_batches") or {}).get("substituted", 0),
-            breakeven=(breakeven_flag_share(sc["strike_limit"], sc["forgive_after"])
-                       if "strike_limit" in sc and "forgive_after" in sc else None),
             latency=dfd.get("detection_latency_steps")))
     return out
 
@@ -363,9 +367,11 @@ def render(f: FrontierConfig, rows: list[Row], seconds: float, command: str) -> 
         f"Goal per point: recall >= {RECALL_GOAL} or defended damage <= {HARMLESS:.0%}, with no honest ban. "
         f"Two clean runs with different seeds differ by about {NOISE:.0%} on this budget "
         "(`results/detection_table.md`), so damages within a couple of percent are noise. "
-        "Every point that misses the goal is listed with its cause, derived from the run's report: who "
-        "was banned wrongly or never (and on which stage), the share of attacked messages flagged against "
-        "the share at which strikes outpace forgiveness, and whether the defence cost more than the attack.",
+        "Every point that misses the goal is listed with its cause, derived from the runs' reports: who "
+        "was banned wrongly (where, when) or never (how many on the end stages, which are screened without "
+        "the gain and skip statistics), how often attacked messages were flagged and how fast the bans "
+        "came, and whether the defended run did worse than the undefended one."
+        + _forgiveness_note(f.screening),
         "",
     ]
     if sweep:
