@@ -110,6 +110,7 @@ def test_cause_counts_middle_stage_misses() -> None:
     c = _point(missed=missed, flagged=0.4).cause()
     assert "10 of 45 attackers never banned (1 on the first or last stage)" in c
     assert "40.0% of attacked messages flagged" in c
+    assert "no attacker banned" in _point(missed=missed, latency=None).cause()
 
 
 def test_cause_names_honest_bans_in_ban_order_and_a_defence_worse_than_none() -> None:

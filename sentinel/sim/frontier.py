@@ -226,14 +226,15 @@ class Point:
                 out.append(f"{len(self.missed)} of {self.attackers} attackers never banned "
                            f"({len(ends)} on the first or last stage)")
             if self.flagged is not None:
-                out.append(f"{_share(self.flagged)} of attacked messages flagged, all attackers pooled; mean ban "
-                           f"latency {_f(self.latency, 1)} steps")
+                bans = (f"mean ban latency {_f(self.latency, 1)} steps" if self.latency is not None
+                        else "no attacker banned")
+                out.append(f"{_share(self.flagged)} of attacked messages flagged, all attackers pooled; {bans}")
             if (self.damage is not None and self.damage_undefended is not None
                     and self.damage > self.damage_undefended + NOISE):
+                rate = ("" if self.honest_banned else f" and unattacked messages flagged "
+                        f"{_share(self.honest_flag_rate)} (clean run {_share(self.clean_honest_flag_rate)})")
                 out.append(f"the defended run did worse than the undefended one ({_pct(self.damage)} against "
-                           f"{_pct(self.damage_undefended)}), with {self.substituted} hops substituted and "
-                           f"unattacked messages flagged {_share(self.honest_flag_rate)} "
-                           f"(clean run {_share(self.clean_honest_flag_rate)})")
+                           f"{_pct(self.damage_undefended)}), with {self.substituted} hops substituted{rate}")
             if self.damage is not None and self.damage <= NOISE:
                 out.append(f"the damage is within the {NOISE:.1%} range of clean runs over three seeds")
         return "; ".join(out)
