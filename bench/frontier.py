@@ -1,7 +1,7 @@
 """The detect-or-harmless frontier (see sentinel/sim/frontier.py); writes results/frontier.md + PNGs.
 
-    python bench/frontier.py            # full sweep, 16 x 8 (about an hour on two cores)
-    python bench/frontier.py --smoke    # reduced sweep, 4 x 4 (a few minutes)
+    python bench/frontier.py            # full sweep, 16 x 8 (about 100 min on two idle cores)
+    python bench/frontier.py --smoke    # reduced sweep, 4 x 4 (about 6 min)
 """
 
 from __future__ import annotations
