@@ -36,7 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from sentinel.sim.swarm import TUNED_SCREENING, SimConfig
-from sentinel.sim.table import REPO, SHARED_DATA, Row, _code_versions, _f, execute, load_cached, parse_parts
+from sentinel.sim.table import (
+    REPO,
+    SHARED_DATA,
+    Row,
+    _code_versions,
+    _f,
+    _rate,
+    execute,
+    load_cached,
+    parse_parts,
+)
 
 #: attack -> (parameter, strengths from weakest to strongest). Scaling is ordered by how far the
 #: factor is from 1 (0 = zeros, -1 = sign flip); the rest grow monotonically.
@@ -215,8 +225,8 @@ class Point:
                             for w, s in self.honest_banned)
             before = sum(1 for _, s in self.honest_banned if s is not None and s < self.attack_start)
             note = f"; {before} before the attack began" if before else ""
-            out.append(f"honest banned: {who}{note}; unattacked messages flagged {_share(self.honest_flag_rate)} "
-                       f"(clean run {_share(self.clean_honest_flag_rate)})")
+            out.append(f"honest banned: {who}{note}; unattacked messages flagged {_rate(self.honest_flag_rate)} "
+                       f"(clean run {_rate(self.clean_honest_flag_rate)})")
         if not (self.caught or self.harmless):
             ends = [w for w in self.missed if _stage_kind(w, self.stages)]
             if self.missed and len(ends) == len(self.missed):
@@ -228,11 +238,11 @@ class Point:
             if self.flagged is not None:
                 bans = (f"mean ban latency {_f(self.latency, 1)} steps" if self.latency is not None
                         else "no attacker banned")
-                out.append(f"{_share(self.flagged)} of attacked messages flagged, all attackers pooled; {bans}")
+                out.append(f"{_rate(self.flagged)} of attacked messages flagged, all attackers pooled; {bans}")
             if (self.damage is not None and self.damage_undefended is not None
                     and self.damage > self.damage_undefended + NOISE):
                 rate = ("" if self.honest_banned else f" and unattacked messages flagged "
-                        f"{_share(self.honest_flag_rate)} (clean run {_share(self.clean_honest_flag_rate)})")
+                        f"{_rate(self.honest_flag_rate)} (clean run {_rate(self.clean_honest_flag_rate)})")
                 out.append(f"the defended run did worse than the undefended one ({_pct(self.damage)} against "
                            f"{_pct(self.damage_undefended)}), with {self.substituted} hops substituted{rate}")
             if self.damage is not None and self.damage <= NOISE:
@@ -276,10 +286,6 @@ def _stage_kind(worker: str, stages: int) -> str:
     if s is not None and s == stages - 1:
         return "last stage"
     return ""
-
-
-def _share(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1%}"
 
 
 def _rel(v: float | None, ref: float | None) -> float | None:
@@ -403,7 +409,7 @@ def render(f: FrontierConfig, rows: list[Row], seconds: float, command: str) -> 
                   "| goal |", "|---|---|---|---|---|---|---|---|---|"]
         for p in pts:
             lines.append(f"| {p.attack} | {p.direction} | {_f(p.recall, 2)} | {_f(p.f1, 2)} | {p.honest_bans} "
-                         f"| {'-' if p.flagged is None else f'{p.flagged:.1%}'} | {_pct(p.damage)} "
+                         f"| {_rate(p.flagged)} | {_pct(p.damage)} "
                          f"| {_pct(p.damage_undefended)} | {'yes' if p.meets_goal else '**no**'} |")
         lines += ["", *[_miss_line(f"{p.attack} {p.direction}", p) for p in pts if not p.meets_goal], ""]
     return "\n".join(lines).rstrip() + "\n"
