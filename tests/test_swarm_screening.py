@@ -36,9 +36,12 @@ MAX_LATENCY = 10
 # two clusters around 2.32 and 2.43 fixed before the attack starts; the check at 5 % failed on a
 # run whose train loss was 6 % above its clean run's *before* the attack (BENCHMARKS.md). The
 # test therefore asserts twice the largest clean-vs-clean gap seen (4.9 %) and records the gap
-# (``val_gap``) against the issue's 5 %. Real damage is far above that: one verifier passing
-# sign-flipped activations for five steps cost +5.5 % even after recovery, an undefended attack
-# more than +30 %.
+# (``val_gap``) against the issue's 5 %. The spread is the asynchronous training, not the
+# screening: three clean runs with screening off ended at 2.357-2.420 (2026-11-25), and the data
+# order is fixed, so it is which replica computes which micro-batch, and when the averaging
+# rounds fall, that differs (BENCHMARKS.md, "Where the clean-run spread comes from"). Real
+# damage is far above that: one verifier passing sign-flipped activations for five steps cost
+# +5.5 % even after recovery, an undefended attack more than +30 %.
 MAX_VAL_GAP = 0.10
 ISSUE_VAL_GAP = 0.05
 

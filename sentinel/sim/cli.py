@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
     p.add_argument("--data", default=d.data, help="corpus text file (default: the generated corpus)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--routing-seed", type=int, default=d.routing_seed,
+                   help="seed of the simulated hop latencies, i.e. the routing (default: --seed); "
+                        "changes which replica computes what and keeps init and data order")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default %(default)s)")
     p.add_argument("--second-witness", action="store_true",
                    help="tie-break a disputed confirmation on a third replica (off by default: see "
@@ -98,7 +101,7 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
         screening=parse_overrides(a.screen), duplicate_rtol=a.duplicate_rtol, steps=a.steps,
         micro_batches_per_step=a.micro_batches_per_step, micro_batch_size=a.micro_batch_size,
         model_size=a.model_size, layers=a.layers, lr=a.lr, average_every=a.average_every, averaging=a.averaging,
-        eval_every=a.eval_every, eval_batches=a.eval_batches, data=a.data, seed=a.seed, threads=a.threads,
+        eval_every=a.eval_every, eval_batches=a.eval_batches, data=a.data, seed=a.seed, routing_seed=a.routing_seed, threads=a.threads,
         second_witness=a.second_witness, spot_check=a.spot_check,
     )
 

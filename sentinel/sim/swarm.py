@@ -119,6 +119,10 @@ class SimConfig:
       * ``eval_every`` / ``eval_batches`` — validation of the consensus model.
       * ``data`` — corpus path, or None for the generated default corpus.
       * ``seed`` — everything (init, data order, attackers' placement and noise, routing).
+      * ``routing_seed`` — seeds the simulated hop latencies instead of ``seed`` (None: ``seed``).
+        Re-seeding only these keeps the model's init and the data order and changes which
+        replica computes which micro-batch: the run-to-run noise of a live swarm, whose data
+        order is fixed too (BENCHMARKS.md, "Where the clean-run spread comes from").
       * ``threads`` — torch intra-op threads; tiny tensors run fastest on one.
     """
 
@@ -144,6 +148,7 @@ class SimConfig:
     eval_batches: int = 16
     data: str | None = None
     seed: int = 0
+    routing_seed: int | None = None
     threads: int = 1
     second_witness: bool = False  # DriverConfig.second_witness: tie-break disputed confirmations
     spot_check: float = 0.0  # DriverConfig.spot_check: share of accepted hops recomputed elsewhere
@@ -161,6 +166,8 @@ class SimConfig:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not 0.0 <= self.malicious_fraction < 1.0:
             raise ValueError(f"malicious_fraction must be in [0, 1); got {self.malicious_fraction}")
+        if self.routing_seed is not None and (isinstance(self.routing_seed, bool) or self.routing_seed < 0):
+            raise ValueError(f"routing_seed must be None or an integer >= 0; got {self.routing_seed!r}")
         if self.attack_start < 0:
             raise ValueError(f"attack_start must be >= 0; got {self.attack_start}")
         if not 0.0 <= self.spot_check <= 1.0:
@@ -267,7 +274,7 @@ class Simulation:
             self.transport.oracle = lambda *args: None
         self._now = 0.0
         self.router = SimRouter(RouterConfig(), clock=lambda: self._now, salt=f"sim-{cfg.seed}",
-                                latency_of=LatencyModel(cfg.seed))
+                                latency_of=LatencyModel(cfg.seed if cfg.routing_seed is None else cfg.routing_seed))
         self.driver = PipelineDriver(
             cfg.stages, self.transport, self.router, self.screener, self.ledger if defended else None,
             is_banned=self._is_banned,
