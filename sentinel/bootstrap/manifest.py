@@ -38,6 +38,10 @@ class OptimizerConfig:
     # every measured run left the plateau by step ~15 and ended closer and lower (BENCHMARKS.md,
     # "Learning rate and run-to-run spread").
     lr: float = 1e-3
+    # Linear warm-up: a replica's first N optimizer steps scale the learning rate by (step + 1) / N.
+    # Counted per replica: one that joins late warms its fresh optimizer state up again, one resumed
+    # from a checkpoint goes on where it was. 0 = off; the local launcher uses 40 (SwarmConfig).
+    warmup_steps: int = 0
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.0
@@ -161,6 +165,9 @@ class RunManifest:
             raise ManifestError(f"verifier_stamp_bits must be an integer in 0..40 (0 = no stamps), got {bits!r}")
         if self.optimizer.lr <= 0:
             raise ManifestError(f"optimizer.lr must be > 0, got {self.optimizer.lr}")
+        w = self.optimizer.warmup_steps
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ManifestError(f"optimizer.warmup_steps must be an integer >= 0, got {w!r}")
 
     # -- serialisation -------------------------------------------------------------------------
     def butterfly_averaging(self, numel: int) -> bool:

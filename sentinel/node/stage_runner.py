@@ -141,6 +141,11 @@ class StageRunner:
     def step(self) -> None:
         clip = self.manifest.optimizer.grad_clip
         params = [p for p in self.module.parameters() if p.grad is not None]
+        warmup = self.manifest.optimizer.warmup_steps
+        if warmup:
+            lr = self.manifest.optimizer.lr * min(1.0, (self.version + 1) / warmup)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         if params:
             norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else None
             if norm is None or math.isfinite(float(norm)):

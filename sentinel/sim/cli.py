@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-size", choices=tuple(MODEL_SIZES), default=d.model_size)
     p.add_argument("--layers", type=int, default=d.layers, help="0 = one layer per stage")
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="linear learning-rate warm-up over each replica's first N optimizer steps "
+                        "(default %(default)s = off; the live launcher uses 40)")
     p.add_argument("--average-every", type=int, default=d.average_every)
     p.add_argument("--averaging", choices=("mean", "trimmed-mean", "centered-clip"), default=d.averaging)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
@@ -100,8 +103,9 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
         attack=a.attack, direction=a.direction, attack_start=a.attack_start, defense=a.defense,
         screening=parse_overrides(a.screen), duplicate_rtol=a.duplicate_rtol, steps=a.steps,
         micro_batches_per_step=a.micro_batches_per_step, micro_batch_size=a.micro_batch_size,
-        model_size=a.model_size, layers=a.layers, lr=a.lr, average_every=a.average_every, averaging=a.averaging,
-        eval_every=a.eval_every, eval_batches=a.eval_batches, data=a.data, seed=a.seed, routing_seed=a.routing_seed, threads=a.threads,
+        model_size=a.model_size, layers=a.layers, lr=a.lr, warmup_steps=a.warmup_steps,
+        average_every=a.average_every, averaging=a.averaging, eval_every=a.eval_every,
+        eval_batches=a.eval_batches, data=a.data, seed=a.seed, routing_seed=a.routing_seed, threads=a.threads,
         second_witness=a.second_witness, spot_check=a.spot_check,
     )
 

@@ -113,9 +113,11 @@ class SimConfig:
       * ``steps`` x ``micro_batches_per_step`` micro-batches of ``micro_batch_size`` sequences;
         the micro-batches of a step are in flight together, so the router spreads them.
       * ``model_size`` — a :data:`MODEL_SIZES` preset; ``layers`` = 0 means one per stage.
-      * ``lr``, ``average_every`` (optimizer steps between within-stage averaging rounds),
-        ``averaging`` (rule of :func:`sentinel.node.averaging.aggregate`): the run manifest's
-        defaults, so the simulator trains the way the live swarm does.
+      * ``lr``, ``warmup_steps`` (linear learning-rate warm-up over each replica's first
+        optimizer steps; the local launcher ``sentinel-swarm`` uses 40), ``average_every``
+        (optimizer steps between within-stage averaging rounds), ``averaging`` (rule of
+        :func:`sentinel.node.averaging.aggregate`): the run manifest's defaults, so the simulator
+        trains the way the live swarm does.
       * ``eval_every`` / ``eval_batches`` — validation of the consensus model.
       * ``data`` — corpus path, or None for the generated default corpus.
       * ``seed`` — everything (init, data order, attackers' placement and noise, routing).
@@ -142,6 +144,7 @@ class SimConfig:
     model_size: str = "tiny"
     layers: int = 0
     lr: float = OptimizerConfig.lr
+    warmup_steps: int = OptimizerConfig.warmup_steps
     average_every: int = TrainingConfig.average_every
     averaging: str = TrainingConfig.averaging
     eval_every: int = 25
@@ -166,6 +169,8 @@ class SimConfig:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not 0.0 <= self.malicious_fraction < 1.0:
             raise ValueError(f"malicious_fraction must be in [0, 1); got {self.malicious_fraction}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0; got {self.warmup_steps!r}")
         if self.routing_seed is not None and (isinstance(self.routing_seed, bool) or self.routing_seed < 0):
             raise ValueError(f"routing_seed must be None or an integer >= 0; got {self.routing_seed!r}")
         if self.attack_start < 0:
@@ -220,7 +225,7 @@ class Simulation:
             run_id="sim",
             num_stages=cfg.stages,
             model=model,
-            optimizer=OptimizerConfig(lr=cfg.lr),
+            optimizer=OptimizerConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps),
             training=TrainingConfig(micro_batch_size=cfg.micro_batch_size,
                                     micro_batches_per_step=cfg.micro_batches_per_step, accumulate=1,
                                     average_every=cfg.average_every, averaging=cfg.averaging,
