@@ -169,8 +169,8 @@ class SimConfig:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not 0.0 <= self.malicious_fraction < 1.0:
             raise ValueError(f"malicious_fraction must be in [0, 1); got {self.malicious_fraction}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0; got {self.warmup_steps!r}")
+        # the manifest's own checks (lr, warm-up): fail here, not when the simulation builds it
+        RunManifest(optimizer=OptimizerConfig(lr=self.lr, warmup_steps=self.warmup_steps))
         if self.routing_seed is not None and (isinstance(self.routing_seed, bool) or self.routing_seed < 0):
             raise ValueError(f"routing_seed must be None or an integer >= 0; got {self.routing_seed!r}")
         if self.attack_start < 0:
