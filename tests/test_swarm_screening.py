@@ -3,8 +3,8 @@
 One malicious worker in the middle stage, separately: sign flip on its activations, and Gaussian
 noise on its gradients. Each must be banned by a committee majority within 10 steps of its
 first attack (see MAX_LATENCY), with no honest worker banned, and the final validation loss
-close to a clean run of the same length, 60 steps (one clean run serves both; MAX_VAL_GAP says
-why the bound is 10 % and not the issue's 5 %). The Gaussian run also has a byzantine verifier in
+within 5 % of a clean run of the same length, 60 steps (one clean run serves both; MAX_VAL_GAP
+says why that holds although two clean runs differ). The Gaussian run also has a byzantine verifier in
 the committee of 3, which votes to ban an honest worker and never votes against the attacker:
 the honest worker must survive and the attacker must still be banned by the two honest votes.
 """
@@ -25,25 +25,27 @@ ATTACK_START = 12
 # The issue's target: steps from the first attack to the effective ban. On this 2-core machine
 # the sign flip was banned within 0-3 steps in every live run; the Gaussian-backward attacker
 # within 4-7 steps in 4 of 7 runs (11, 16 and 11 in the others) until probation and short
-# recalibrations (``screen.py``), and within 2-4 steps in every live run since (7 runs); the
-# simulator with this test's settings took 2-8 steps over 8 seeds at lr 3e-3, 2-4 at lr 1e-3
-# (sign flip: 1-2).
+# recalibrations (``screen.py``), and within 2-4 steps in the 7 live runs after; with the
+# launcher's warm-up (2026-11-25) the sign flip within 0-2 steps over 8 runs and the Gaussian
+# within 1-7 over 8. The simulator with this test's settings took 2-8 steps over 8 seeds at lr
+# 3e-3, 2-4 at lr 1e-3 (sign flip: 1-2).
 MAX_LATENCY = 10
-# The final validation loss against one clean run of the same length. The issue asks for 5 %,
-# but two runs of this asynchronous swarm differ by about that much with no attack at all: a run
-# leaves the unigram plateau a few steps earlier or later (steps 5-15), and the offset lasts.
-# Measured on this machine at lr 1e-3 over 12 runs of 60 steps (4 clean, 8 attacked): 2.31-2.46,
-# two clusters around 2.32 and 2.43 fixed before the attack starts; the check at 5 % failed on a
-# run whose train loss was 6 % above its clean run's *before* the attack (BENCHMARKS.md). The
-# test therefore asserts twice the largest clean-vs-clean gap seen (4.9 %) and records the gap
-# (``val_gap``) against the issue's 5 %. The spread is the asynchronous training, not the
-# screening: three clean runs with screening off ended at 2.357-2.420 (2026-11-25), and the data
-# order is fixed, so it is which replica computes which micro-batch, and when the averaging
-# rounds fall, that differs (BENCHMARKS.md, "Where the clean-run spread comes from"). Real
-# damage is far above that: one verifier passing sign-flipped activations for five steps cost
-# +5.5 % even after recovery, an undefended attack more than +30 %.
-MAX_VAL_GAP = 0.10
-ISSUE_VAL_GAP = 0.05
+# The final validation loss against one clean run of the same length: within the issue's 5 %.
+# Two runs of this asynchronous swarm differ with no attack at all (which replica computes which
+# micro-batch, and when each replica's averaging rounds fall, differ between runs; the data order
+# is fixed). The launcher's learning-rate warm-up (``SwarmConfig.warmup_steps``, 40 optimizer
+# steps) narrowed that: measured on this machine (2026-11-25, BENCHMARKS.md "Live screening test"),
+# eleven clean runs ended at 2.334-2.407 (standard deviation 1.2 %) and sixteen attacked runs of
+# this file's two shapes at 2.327-2.417 (1.2 %; mean 0.1 % below the clean mean, so the attacks do
+# no measurable damage once banned); all 176 attacked-vs-clean pairs were within -3.3..+3.6 %, and
+# a normal fit puts one comparison over 5 % about once in a thousand. Without the warm-up clean
+# runs spread 5.2 % and this bound was 10 %.
+MAX_VAL_GAP = 0.05
+# The averaging test (the issue on Byzantine-robust averaging) judges containment by the honest
+# parameter norms (MAX_NORM_GAP); its validation loss only has to stay in the same regime, and a
+# second 5 % comparison against the shared clean run would double the suite's noise risk for no
+# acceptance point.
+AVERAGING_VAL_GAP = 0.10
 
 
 def _config(shakespeare, **kw) -> SwarmConfig:
@@ -73,7 +75,8 @@ def clean_report(tmp_path_factory, shakespeare) -> dict:
     return report
 
 
-def _check_attacker_banned(cfg: SwarmConfig, report: dict, clean: dict, record_property=None) -> dict:
+def _check_attacker_banned(cfg: SwarmConfig, report: dict, clean: dict, record_property=None,
+                           max_gap: float = MAX_VAL_GAP) -> dict:
     attacker = next(p for p in report["peers"] if p["malicious"])
     assert attacker["stage"] == 1
     assert report["honest_banned"] == [], report["banned"]
@@ -88,10 +91,10 @@ def _check_attacker_banned(cfg: SwarmConfig, report: dict, clean: dict, record_p
     assert report["micro_batches"]["lost"] == 0
     gap = (report["val_loss_last"] - clean["val_loss_last"]) / clean["val_loss_last"]
     print(f"val loss {report['val_loss_last']:.4f} vs clean {clean['val_loss_last']:.4f}: {gap:+.1%} "
-          f"(asserted {MAX_VAL_GAP:.0%}; the issue's {ISSUE_VAL_GAP:.0%}: {'held' if gap <= ISSUE_VAL_GAP else 'missed'})")
+          f"(at most {max_gap:.0%})")
     if record_property is not None:
         record_property("val_gap", round(gap, 4))
-    assert gap <= MAX_VAL_GAP, (report["val_loss_last"], clean["val_loss_last"])
+    assert gap <= max_gap, (report["val_loss_last"], clean["val_loss_last"])
     return ban
 
 
@@ -135,7 +138,7 @@ def test_poisoned_averaging_contributions_get_the_replica_banned(tmp_path, shake
                                                                  record_property):
     cfg = _config(shakespeare, attack="avg_scaling", attack_direction="forward", averaging="centered-clip")
     _, report = _run(cfg, tmp_path)
-    ban = _check_attacker_banned(cfg, report, clean_report, record_property)
+    ban = _check_attacker_banned(cfg, report, clean_report, record_property, max_gap=AVERAGING_VAL_GAP)
     assert "contribution" in ban["reasons"], ban
     assert report["flags"].get("stage1/average", 0) >= 3, report["flags"]
     clean_norms = {w["name"]: w["params"]["norm"] for w in clean_report["workers"] if w["stage"] == 1}
