@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sentinel.bootstrap.manifest import RunManifest  # noqa: E402
 from sentinel.model.stages import build_stage  # noqa: E402
-from sentinel.node.averaging import aggregate  # noqa: E402
+from sentinel.protocol.aggregation import aggregate  # noqa: E402
+from sentinel.run.manifest import RunManifest  # noqa: E402
 
 RULES = ("mean", "trimmed-mean", "centered-clip")
 

@@ -44,11 +44,12 @@ def _bytes() -> float:
 
 
 async def child(a: argparse.Namespace) -> None:
-    from sentinel.bootstrap.manifest import RunManifest, TrainingConfig
-    from sentinel.node.averaging import aggregate
-    from sentinel.node.runtime import NetworkConfig, SwarmRuntime
-    from sentinel.node.worker import WorkerNode, fetch_params
-    from sentinel.protocol import pipeline as wire
+    from sentinel.net.runtime import NetworkConfig, SwarmRuntime
+    from sentinel.net.view import fetch_params
+    from sentinel.protocol import rpc as wire
+    from sentinel.protocol.aggregation import aggregate
+    from sentinel.run.manifest import RunManifest, TrainingConfig
+    from sentinel.worker.node import WorkerNode
 
     # a stage's flat parameters, as much of StageRunner as averaging touches
     from tests.test_butterfly import Runner
@@ -103,7 +104,7 @@ async def child(a: argparse.Namespace) -> None:
 
 
 async def _serve_dht() -> tuple:
-    from sentinel.node.runtime import NetworkConfig, SwarmRuntime
+    from sentinel.net.runtime import NetworkConfig, SwarmRuntime
 
     rt = await SwarmRuntime.create(NetworkConfig(startup_timeout=120))
     maddr = (await rt.visible_maddrs())[0]

@@ -4,10 +4,10 @@
                                       [--stamp-bits 12 16 20 22 24] [--candidates 10000]
 
 Open mode (no ``trusted_verifiers`` in the manifest) elects the committee by rendezvous hashing
-over the announced verifiers (``sentinel.verifier.committee``). Peer ids cost nothing, so with
+over the announced verifiers (``sentinel.protocol.committee``). Peer ids cost nothing, so with
 stamps off an attacker generates keys until its own hold the ``committee_size`` heaviest weights
 and owns every seat: each new key beats all N honest candidates with probability 1/(N+1). With
-stamps (``sentinel.verifier.stamps``) each candidacy carries a proof of work that is hashed into
+stamps (``sentinel.protocol.stamps``) each candidacy carries a proof of work that is hashed into
 its weight, so every draw of a weight costs one stamp.
 
 This script measures, per number of honest candidates and with real Ed25519 identities:
@@ -27,10 +27,10 @@ import argparse
 import statistics
 import time
 
+from sentinel.protocol.bans import BanBook
+from sentinel.protocol.committee import _weight, elect_committee
 from sentinel.protocol.identity import Identity
-from sentinel.verifier.bans import BanBook
-from sentinel.verifier.committee import _weight, elect_committee
-from sentinel.verifier.stamps import solve_stamp
+from sentinel.protocol.stamps import solve_stamp
 
 RUN = "capture-bench"
 

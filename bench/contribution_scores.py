@@ -4,7 +4,7 @@
 
 Runs one defended row of the detection table (``sentinel.sim.table.TableConfig``: 16 x 8, 37.5 %
 malicious, the table's screening) and records, for every averaging round, the score of each
-honest replica's contribution (``sentinel.node.averaging.contribution_scores``: distance to the
+honest replica's contribution (``sentinel.protocol.aggregation.contribution_scores``: distance to the
 coordinate-wise median in units of the round's spread, floored at ``averaging_outlier_floor`` of
 the median's norm; above ``averaging_outlier_ratio`` is a flag). Prints the honest bans and, per
 stage, the score distribution and the rounds above the ratio (score, distance / |median|, spread
@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 
-from sentinel.node.averaging import contribution_scores
+from sentinel.protocol.aggregation import contribution_scores
 from sentinel.sim.swarm import Simulation
 from sentinel.sim.table import TableConfig
 

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sentinel.verifier.config import ScreeningConfig  # noqa: E402
+from sentinel.run.screening import ScreeningConfig  # noqa: E402
 from sentinel.verifier.screen import BoundaryScreen  # noqa: E402
 from sentinel.verifier.stats import compute_stats  # noqa: E402
 
@@ -129,7 +129,7 @@ def bench_swarm(steps: int, data: str | None) -> dict[str, Any]:
     """
     import tempfile
 
-    from sentinel.swarm import LocalSwarm, SwarmConfig
+    from sentinel.cli.swarm import LocalSwarm, SwarmConfig
 
     out: dict[str, Any] = {"steps": steps, "stages": 3, "replicas": 3, "verifiers": 2, "data": data}
     for screening in (True, False):

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from sentinel.bootstrap.manifest import RunManifest
+from sentinel.cli.swarm import LocalSwarm, SwarmConfig
 from sentinel.model.corpus import load_corpus
 from sentinel.model.stages import build_full_model
-from sentinel.swarm import LocalSwarm, SwarmConfig
+from sentinel.run.manifest import RunManifest
 
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 

@@ -2,9 +2,11 @@
 
 Run it with ``--attack examples/my_attack.py:Freeze`` (or ``...:Freeze,every=5``), or from code:
 ``load_attack("examples/my_attack.py:Freeze")``. A plugin only needs a constructor that works
-with no arguments and ``forward(x, ctx)`` / ``backward(g, ctx)`` methods; subclassing
-``sentinel.attacks.Attack`` (as ``Freeze`` does) adds ``directions`` and ``start_step`` for free.
-``Dampen`` shows the minimal form, with no Sentinel import at all.
+with no arguments and any of ``forward(x, ctx)``, ``backward(g, ctx)`` and
+``average(params, ctx)``: it attacks the directions whose methods it defines, unless the
+launcher is told otherwise (``--attack-direction``). Subclassing ``sentinel.attacks.Attack`` (as
+``Freeze`` does) adds ``directions`` and ``start_step`` parameters. ``Dampen`` shows the minimal
+form, with no Sentinel import at all: it attacks backward only.
 """
 
 from __future__ import annotations
@@ -46,9 +48,6 @@ class Dampen:
 
     def __init__(self, factor: float = 0.5) -> None:
         self.factor = factor
-
-    def forward(self, x: torch.Tensor, ctx: object) -> torch.Tensor:
-        return x
 
     def backward(self, g: torch.Tensor, ctx: object) -> torch.Tensor:
         return g * self.factor

@@ -12,9 +12,10 @@ from sentinel.attacks import (
     Attack,
     AttackContext,
     AttackSpecError,
-    DirectionFilter,
     EmaMimic,
+    PluginAttack,
     available_attacks,
+    default_directions,
     load_attack,
 )
 
@@ -296,9 +297,17 @@ def test_plugin_not_subclassing_attack() -> None:
     dampen = load_attack(f"{EXAMPLE}:Dampen,factor=0.25")
     g = torch.ones(3)
     assert torch.equal(dampen.backward(g, ctx(direction="backward")), 0.25 * g)
+    assert isinstance(dampen, PluginAttack)
+    # it defines only backward, so that is what it attacks unless told otherwise
+    assert dampen.directions == "backward" and dampen.attacks("backward") and not dampen.attacks("forward")
+    x = torch.ones(3)
+    assert dampen.forward(x, ctx()) is x
+    assert dampen.average(x, ctx(direction="average")) is x  # no average method: honest there
     wrapped = load_attack(f"{EXAMPLE}:Dampen", directions="forward")
-    assert isinstance(wrapped, DirectionFilter)
     assert wrapped.backward(g, ctx(direction="backward")) is g
+    late = load_attack(f"{EXAMPLE}:Dampen")
+    late.start_step = 5
+    assert late.backward(g, ctx(direction="backward")) is g  # ctx() is step 0: not started yet
     assert load_attack(f"intermittent,p=1,inner={EXAMPLE}:Dampen").backward(g, ctx()).sum() == 1.5
 
 
@@ -385,3 +394,23 @@ def test_availability_attacks_send_honest_tensors_late_or_never() -> None:
     assert trickle.reply_pace(ctx(2)) is None and slow.reply_pace(ctx(5)) is None
     with pytest.raises(ValueError):
         load_attack("trickle,bytes_per_s=0")
+
+
+def test_plain_plugin_defaults_to_the_directions_it_defines(tmp_path) -> None:
+    plugin = tmp_path / "plugins.py"
+    plugin.write_text(
+        "class Both:\n"
+        "    def forward(self, x, ctx):\n        return -x\n"
+        "    def backward(self, g, ctx):\n        return -g\n"
+        "class OnlyForward:\n"
+        "    def forward(self, x, ctx):\n        return -x\n"
+        "class Poison:\n"
+        "    def average(self, params, ctx):\n        return 0 * params\n"
+    )
+    assert load_attack(f"{plugin}:Both").directions == "both"
+    assert load_attack(f"{plugin}:OnlyForward").directions == "forward"
+    poison = load_attack(f"{plugin}:Poison")
+    p = torch.ones(4)
+    assert torch.equal(poison.average(p, ctx(direction="average")), torch.zeros(4))
+    assert poison.forward(p, ctx()) is p and poison.backward(p, ctx()) is p
+    assert default_directions(f"{plugin}:Poison") is None and default_directions("sign_flip") == "forward"

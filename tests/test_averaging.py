@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sentinel.node.averaging import AveragingLog, aggregate
+from sentinel.protocol.aggregation import AveragingLog, aggregate
 
 
 def test_mean_is_the_plain_average():
@@ -47,8 +47,8 @@ def test_averaging_log_measures_drift_and_keeps_the_largest_gaps():
 # -- bounded staleness: a worker holds optimizer steps while an overdue round is in flight ------
 
 def _stage_runner(stage: int = 1):
-    from sentinel.bootstrap.manifest import RunManifest
-    from sentinel.node.stage_runner import StageRunner
+    from sentinel.run.manifest import RunManifest
+    from sentinel.worker.stage_runner import StageRunner
 
     torch.manual_seed(0)
     return StageRunner(RunManifest(), stage)
@@ -79,8 +79,8 @@ def test_held_passes_accumulate_and_step_once_when_the_round_ends():
 def test_worker_holds_only_while_a_round_that_began_max_local_steps_ago_is_in_flight():
     import asyncio
 
-    from sentinel.bootstrap.manifest import ManifestError, RunManifest, TrainingConfig
-    from sentinel.node.worker import WorkerNode
+    from sentinel.run.manifest import ManifestError, RunManifest, TrainingConfig
+    from sentinel.worker.node import WorkerNode
 
     async def scenario() -> list[bool]:
         node = WorkerNode(runtime=None, manifest=RunManifest(training=TrainingConfig(max_local_steps=3)))

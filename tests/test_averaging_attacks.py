@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sentinel.attacks import AttackContext, load_attack
-from sentinel.node.averaging import aggregate, centered_clip, contribution_outliers
+from sentinel.protocol.aggregation import aggregate, centered_clip, contribution_outliers
 
 #: CenteredClip promises an error of order sqrt(delta) * sigma from the honest mean whatever the
 #: delta = f/n < 1/2 Byzantine inputs are (Karimireddy et al. 2021; BTARD), where sigma is the

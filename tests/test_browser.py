@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from sentinel.swarm import LocalSwarm, SwarmConfig
+from sentinel.cli.swarm import LocalSwarm, SwarmConfig
 from tests.conftest import assert_all_gone
 
 pytestmark = pytest.mark.swarm

@@ -1,4 +1,4 @@
-"""Butterfly averaging (``sentinel.node.butterfly``): the protocol's logic between replicas.
+"""Butterfly averaging (``sentinel.worker.butterfly``): the protocol's logic between replicas.
 
 Real workers, signatures and wire encoding, with calls routed in-process between them so every
 case is exact and fast; the same code runs over P2P streams between real processes in
@@ -16,16 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sentinel.attacks.loader import load_attack
-from sentinel.bootstrap.manifest import RunManifest, TrainingConfig
-from sentinel.node.averaging import aggregate, centered_clip, partition
-from sentinel.node.runtime import PeerCallError
-from sentinel.node.worker import WorkerNode
-from sentinel.protocol import pipeline as wire
+from sentinel.net.runtime import PeerCallError
+from sentinel.protocol import rpc as wire
+from sentinel.protocol.aggregation import aggregate, centered_clip, partition
 from sentinel.protocol.codec import Limits, decode, encode
 from sentinel.protocol.errors import ProtocolError
 from sentinel.protocol.identity import Identity
 from sentinel.protocol.signing import sign_message
+from sentinel.run.manifest import RunManifest, TrainingConfig
 from sentinel.verifier.complaints import ComplaintDesk
+from sentinel.worker.node import WorkerNode
 
 STAGE = 1
 NUMEL = 1000
@@ -364,7 +364,7 @@ def test_params_are_signed_only_for_parts_a_round_makes_and_steps_that_have_come
 def test_an_audit_is_not_fooled_by_a_huge_slice_the_reducer_commits_to():
     """The audit's tolerance is scaled by the expected answer and the median input, never the
     largest input: a reducer's own slice of 1e20 must not make its lie 'close enough'."""
-    from sentinel.node.averaging import same_reduction
+    from sentinel.protocol.aggregation import same_reduction
 
     g = torch.Generator().manual_seed(0)
     honest = [torch.randn(500, generator=g) for _ in range(3)]
@@ -418,7 +418,7 @@ def test_a_reducer_that_does_not_answer_is_reduced_locally():
                                          ("averaging_part_numel", True), ("averaging_reuse_s", -1.0),
                                          ("averaging_audit", 1.5), ("averaging_audit", float("nan"))])
 def test_the_manifest_refuses_impossible_butterfly_settings_by_name(field, value):
-    from sentinel.bootstrap.manifest import ManifestError
+    from sentinel.run.manifest import ManifestError
 
     with pytest.raises(ManifestError, match=f"training.{field}"):
         RunManifest(training=TrainingConfig(**{field: value}))

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from sentinel.attacks.loader import load_attack
-from sentinel.bootstrap.manifest import RunManifest, TrainingConfig
-from sentinel.node.averaging import centered_clip, partition
-from sentinel.node.runtime import NetworkConfig, SwarmRuntime
-from sentinel.node.worker import WorkerNode
-from sentinel.protocol import pipeline as wire
+from sentinel.net.runtime import NetworkConfig, SwarmRuntime
+from sentinel.protocol import rpc as wire
+from sentinel.protocol.aggregation import centered_clip, partition
+from sentinel.run.manifest import RunManifest, TrainingConfig
+from sentinel.worker.node import WorkerNode
 from tests.conftest import assert_all_gone
 from tests.test_butterfly import Runner
 

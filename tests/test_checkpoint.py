@@ -1,4 +1,4 @@
-"""Stage checkpoints (sentinel.node.checkpoint): resume continues the loss curve; bad files change nothing."""
+"""Stage checkpoints (sentinel.worker.checkpoint): resume continues the loss curve; bad files change nothing."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from sentinel.bootstrap.manifest import RunManifest
 from sentinel.model.config import ModelConfig
 from sentinel.model.corpus import TextCorpus
-from sentinel.node import checkpoint as ckpt
-from sentinel.node.checkpoint import (
+from sentinel.run.manifest import RunManifest
+from sentinel.worker import checkpoint as ckpt
+from sentinel.worker.checkpoint import (
     CheckpointError,
     checkpoint_path,
     find_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
-from sentinel.node.stage_runner import StageRunner
+from sentinel.worker.stage_runner import StageRunner
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 MODEL = ModelConfig(vocab_size=256, seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64)

@@ -12,8 +12,8 @@ import asyncio
 import pytest
 import torch
 
-from sentinel.node.averaging import contribution_outliers, contribution_scores
-from sentinel.protocol import pipeline as wire
+from sentinel.protocol import rpc as wire
+from sentinel.protocol.aggregation import contribution_outliers, contribution_scores
 from sentinel.protocol.errors import ForgedSignatureError, WrongSenderError
 from sentinel.protocol.identity import Identity
 from sentinel.protocol.signing import sign_message
@@ -219,8 +219,8 @@ def test_an_upheld_verdict_strikes_and_is_logged_in_its_own_terms(reason: str, c
     reduction is logged as a contradicted recomputation, not as a distance to the spread."""
     from types import SimpleNamespace
 
-    from sentinel.bootstrap.manifest import RunManifest
     from sentinel.model.corpus import load_corpus
+    from sentinel.run.manifest import RunManifest
     from sentinel.verifier.complaints import Verdict
     from sentinel.verifier.node import VerifierNode
 

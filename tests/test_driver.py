@@ -13,7 +13,7 @@ import asyncio
 
 import torch
 
-from sentinel.verifier.config import ScreeningConfig
+from sentinel.run.screening import ScreeningConfig
 from sentinel.verifier.driver import DriverConfig, FlagEvent, HopError, HopResult, PipelineDriver
 from sentinel.verifier.reference import DISTANCES, profile_of
 from sentinel.verifier.routing import Router

@@ -25,14 +25,14 @@ from hivemind.utils import MSGPackSerializer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sentinel.bootstrap.manifest import ManifestError, RunManifest
-from sentinel.protocol import pipeline as wire
+from sentinel.protocol import rpc as wire
 from sentinel.protocol.checks import MessageChecker, TensorSpec
 from sentinel.protocol.codec import Message, decode, encode
 from sentinel.protocol.errors import ProtocolError
 from sentinel.protocol.identity import Identity
 from sentinel.protocol.records import SCHEMAS, SentinelRecordValidator, make_value, record_key
 from sentinel.protocol.signing import sign_message
+from sentinel.run.manifest import ManifestError, RunManifest
 
 EXAMPLES = int(os.environ.get("SENTINEL_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,

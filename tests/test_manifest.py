@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from sentinel.bootstrap.manifest import OptimizerConfig, RunManifest
-from sentinel.swarm import LocalSwarm, SwarmConfig
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from sentinel.cli.swarm import LocalSwarm, SwarmConfig
+from sentinel.run.manifest import ManifestError, OptimizerConfig, RunManifest
+from sentinel.run.screening import ScreeningConfig
 
 
 def test_the_launcher_trains_with_the_manifest_defaults() -> None:
@@ -28,8 +35,38 @@ def test_the_launcher_warms_up_and_the_manifest_does_not(tmp_path) -> None:
 
 
 def test_the_launcher_rejects_a_negative_warmup_before_starting_anything(tmp_path, capsys) -> None:
-    from sentinel.swarm import main
+    from sentinel.cli.swarm import main
 
     assert main(["--warmup-steps", "-3", "--workdir", str(tmp_path / "run")]) == 2
     assert "--warmup-steps must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_manifest_screening_section_is_a_typed_screening_config() -> None:
+    m = RunManifest.from_dict({"screening": {"fence_k": 4.0}})
+    assert isinstance(m.screening, ScreeningConfig)
+    assert m.screening.fence_k == 4.0 and m.screening.strike_limit == ScreeningConfig().strike_limit
+    # it survives the round trip every node makes when it reads the published manifest
+    assert RunManifest.from_dict(m.to_dict()).screening == m.screening
+
+
+@pytest.mark.parametrize("section, bad", [
+    ({"screening": {"fense_k": 3.0}}, "fense_k"),
+    ({"training": {"micro_batch": 4}}, "micro_batch"),
+    ({"optimizer": {"learning_rate": 1e-3}}, "learning_rate"),
+    ({"comittee_size": 3}, "comittee_size"),
+])
+def test_sentinel_bootstrap_refuses_an_unknown_key_anywhere_in_the_config(tmp_path, section, bad) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(section))
+    # the real entry point, as a maintainer runs it; it must refuse before any network start
+    r = subprocess.run([sys.executable, "-m", "sentinel.cli.bootstrap", "--new-swarm", "--config", str(config)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert bad in r.stderr and "known" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_an_out_of_range_screening_value_names_its_section() -> None:
+    with pytest.raises(ManifestError, match="screening.*fence_k"):
+        RunManifest.from_dict({"screening": {"fence_k": -1.0}})

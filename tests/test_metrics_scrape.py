@@ -18,13 +18,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from sentinel.bootstrap.monitor import SwarmMonitor
 from sentinel.bootstrap.swarm_state import SwarmMemory, build_state, swarm_gauges
 from sentinel.metrics import METRICS
-from sentinel.node.metrics_http import (
+from sentinel.net.http import (
     PROMETHEUS_CONTENT_TYPE,
     HTTPPortError,
     MetricsServer,
     start_metrics_server,
 )
-from sentinel.node.worker import progress_key, stage_key, verifiers_key
+from sentinel.protocol.keys import progress_key, stage_key, verifiers_key
 from tests.test_monitor import RUN, FakeDHT, V, W, claim, progress, verifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def _node_has_metrics_flag() -> bool:
     import contextlib
     import io
 
-    from sentinel.node.cli import build_parser
+    from sentinel.cli.node import build_parser
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):
@@ -197,14 +197,14 @@ def test_a_real_node_serves_metrics(tmp_path):
 
     port = _free_port()
     try:
-        spawn("-m", "sentinel.bootstrap.cli", "--new-swarm", "--no-monitor", "--identity-path",
+        spawn("-m", "sentinel.cli.bootstrap", "--new-swarm", "--no-monitor", "--identity-path",
               str(tmp_path / "b.id"), "--maddr-file", str(maddr_file))
         deadline = time.monotonic() + 180
         while not maddr_file.exists():
             assert time.monotonic() < deadline and procs[0].poll() is None, f"bootstrap did not start:\n{logs()}"
             time.sleep(0.2)
         maddr = maddr_file.read_text().split()[0]
-        worker = spawn("-m", "sentinel.node.cli", "join", "--initial-peers", maddr, "--stage", "0",
+        worker = spawn("-m", "sentinel.cli.node", "join", "--initial-peers", maddr, "--stage", "0",
                        "--metrics-port", str(port), "--status-every", "1",
                        "--throughput-cache", str(tmp_path / "throughput.json"))
         deadline = time.monotonic() + 300
@@ -220,7 +220,7 @@ def test_a_real_node_serves_metrics(tmp_path):
 
         # the volunteer's view: `sentinel-node status` reads /status beside /metrics
         def status(*extra: str) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "sentinel.node.cli", "status", "--metrics-port", str(port),
+            return subprocess.run([sys.executable, "-m", "sentinel.cli.node", "status", "--metrics-port", str(port),
                                    *extra], capture_output=True, text=True, env=env, timeout=120)
 
         deadline = time.monotonic() + 300
@@ -241,7 +241,7 @@ def test_a_real_node_serves_metrics(tmp_path):
         # --throughput auto measured this machine once and cached it for the next start
         assert re.search(r"throughput: \d+ tokens/s on cpu \(measured\)", (tmp_path / "node1.log").read_text())
         assert json.loads((tmp_path / "throughput.json").read_text())
-        second = spawn("-m", "sentinel.node.cli", "join", "--initial-peers", maddr, "--metrics-port", str(port))
+        second = spawn("-m", "sentinel.cli.node", "join", "--initial-peers", maddr, "--metrics-port", str(port))
         assert second.wait(timeout=120) == 3
         assert "port is taken" in (tmp_path / "node2.log").read_text()
     finally:

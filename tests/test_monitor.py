@@ -17,9 +17,8 @@ import pytest
 
 from sentinel.bootstrap.monitor import SwarmMonitor
 from sentinel.bootstrap.swarm_state import SwarmMemory, SwarmRecords, build_state, poll_records
-from sentinel.node.metrics_http import HTTPPortError
-from sentinel.node.worker import progress_key, stage_key, verifiers_key
-from sentinel.verifier.bans import ban_key
+from sentinel.net.http import HTTPPortError
+from sentinel.protocol.keys import ban_key, progress_key, stage_key, verifiers_key
 
 RUN = "test-run"
 W = [f"12D3KooWorker{i:02d}xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx{i:02d}" for i in range(6)]
@@ -276,7 +275,7 @@ def test_monitor_port_taken_is_a_clear_error():
 
 
 def test_bootstrap_cli_rejects_a_bad_monitor_port(capsys):
-    from sentinel.bootstrap.cli import main
+    from sentinel.cli.bootstrap import main
 
     assert main(["--new-swarm", "--monitor-port", "70000"]) == 2
     assert "--monitor-port 70000" in capsys.readouterr().err

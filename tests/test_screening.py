@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sentinel.verifier.config import ScreeningConfig
+from sentinel.run.screening import ScreeningConfig
 from sentinel.verifier.screen import BoundaryScreen, Screener, Verdict
 from sentinel.verifier.stats import TensorStats, compute_stats
 

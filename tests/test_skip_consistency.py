@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sentinel.verifier.config import ScreeningConfig
+from sentinel.run.screening import ScreeningConfig
 from sentinel.verifier.reference import Profile, profile_of
 from sentinel.verifier.screen import BoundaryScreen
 from sentinel.verifier.stats import TensorStats, _row_dots, compute_stats

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sentinel.bootstrap.manifest import ManifestError, OptimizerConfig, RunManifest
 from sentinel.model.config import ModelConfig
 from sentinel.model.corpus import TextCorpus
-from sentinel.node.stage_runner import StageRunner
+from sentinel.run.manifest import ManifestError, OptimizerConfig, RunManifest
+from sentinel.worker.stage_runner import StageRunner
 
 MODEL = ModelConfig(vocab_size=256, seq_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32)
 

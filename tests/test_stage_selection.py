@@ -1,4 +1,4 @@
-"""Stage choice (sentinel.node.stage_selection) and the throughput it uses (sentinel.node.device)."""
+"""Stage choice (sentinel.worker.stage_selection) and the throughput it uses (sentinel.worker.device)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sentinel.bootstrap.manifest import RunManifest
 from sentinel.model.config import ModelConfig
-from sentinel.node.device import DeviceError, cached_throughput, measure_throughput, resolve_device
-from sentinel.node.stage_selection import choose_stage, should_move
-from sentinel.node.worker import _throughput_of
+from sentinel.run.manifest import RunManifest
+from sentinel.worker.device import DeviceError, cached_throughput, measure_throughput, resolve_device
+from sentinel.worker.node import _throughput_of
+from sentinel.worker.stage_selection import choose_stage, should_move
 
 
 def test_fewest_replicas_first_even_against_a_slower_stage() -> None:
@@ -96,7 +96,8 @@ def test_a_key_claiming_several_stages_is_ignored_in_all_of_them() -> None:
     import asyncio
 
     from sentinel.metrics import METRICS
-    from sentinel.node.worker import read_stage_claims, stage_key
+    from sentinel.net.view import read_stage_claims
+    from sentinel.protocol.keys import stage_key
 
     def claim(stage: int, state: str = "ONLINE") -> dict:
         return {"run": "r", "stage": stage, "state": state, "throughput": 1.0}

@@ -1,4 +1,4 @@
-"""Candidacy stamps (``sentinel.verifier.stamps``): the proof of work an open-mode verifier
+"""Candidacy stamps (``sentinel.protocol.stamps``): the proof of work an open-mode verifier
 announcement must carry, and why grinding keys for election weight no longer comes free."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sentinel.verifier.committee import _weight, elect_committee
-from sentinel.verifier.stamps import _leading_zero_bits, _prefix, solve_stamp, stamp_ok, stamped_candidates
+from sentinel.protocol.committee import _weight, elect_committee
+from sentinel.protocol.stamps import _leading_zero_bits, _prefix, solve_stamp, stamp_ok, stamped_candidates
 
 RUN = "stamp-test"
 

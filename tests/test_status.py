@@ -1,4 +1,4 @@
-"""The volunteer's status line (sentinel.node.status) and `sentinel-node status` without a node."""
+"""The volunteer's status line (sentinel.net.status) and `sentinel-node status` without a node."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from sentinel.node.metrics_http import MetricsServer
-from sentinel.node.status import StatusBoard, fetch_status, format_status, strikes_against
+from sentinel.net.http import MetricsServer
+from sentinel.net.status import StatusBoard, fetch_status, format_status, strikes_against
 from sentinel.verifier.strikes import StrikeLedger
 
 
@@ -122,6 +122,6 @@ def test_fetch_status_from_a_served_board_and_clear_errors() -> None:
 ])
 def test_cli_errors(argv: list[str], code: int, fragment: str) -> None:
     argv = [a.replace("PORT", str(_free_port())) for a in argv]
-    r = subprocess.run([sys.executable, "-m", "sentinel.node.cli", *argv], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "sentinel.cli.node", *argv], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == code and fragment in r.stderr, r.stderr

@@ -9,9 +9,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sentinel.protocol.bans import BanBook, committee_bans
+from sentinel.protocol.committee import _weight, ban_quorum, elect_committee
 from sentinel.protocol.identity import Identity
-from sentinel.verifier.bans import BanBook, committee_bans
-from sentinel.verifier.committee import _weight, ban_quorum, elect_committee
 from sentinel.verifier.strikes import StrikeLedger
 
 # ----------------------------------------------------------------------------- strikes

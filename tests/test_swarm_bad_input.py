@@ -11,17 +11,17 @@ import msgpack
 import pytest
 import torch
 
-from sentinel.bootstrap.manifest import RunManifest
-from sentinel.node.cli import fetch_manifest
-from sentinel.node.runtime import NetworkConfig, PeerCallError, SwarmRuntime
-from sentinel.node.worker import read_stage_claims, stage_key, verifiers_key
-from sentinel.protocol import pipeline as wire
+from sentinel.cli.swarm import LocalSwarm, SwarmConfig
+from sentinel.net.runtime import NetworkConfig, PeerCallError, SwarmRuntime
+from sentinel.net.view import fetch_manifest, read_stage_claims
+from sentinel.protocol import rpc as wire
 from sentinel.protocol.codec import Message, encode, read_message
 from sentinel.protocol.identity import Identity
+from sentinel.protocol.keys import stage_key, verifiers_key
 from sentinel.protocol.records import make_value
 from sentinel.protocol.signing import sign_message
-from sentinel.swarm import LocalSwarm, SwarmConfig
-from sentinel.verifier.stamps import solve_stamp
+from sentinel.protocol.stamps import solve_stamp
+from sentinel.run.manifest import RunManifest
 from tests.conftest import assert_all_gone
 
 pytestmark = pytest.mark.swarm

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from sentinel.swarm import LocalSwarm, SwarmConfig
+from sentinel.cli.swarm import LocalSwarm, SwarmConfig
 from tests.conftest import assert_all_gone
 
 pytestmark = pytest.mark.swarm

@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from sentinel.swarm import LocalSwarm, SwarmConfig
+from sentinel.cli.swarm import LocalSwarm, SwarmConfig
 from tests.conftest import assert_all_gone
 
 pytestmark = pytest.mark.swarm

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sentinel.swarm import LocalSwarm, SwarmConfig
+from sentinel.cli.swarm import LocalSwarm, SwarmConfig
 from tests.conftest import assert_all_gone
 
 pytestmark = pytest.mark.swarm

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from sentinel.bootstrap.manifest import RunManifest
 from sentinel.model.corpus import load_corpus
 from sentinel.protocol.identity import Identity
+from sentinel.run.manifest import RunManifest
 from sentinel.verifier.node import VerifierNode, write_json
 
 

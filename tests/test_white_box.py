@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sentinel.attacks import AttackContext, load_attack
-from sentinel.verifier.config import ScreeningConfig
+from sentinel.run.screening import ScreeningConfig
 from sentinel.verifier.screen import BoundaryScreen
 
 B, T, D = 8, 8, 64

@@ -11,7 +11,13 @@ from sentinel.attacks.averaging import AvgAlie, AvgRandom, AvgReducer, AvgScalin
 from sentinel.attacks.base import DIRECTIONS, Attack, AttackContext
 from sentinel.attacks.catalogue import BUILTIN_ATTACKS
 from sentinel.attacks.lazy import LazyPartial, LazyRandom, LazySkip, LazyStale
-from sentinel.attacks.loader import AttackSpecError, DirectionFilter, available_attacks, load_attack
+from sentinel.attacks.loader import (
+    AttackSpecError,
+    PluginAttack,
+    available_attacks,
+    default_directions,
+    load_attack,
+)
 from sentinel.attacks.simple import (
     Bias,
     Constant,
@@ -40,7 +46,8 @@ __all__ = [
     "Collusion",
     "Constant",
     "Delay",
-    "DirectionFilter",
+    "PluginAttack",
+    "default_directions",
     "ElementFlip",
     "EmaMimic",
     "Gaussian",

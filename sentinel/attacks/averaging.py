@@ -7,7 +7,7 @@ forward and backward and lies only in :meth:`~sentinel.attacks.base.Attack.avera
 the worker's *update* since its previous round (``ctx.anchor``): flipping or scaling raw
 parameters would be absurdly loud, flipping the update is what a careful attacker does.
 
-In a butterfly round (``sentinel.node.butterfly``) the worker is also the reducer of some parts,
+In a butterfly round (``sentinel.worker.butterfly``) the worker is also the reducer of some parts,
 and ``average`` is called on each reduced part it serves as well (``ctx.direction ==
 "reduce"``, ``ctx.anchor`` the same slice of its previous aggregate): each attack lies there the
 same way it lies in its contribution. :class:`AvgReducer` lies only there.

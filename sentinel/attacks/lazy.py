@@ -15,7 +15,7 @@ the gradient of that cheaper path, so the lie is self-consistent):
   sequences and skips the blocks for the rest.
 
 They need the worker's stage module and input, which callers put in the
-:class:`~sentinel.attacks.base.AttackContext` (the simulator and ``sentinel.node.worker`` do).
+:class:`~sentinel.attacks.base.AttackContext` (the simulator and ``sentinel.worker.node`` do).
 In both, the lazy worker's own parameters still train honestly (the worker process computes the
 true pass before the attack replaces what is sent), so its contribution to within-stage averaging
 is honest: these classes measure what screening sees on the pipeline axis only.

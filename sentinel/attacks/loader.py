@@ -22,8 +22,10 @@ Examples: ``sign_flip``, ``scaling,factor=10``, ``gaussian,sigma=0.5,directions=
 
 A plugin class does not have to subclass :class:`~sentinel.attacks.base.Attack`: it needs a
 constructor that works with no arguments (parameters from the spec are passed as keywords) and
-callable ``forward(x, ctx)`` and ``backward(g, ctx)`` methods. A file is recognised by a ``.py``
-suffix or a path separator; anything else before the ``:`` is imported as a module.
+any of ``forward(x, ctx)``, ``backward(g, ctx)`` and ``average(params, ctx)``; it attacks the
+directions whose methods it defines unless told otherwise (:class:`PluginAttack`). A file is
+recognised by a ``.py`` suffix or a path separator; anything else before the ``:`` is imported
+as a module.
 
 Every problem raises :class:`AttackSpecError` with a message that says what to change.
 """
@@ -46,7 +48,7 @@ import torch
 from sentinel.attacks.base import DIRECTIONS, Attack, AttackContext
 from sentinel.attacks.catalogue import BUILTIN_ATTACKS
 
-__all__ = ["AttackSpecError", "DirectionFilter", "available_attacks", "load_attack"]
+__all__ = ["AttackSpecError", "PluginAttack", "available_attacks", "default_directions", "load_attack"]
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -68,7 +70,8 @@ def load_attack(spec: str, *, directions: str | None = None) -> Attack:
         spec: ``NAME[,key=value...]`` or ``path.py:Class[,...]`` or ``module:Class[,...]``.
         directions: if given, the directions to attack, overriding the attack's default. A spec
             that sets a different ``directions`` itself is an error. A plugin whose constructor
-            has no ``directions`` parameter is wrapped in a :class:`DirectionFilter`.
+            has no ``directions`` parameter attacks the directions it is given, or
+            by default those whose methods it defines (:class:`PluginAttack`).
 
     Raises:
         AttackSpecError: unknown name, unknown or badly typed parameter, missing file, module or
@@ -104,29 +107,77 @@ def load_attack(spec: str, *, directions: str | None = None) -> Attack:
     except (TypeError, ValueError) as exc:
         raise AttackSpecError(f"{label}: {exc} (spec {spec!r})") from exc
 
-    if directions is not None and not takes_directions:
-        attack = DirectionFilter(attack, directions)
+    if not isinstance(attack, Attack):
+        try:
+            attack = PluginAttack(attack, directions)
+        except ValueError as exc:
+            raise AttackSpecError(f"{label}: {exc} (spec {spec!r})") from exc
     return attack
 
 
-class DirectionFilter:
-    """Restrict an attack-like object without a ``directions`` parameter to some directions."""
+class PluginAttack:
+    """A plain plugin class (not an :class:`~sentinel.attacks.base.Attack`) with the whole attack
+    interface, so it runs wherever a built-in attack does: ``forward``, ``backward`` and ``average``
+    (each the plugin's own where it defines one, honest otherwise), ``attacks``, ``reset``.
 
-    def __init__(self, inner: Any, directions: str) -> None:
+    ``directions`` defaults to the methods the plugin defines: a plugin with only ``backward``
+    attacks backward, one with both attacks both. Before ``start_step`` (set by the launchers'
+    ``--attack-start``) the plugin is not called at all.
+    """
+
+    def __init__(self, inner: Any, directions: str | None = None) -> None:
+        defined = plugin_directions(inner)
+        if directions is None:
+            directions = defined
         if directions not in DIRECTIONS:
             raise ValueError(f"directions must be one of {', '.join(DIRECTIONS)}; got {directions!r}")
         self.inner = inner
         self.directions = directions
         self.name = getattr(inner, "name", type(inner).__name__)
+        self.start_step = 0
+
+    def attacks(self, direction: str) -> bool:
+        """Whether this plugin corrupts messages going in ``direction``."""
+        return self.directions in ("both", direction) and callable(getattr(self.inner, direction, None))
 
     def forward(self, x: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
-        return self.inner.forward(x, ctx) if self.directions in ("forward", "both") else x
+        return self.inner.forward(x, ctx) if self.attacks("forward") and self._started(ctx) else x
 
     def backward(self, g: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
-        return self.inner.backward(g, ctx) if self.directions in ("backward", "both") else g
+        return self.inner.backward(g, ctx) if self.attacks("backward") and self._started(ctx) else g
+
+    def average(self, params: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
+        fn = getattr(self.inner, "average", None)
+        return fn(params, ctx) if callable(fn) and self._started(ctx) else params
+
+    def _started(self, ctx: AttackContext) -> bool:
+        return ctx.step >= self.start_step
+
+    def reset(self) -> None:
+        fn = getattr(self.inner, "reset", None)
+        if callable(fn):
+            fn()
 
     def __repr__(self) -> str:
-        return f"DirectionFilter({self.inner!r}, directions={self.directions!r})"
+        return f"PluginAttack({self.inner!r}, directions={self.directions!r})"
+
+
+def plugin_directions(obj: Any) -> str:
+    """The directions a plugin's own methods attack: "both" unless it defines only one of
+    ``forward`` and ``backward`` (an averaging-only plugin: "both", both honest)."""
+    defined = [d for d in ("forward", "backward") if callable(getattr(obj, d, None))]
+    return defined[0] if len(defined) == 1 else "both"
+
+
+def is_plugin_spec(spec: str) -> bool:
+    """Whether ``spec`` names a plugin class (``file.py:Class`` or ``module:Class``)."""
+    return ":" in spec.split(",", 1)[0]
+
+
+def default_directions(spec: str) -> str | None:
+    """What a launcher attacks when the user names no direction: forward for a built-in attack
+    (the demo's attack), and for a plugin ``None``, so the loader uses the methods it defines."""
+    return None if is_plugin_spec(spec) else "forward"
 
 
 # -- spec parsing --------------------------------------------------------------------------------
@@ -189,14 +240,14 @@ def _resolve_plugin(head: str, spec: str) -> tuple[type, str]:
         raise AttackSpecError(f"{label}: {class_name!r} is a {type(obj).__name__}, not a class; spec {spec!r}")
     if not _is_attack_like(obj):
         raise AttackSpecError(
-            f"{label}: class {class_name!r} is not an attack: it needs callable forward(x, ctx) and "
-            "backward(g, ctx) methods (subclass sentinel.attacks.Attack to get both)"
+            f"{label}: class {class_name!r} is not an attack: it needs a callable forward(x, ctx), "
+            "backward(g, ctx) or average(params, ctx) method (or subclass sentinel.attacks.Attack)"
         )
     return obj, label
 
 
 def _is_attack_like(obj: Any) -> bool:
-    return callable(getattr(obj, "forward", None)) and callable(getattr(obj, "backward", None))
+    return any(callable(getattr(obj, m, None)) for m in ("forward", "backward", "average"))
 
 
 def _load_file(target: str, spec: str) -> types.ModuleType:

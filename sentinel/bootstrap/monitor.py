@@ -27,7 +27,7 @@ from typing import Any
 
 from sentinel.bootstrap.swarm_state import RecordSource, SwarmMemory, build_state, poll_records, swarm_gauges
 from sentinel.metrics import METRICS
-from sentinel.node.metrics_http import PROMETHEUS_CONTENT_TYPE, Response, RouteServer
+from sentinel.net.http import PROMETHEUS_CONTENT_TYPE, Response, RouteServer
 
 __all__ = ["SwarmMonitor", "render_gauges"]
 

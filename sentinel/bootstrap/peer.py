@@ -13,14 +13,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sentinel.bootstrap.manifest import RunManifest
 from sentinel.bootstrap.monitor import SwarmMonitor
-from sentinel.node.runtime import SwarmRuntime
+from sentinel.net.runtime import SwarmRuntime
+from sentinel.protocol.keys import MANIFEST_KEY
+from sentinel.run.manifest import RunManifest
 
 logger = logging.getLogger(__name__)
-
-MANIFEST_KEY = "sentinel/manifest"
-
 
 class BootstrapPeer:
     def __init__(self, runtime: SwarmRuntime, manifest: RunManifest):
@@ -40,7 +38,7 @@ class BootstrapPeer:
     async def start_monitor(self, host: str = "127.0.0.1", port: int = 0, interval_s: float = 2.0) -> str:
         """Serve the monitor on ``host:port`` (0 = a free port); returns its URL.
 
-        Raises :class:`sentinel.node.metrics_http.HTTPPortError` if the port cannot be bound.
+        Raises :class:`sentinel.net.http.HTTPPortError` if the port cannot be bound.
         """
         self.monitor = SwarmMonitor(self.runtime, self.manifest.run_id, self.manifest.num_stages, host=host,
                                     port=port, interval_s=interval_s,

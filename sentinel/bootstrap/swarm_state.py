@@ -6,7 +6,7 @@ and a DHT lookup can fail for a beat. All of that is decided here on plain data,
 without a network:
 
 - :class:`SwarmRecords` is one poll of the DHT (stage claims, verifier records, progress records,
-  ban votes); :func:`poll_records` fills it from a :class:`~sentinel.node.runtime.SwarmRuntime`.
+  ban votes); :func:`poll_records` fills it from a :class:`~sentinel.net.runtime.SwarmRuntime`.
 - :class:`SwarmMemory` remembers what was seen and when. A record disappears from the DHT when its
   owner stops re-announcing it (it crashed or was cut off), so absence alone says "stale", while an
   explicit OFFLINE says "left". The memory keeps a vanished node for ``forget_after_s`` and marks
@@ -28,8 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sentinel.node.worker import progress_key, stage_key, verifiers_key
-from sentinel.verifier.bans import ban_key
+from sentinel.protocol.keys import ban_key, progress_key, stage_key, verifiers_key
 
 __all__ = [
     "WORKER_STATES",

@@ -110,7 +110,7 @@ def _verifier(value: dict) -> None:
     _nonneg_int(value, "step")
     if "stamp" in value and not 0 <= _nonneg_int(value, "stamp") < 2**63:
         # whether the stamp is *valid* depends on the manifest's bits: checked where candidates are
-        # counted (sentinel.verifier.stamps); here only that it is a proof-of-work nonce at all
+        # counted (sentinel.protocol.stamps); here only that it is a proof-of-work nonce at all
         raise InvalidRecordError("verifier record: field 'stamp' must be < 2**63")
 
 

@@ -7,7 +7,7 @@
     sentinel-sim --table [table options, see --table --help]
 
 Every flag mirrors a field of :class:`sentinel.sim.swarm.SimConfig` (defaults documented there);
-``--screen KEY=VALUE`` overrides a field of :class:`sentinel.verifier.config.ScreeningConfig`
+``--screen KEY=VALUE`` overrides a field of :class:`sentinel.run.screening.ScreeningConfig`
 (``--screen fence_k=4 --screen strike_limit=5``), exactly as a run manifest's verifier policy does.
 """
 
@@ -26,7 +26,7 @@ from sentinel.sim.swarm import DEFENSES, MODEL_SIZES, SimConfig, Simulation
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["fence_k=4", "window=200"]`` -> ``{"fence_k": 4.0, "window": 200}`` (typed by the config)."""
-    from sentinel.verifier.config import ScreeningConfig
+    from sentinel.run.screening import ScreeningConfig
 
     fields = {f.name: f for f in dataclasses.fields(ScreeningConfig)}
     out: dict[str, Any] = {}
@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spare-ends", action="store_true", help="keep the first and last stages honest")
     p.add_argument("--attack", default=d.attack,
                    help="attack spec (NAME[,k=v...] or path.py:Class), or 'none' (default %(default)s)")
-    p.add_argument("--direction", choices=("forward", "backward", "both"), default=d.direction)
+    p.add_argument("--direction", choices=("forward", "backward", "both"), default=None,
+                   help="what the attackers corrupt (default: forward for a built-in attack, and for a "
+                        "plugin class the directions whose methods it defines)")
     p.add_argument("--attack-start", type=int, default=d.attack_start,
                    help="attackers behave honestly before this step (default %(default)s)")
     p.add_argument("--defense", choices=DEFENSES, default=d.defense, help="default %(default)s")

@@ -1,7 +1,7 @@
 """The in-process swarm: the paper's scale (16 stages x 8-11 replicas) on one CPU.
 
 A :class:`Simulation` builds ``stages x replicas`` simulated workers (each a
-:class:`~sentinel.node.stage_runner.StageRunner`, the live worker's compute), makes
+:class:`~sentinel.worker.stage_runner.StageRunner`, the live worker's compute), makes
 ``floor(malicious_fraction x replicas)`` of every stage malicious (an honest majority per stage),
 and trains with one verifier whose :class:`~sentinel.verifier.driver.PipelineDriver`,
 :class:`~sentinel.verifier.screen.Screener`, :class:`~sentinel.verifier.strikes.StrikeLedger`
@@ -35,13 +35,13 @@ from typing import Any
 import torch
 
 from sentinel.attacks.base import Attack
-from sentinel.attacks.loader import load_attack
-from sentinel.bootstrap.manifest import OptimizerConfig, RunManifest, TrainingConfig
+from sentinel.attacks.loader import PluginAttack, default_directions, load_attack
 from sentinel.model.config import ModelConfig
 from sentinel.model.corpus import load_corpus
-from sentinel.node.averaging import aggregate, contribution_outliers
-from sentinel.node.stage_runner import StageRunner
+from sentinel.protocol.aggregation import aggregate, contribution_outliers
 from sentinel.report import detection_scores
+from sentinel.run.manifest import OptimizerConfig, RunManifest, TrainingConfig
+from sentinel.run.screening import ScreeningConfig
 from sentinel.sim.transport import (
     DuplicateScreen,
     InProcessTransport,
@@ -50,11 +50,11 @@ from sentinel.sim.transport import (
     SimWorker,
     stage_forward_flops_per_token,
 )
-from sentinel.verifier.config import ScreeningConfig
 from sentinel.verifier.driver import DriverConfig, FlagEvent, PipelineDriver
 from sentinel.verifier.routing import RouterConfig
 from sentinel.verifier.screen import Screener
 from sentinel.verifier.strikes import StrikeLedger, majority_allows_ban
+from sentinel.worker.stage_runner import StageRunner
 
 __all__ = ["DEFENSES", "MODEL_SIZES", "TUNED_SCREENING", "SimConfig", "Simulation", "malicious_slots",
            "run_simulation"]
@@ -73,7 +73,7 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 
 #: Screening overrides measured on the simulator (tinyshakespeare, 16 x 8, 37.5 % malicious; see
 #: ``results/detection_table.md``) and used by the detection table and the tests, until the
-#: library defaults in :class:`~sentinel.verifier.config.ScreeningConfig` adopt them:
+#: library defaults in :class:`~sentinel.run.screening.ScreeningConfig` adopt them:
 #:
 #: * ``fence_iqr_floor`` 0.01 -> 0.1: the sign distance moves in steps of 1/D (D=32 features:
 #:   one coordinate = 0.03), so with a 0.01 floor a single flipped coordinate crossed the fence
@@ -101,13 +101,14 @@ class SimConfig:
       * ``spare_ends`` — keep stages 0 and S-1 honest (the paper's assumption); off by default:
         Sentinel screens the first and last stages like every other.
       * ``attack`` — an attack spec (``sign_flip``, ``scaling,factor=10``, ``file.py:Class``);
-        ``none`` for a clean run. ``direction`` — ``forward``, ``backward`` or ``both``.
+        ``none`` for a clean run. ``direction`` — ``forward``, ``backward``, ``both``, or ``None``: forward for a
+        built-in attack, the directions whose methods a plugin defines.
       * ``attack_start`` — attackers are honest before this step (detection latency counts
         from here).
     Defense:
       * ``defense`` — ``sentinel`` (the screening core), ``none`` (accept everything) or
         ``duplicate`` (Lu et al.: every hop recomputed by another replica and compared).
-      * ``screening`` — :class:`~sentinel.verifier.config.ScreeningConfig` overrides.
+      * ``screening`` — :class:`~sentinel.run.screening.ScreeningConfig` overrides.
       * ``duplicate_rtol`` — relative tolerance of the duplicate comparison (float noise).
     Training:
       * ``steps`` x ``micro_batches_per_step`` micro-batches of ``micro_batch_size`` sequences;
@@ -116,7 +117,7 @@ class SimConfig:
       * ``lr``, ``warmup_steps`` (linear learning-rate warm-up over each replica's first
         optimizer steps; the local launcher ``sentinel-swarm`` uses 40), ``average_every``
         (optimizer steps between within-stage averaging rounds), ``averaging`` (rule of
-        :func:`sentinel.node.averaging.aggregate`): the run manifest's defaults, so the simulator
+        :func:`sentinel.protocol.aggregation.aggregate`): the run manifest's defaults, so the simulator
         trains the way the live swarm does.
       * ``eval_every`` / ``eval_batches`` — validation of the consensus model.
       * ``data`` — corpus path, or None for the generated default corpus.
@@ -133,7 +134,7 @@ class SimConfig:
     malicious_fraction: float = 0.375
     spare_ends: bool = False
     attack: str = "sign_flip"
-    direction: str = "forward"
+    direction: str | None = "forward"
     attack_start: int = 0
     defense: str = "sentinel"
     screening: dict[str, Any] = field(default_factory=dict)
@@ -159,8 +160,8 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.defense not in DEFENSES:
             raise ValueError(f"defense must be one of {', '.join(DEFENSES)}; got {self.defense!r}")
-        if self.direction not in ("forward", "backward", "both"):
-            raise ValueError(f"direction must be forward, backward or both; got {self.direction!r}")
+        if self.direction not in ("forward", "backward", "both", None):
+            raise ValueError(f"direction must be forward, backward, both or None; got {self.direction!r}")
         if self.model_size not in MODEL_SIZES:
             raise ValueError(f"model_size must be one of {', '.join(MODEL_SIZES)}; got {self.model_size!r}")
         for name in ("stages", "replicas", "steps", "micro_batches_per_step", "micro_batch_size", "eval_every",
@@ -230,19 +231,22 @@ class Simulation:
                                     micro_batches_per_step=cfg.micro_batches_per_step, accumulate=1,
                                     average_every=cfg.average_every, averaging=cfg.averaging,
                                     eval_batches=cfg.eval_batches, eval_every=cfg.eval_every),
-            screening=dict(cfg.screening),
+            screening=ScreeningConfig.from_dict(cfg.screening),
             committee_size=1,
             seed=cfg.seed,
         )
-        self.screen_config = ScreeningConfig.from_dict(cfg.screening)
+        self.screen_config = self.manifest.screening
         bad = malicious_slots(cfg)
         self.workers: dict[str, SimWorker] = {}
         self.attack: Any | None = None
         if bad:
-            self.attack = load_attack(cfg.attack, directions=cfg.direction)
-            target = getattr(self.attack, "inner", self.attack)  # DirectionFilter around a plugin
+            self.attack = load_attack(cfg.attack, directions=cfg.direction if cfg.direction is not None
+                                      else default_directions(cfg.attack))
+            if cfg.direction is None:  # the report names what was attacked
+                self.cfg = cfg = dataclasses.replace(cfg, direction=self.attack.directions)
+            target = getattr(self.attack, "inner", self.attack)  # PluginAttack around a plain plugin
             for a in {id(self.attack): self.attack, id(target): target}.values():
-                if isinstance(a, Attack) and a.start_step == 0:
+                if isinstance(a, (Attack, PluginAttack)) and a.start_step == 0:
                     a.start_step = cfg.attack_start  # ramps and the like count from the attack start
         for s in range(cfg.stages):
             for r in range(cfg.replicas):

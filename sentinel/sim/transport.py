@@ -3,11 +3,11 @@
 The live verifier talks to workers through :class:`sentinel.verifier.transport.P2PTransport`;
 the simulator plugs :class:`InProcessTransport` into the *same*
 :class:`~sentinel.verifier.driver.PipelineDriver`. Each simulated worker is what a volunteer
-runs, minus the network: a :class:`~sentinel.node.stage_runner.StageRunner` (same stage module,
+runs, minus the network: a :class:`~sentinel.worker.stage_runner.StageRunner` (same stage module,
 optimizer and activation cache), the attack applied to what it returns exactly where the live
 worker applies it (``attack.forward`` on forward outputs, ``attack.backward`` on input
 gradients), and within-stage parameter averaging with ``aggregate`` every ``average_every``
-optimizer steps, as ``sentinel.node.worker`` does after each backward.
+optimizer steps, as ``sentinel.worker.node`` does after each backward.
 
 Also here, because they only make sense next to an in-process transport:
 
@@ -32,11 +32,11 @@ from typing import Any
 import torch
 
 from sentinel.attacks.base import AttackContext
-from sentinel.bootstrap.manifest import RunManifest
-from sentinel.node.averaging import aggregate
-from sentinel.node.stage_runner import StageRunner
+from sentinel.protocol.aggregation import aggregate
+from sentinel.run.manifest import RunManifest
 from sentinel.verifier.driver import HopResult
 from sentinel.verifier.routing import Router
+from sentinel.worker.stage_runner import StageRunner
 
 __all__ = [
     "ComputeCounter",

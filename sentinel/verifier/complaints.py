@@ -21,7 +21,7 @@ download the stage over and over with honest replicas' genuine replies).
 
 Why freshness is measured in pipeline steps and not in the accused's optimizer steps: the
 evidence's ``step`` is the complainer's own request step, echoed in the accused's signed reply
-and checked by the complainer (:func:`sentinel.node.worker.fetch_params`), so the accused cannot
+and checked by the complainer (:func:`sentinel.worker.node.fetch_params`), so the accused cannot
 choose it, and every replica of the swarm sees the same step clock. The optimizer-step
 ``version`` is the accused's to sign as it likes (a poisoner signing version 0 made every
 complaint about it "stale" under a version rule) and honestly differs between replicas by their
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from sentinel.metrics import METRICS
-from sentinel.node.averaging import contribution_scores
+from sentinel.protocol.aggregation import contribution_scores
 from sentinel.protocol.checks import MessageChecker, TensorSpec
 from sentinel.protocol.codec import Message
 from sentinel.protocol.errors import MalformedMessageError, ProtocolError
@@ -54,7 +54,7 @@ FetchReplicas = Callable[[int, set[str], "tuple[int, int] | None"], Awaitable[li
 
 # What a contribution may be: a replica's whole parameters or one slice of them answering a
 # ``params`` request, a slice it pushed to a butterfly reducer, or a reducer's own slice
-# (``sentinel.node.butterfly``). All are signed by the accused; all say what it contributed.
+# (``sentinel.worker.butterfly``). All are signed by the accused; all say what it contributed.
 EVIDENCE_DIRECTIONS = ("params_result", "reduce", "slice")
 
 
@@ -195,14 +195,14 @@ class ComplaintDesk:
             self._tokens.popitem(last=False)
 
     def judge_reduction(self, msg: Message, complainer: str, live: Callable[[int], list[str]]) -> Verdict:
-        """Judge a complaint that a butterfly reducer lied (``sentinel.node.butterfly``): its
+        """Judge a complaint that a butterfly reducer lied (``sentinel.worker.butterfly``): its
         signed ``reduce_result`` (header as ``evidence``, tensor ``part``) and the slices it
         committed to (headers as ``contributions``, stacked as ``params``). Every slice must be
         signed by the contributor the reducer named, with the digest it committed to; the
         verifier then recomputes the reduction with the run's ``rule``. Nothing is fetched: the
         reducer's own signature binds it to inputs that prove it wrong, and an honest reducer
         cannot be framed, because any inputs that match its commitment reproduce its answer."""
-        from sentinel.node.averaging import same_reduction
+        from sentinel.protocol.aggregation import same_reduction
 
         h = msg.header
         accused, evidence, heads = h.get("accused"), h.get("evidence"), h.get("contributions")

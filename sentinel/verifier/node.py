@@ -20,22 +20,22 @@ from pathlib import Path
 from typing import Any
 
 from sentinel import __version__
-from sentinel.bootstrap.manifest import RunManifest
 from sentinel.metrics import METRICS
 from sentinel.model.corpus import TextCorpus
-from sentinel.node.runtime import SwarmRuntime
-from sentinel.node.worker import fetch_params, progress_key, read_stage_claims, verifiers_key, version_of
-from sentinel.protocol import pipeline as wire
+from sentinel.net.runtime import SwarmRuntime
+from sentinel.net.view import fetch_params, read_stage_claims, version_of
+from sentinel.protocol import rpc as wire
+from sentinel.protocol.bans import BanBook
 from sentinel.protocol.checks import TensorSpec
 from sentinel.protocol.codec import Message
+from sentinel.protocol.keys import ban_key, progress_key, verifiers_key
 from sentinel.protocol.signing import sign_message
-from sentinel.verifier.bans import BanBook, ban_key
+from sentinel.protocol.stamps import solve_stamp, stamped_candidates
+from sentinel.run.manifest import RunManifest
 from sentinel.verifier.complaints import ComplaintDesk, Verdict
-from sentinel.verifier.config import ScreeningConfig
 from sentinel.verifier.driver import DriverConfig, FlagEvent, MicroBatchResult, PipelineDriver
 from sentinel.verifier.routing import Router, RouterConfig
 from sentinel.verifier.screen import Screener
-from sentinel.verifier.stamps import solve_stamp, stamped_candidates
 from sentinel.verifier.stats import TensorStats, compute_stats
 from sentinel.verifier.strikes import StrikeLedger, majority_allows_ban
 from sentinel.verifier.transport import P2PTransport
@@ -78,7 +78,7 @@ class VerifierNode:
         self.router = Router(RouterConfig(timeout_floor_s=t.hop_timeout_min_s, timeout_factor=t.hop_timeout_factor,
                                           hedge_floor_s=t.hop_hedge_min_s, hedge_factor=t.hop_hedge_factor),
                              salt=runtime.peer_id)
-        self.screen_config = ScreeningConfig.from_dict(manifest.screening) if manifest.screening else ScreeningConfig()
+        self.screen_config = manifest.screening
         self.screening = screening
         self.screener = Screener(self.screen_config, manifest.num_stages) if screening else None
         self.ledger = StrikeLedger(self.screen_config.strike_limit, self.screen_config.forgive_after)
@@ -118,7 +118,7 @@ class VerifierNode:
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         if not self.manifest.trusted_verifiers:
-            # open mode: the candidacy's proof of work (``sentinel.verifier.stamps``), found off the
+            # open mode: the candidacy's proof of work (``sentinel.protocol.stamps``), found off the
             # event loop so the node keeps answering while it searches (~0.3 s at 20 bits)
             t0 = time.monotonic()
             self.stamp = await asyncio.to_thread(solve_stamp, self.run, self.runtime.peer_id,

@@ -98,7 +98,7 @@ from typing import Any
 
 import torch
 
-from sentinel.verifier.config import ScreeningConfig
+from sentinel.run.screening import ScreeningConfig
 from sentinel.verifier.fences import DistanceHistory, exceeded, tukey_fence
 from sentinel.verifier.reference import (
     DISTANCES,

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from sentinel.verifier.config import ScreeningConfig
+from sentinel.run.screening import ScreeningConfig
 
 #: Largest feature dimension accepted from a (possibly hostile) evidence record.
 MAX_FEATURES = 1 << 20

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from sentinel.bootstrap.manifest import RunManifest
 from sentinel.metrics import METRICS
-from sentinel.node.runtime import PeerCallError, SwarmRuntime
-from sentinel.protocol import pipeline as wire
+from sentinel.net.runtime import PeerCallError, SwarmRuntime
+from sentinel.protocol import rpc as wire
 from sentinel.protocol.checks import MessageChecker
 from sentinel.protocol.errors import ProtocolError
 from sentinel.protocol.signing import sign_message
+from sentinel.run.manifest import RunManifest
 from sentinel.verifier.driver import HopError, HopResult
 
 

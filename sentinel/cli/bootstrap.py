@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from sentinel.node.cli import EXIT_NETWORK, EXIT_USAGE, add_network_args, install_stop_signals, network_config
+from sentinel.net.args import EXIT_NETWORK, EXIT_USAGE, add_network_args, install_stop_signals, network_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print("sentinel-bootstrap: error: pass --new-swarm to start a new swarm, or --initial-peers to join one",
               file=sys.stderr)
         return EXIT_USAGE
-    from sentinel.bootstrap.manifest import ManifestError, RunManifest, load_manifest_file
+    from sentinel.run.manifest import ManifestError, RunManifest, load_manifest_file
 
     try:
         manifest = load_manifest_file(args.config) if args.config else RunManifest()
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _serve(args: argparse.Namespace, manifest) -> int:
     from sentinel.bootstrap.peer import BootstrapPeer
-    from sentinel.node.metrics_http import HTTPPortError
-    from sentinel.node.runtime import BootstrapUnreachableError, SwarmRuntime
+    from sentinel.net.http import HTTPPortError
+    from sentinel.net.runtime import BootstrapUnreachableError, SwarmRuntime
     from sentinel.protocol.errors import IdentityError
 
     stop = asyncio.Event()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sentinel.model.config import ModelConfig
+from sentinel.run.screening import ScreeningConfig
 
 
 class ManifestError(ValueError):
@@ -66,8 +67,8 @@ class TrainingConfig:
     # accumulating gradients, and applies them when the round ends. Unchecked, a stalled round
     # lets a replica drift from its stage until the verifiers flag it. 0 turns holding off.
     max_local_steps: int = 6
-    # How a round moves parameters (``sentinel.node.worker``). "butterfly": the flat parameters
-    # are cut into parts (``sentinel.node.averaging.partition``), each replica robustly reduces
+    # How a round moves parameters (``sentinel.worker.node``). "butterfly": the flat parameters
+    # are cut into parts (``sentinel.protocol.aggregation.partition``), each replica robustly reduces
     # the parts it owns from everyone's pushed slices and serves the result, so a replica moves
     # about 2(n-1)/n copies of its stage per round and no message exceeds one part. "gather":
     # every replica fetches every other's whole parameters and reduces alone (n-1 copies, the
@@ -109,11 +110,11 @@ class RunManifest:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     corpus: str = "default"  # "default" (generated) or a path every verifier can read
     corpus_fingerprint: str = ""  # pins the corpus content; empty = not checked
-    screening: dict[str, Any] = field(default_factory=dict)  # ScreeningConfig overrides
+    screening: ScreeningConfig = field(default_factory=ScreeningConfig)  # the verifiers' screening policy
     committee_size: int = 3
     trusted_verifiers: list[str] = field(default_factory=list)  # pinned committee (trusted mode) if non-empty
     # Open mode only: a verifier candidacy must carry a proof-of-work stamp of this many leading
-    # zero bits (``sentinel.verifier.stamps``), so a flood of Sybil announcements costs 2**bits
+    # zero bits (``sentinel.protocol.stamps``), so a flood of Sybil announcements costs 2**bits
     # hashes per announcement. 20 bits ~ 0.3 s of one core per verifier and run (measured, 2-core
     # CI machine); owning a 3-seat committee against N honest candidates then takes ~3(N+1)
     # stamps (BENCHMARKS.md, "Committee capture"). Public swarms should raise it (each +1 doubles
@@ -193,7 +194,8 @@ class RunManifest:
         try:
             if "model" in kw:
                 kw["model"] = ModelConfig.from_dict(kw["model"])
-            for key, sub in (("optimizer", OptimizerConfig), ("training", TrainingConfig)):
+            for key, sub in (("optimizer", OptimizerConfig), ("training", TrainingConfig),
+                             ("screening", ScreeningConfig)):
                 if key in kw:
                     kw[key] = _sub_from_dict(sub, kw[key], key)
             return cls(**kw)
@@ -215,7 +217,10 @@ def _sub_from_dict(cls: type, d: Any, where: str) -> Any:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ManifestError(f"unknown keys in {where}: {unknown}; known: {sorted(known)}")
-    return cls(**d)
+    try:
+        return cls(**d)
+    except (TypeError, ValueError) as e:
+        raise ManifestError(f"invalid {where}: {e}") from e
 
 
 def load_manifest_file(path: str | Path) -> RunManifest:

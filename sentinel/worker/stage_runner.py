@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sentinel.bootstrap.manifest import RunManifest
 from sentinel.model.stages import StageModule, build_stage
+from sentinel.run.manifest import RunManifest
 
 
 @dataclass

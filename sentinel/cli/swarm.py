@@ -53,7 +53,8 @@ class SwarmConfig:
     data: str | None = None  # corpus path; None = the generated default corpus
     malicious: int = 1  # malicious workers, placed in middle stages first
     attack: str = "sign_flip"
-    attack_direction: str = "forward"
+    # None: forward for a built-in attack, and for a plugin the directions whose methods it defines
+    attack_direction: str | None = None
     attack_start: int = 20
     screening: bool = True
     frame_verifiers: int = 0  # byzantine verifiers that try to frame an honest worker
@@ -165,7 +166,7 @@ class LocalSwarm:
         cfg_path.write_text(yaml.safe_dump(self.manifest_dict()))
         maddr_file = self.workdir / "bootstrap.maddr"
         url_file = self.workdir / "monitor.url"
-        self._spawn(self.bootstrap, [sys.executable, "-m", "sentinel.bootstrap.cli", "--new-swarm",
+        self._spawn(self.bootstrap, [sys.executable, "-m", "sentinel.cli.bootstrap", "--new-swarm",
                                      "--identity-path", str(self.bootstrap.identity_path), "--config", str(cfg_path),
                                      "--maddr-file", str(maddr_file), "--monitor-url-file", str(url_file)])
         deadline = time.monotonic() + self.cfg.startup_timeout_s
@@ -183,15 +184,19 @@ class LocalSwarm:
 
     def start_node(self, node: NodeProc) -> None:
         c = self.cfg
-        args = [sys.executable, "-m", "sentinel.node.cli", "join", "--initial-peers", self.maddr,
+        args = [sys.executable, "-m", "sentinel.cli.node", "join", "--initial-peers", self.maddr,
                 "--identity-path", str(node.identity_path), "--role", node.role, "--report", str(node.report_path)]
         if node.role == "worker":
             # stages are assigned here, and every local worker shares this machine: measuring
             # throughput in each (all at once, on the same cores) would only measure contention
             args += ["--stage", str(node.stage), "--throughput", "1"]
             if node.attack:
-                args += ["--attack", node.attack, "--attack-direction", c.attack_direction,
-                         "--attack-start", str(c.attack_start)]
+                from sentinel.attacks.loader import default_directions
+
+                args += ["--attack", node.attack, "--attack-start", str(c.attack_start)]
+                direction = c.attack_direction or default_directions(node.attack)
+                if direction is not None:
+                    args += ["--attack-direction", direction]
         else:
             idx = int(node.name.rsplit("-", 1)[1])
             args += ["--steps", str(c.steps), "--data-shard", f"{idx}/{c.verifiers}",
@@ -352,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="UTF-8 text file to train on (default: generated corpus)")
     p.add_argument("--malicious", type=int, default=d.malicious, help="malicious workers (0 = clean run)")
     p.add_argument("--attack", default=d.attack, help="attack name/spec for malicious workers")
-    p.add_argument("--attack-direction", choices=["forward", "backward", "both"], default=d.attack_direction)
+    p.add_argument("--attack-direction", choices=["forward", "backward", "both"], default=None,
+                   help="what the attackers corrupt (default: forward for a built-in attack, and for a "
+                        "plugin class the directions whose methods it defines)")
     p.add_argument("--attack-start", type=int, default=d.attack_start)
     p.add_argument("--no-screening", action="store_true", help="verifiers do not screen (undefended baseline)")
     p.add_argument("--frame-verifiers", type=int, default=0, help="byzantine verifiers that frame an honest worker")
@@ -397,6 +404,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"sentinel-swarm: error: {e}", file=sys.stderr)
         return 2
+    attacked = "-"
+    if cfg.malicious:
+        from sentinel.attacks.loader import AttackSpecError, default_directions, load_attack
+
+        try:  # the workers load it again; loading here refuses a bad spec before any process starts
+            attack = load_attack(cfg.attack, directions=cfg.attack_direction or default_directions(cfg.attack))
+        except AttackSpecError as e:
+            print(f"sentinel-swarm: error: --attack: {e}", file=sys.stderr)
+            return 2
+        attacked = f"{cfg.attack}, attacking {getattr(attack, 'directions', 'both')}"
     workdir = Path(args.workdir or f"runs/swarm-{time.strftime('%Y%m%d-%H%M%S')}")
     swarm = LocalSwarm(cfg, workdir)
 
@@ -406,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     print(f"starting {cfg.stages} stages x {cfg.replicas} replicas + {cfg.verifiers} verifiers "
-          f"({cfg.malicious} malicious, attack {cfg.attack if cfg.malicious else '-'}); logs in {workdir}/logs",
+          f"({cfg.malicious} malicious, attack {attacked}); logs in {workdir}/logs",
           flush=True)
     try:
         swarm.start()

@@ -24,7 +24,7 @@ def stage_service(num_stages: int, claims: Mapping[int, Mapping[str, float]]) ->
 
 def choose_stage(num_stages: int, claims: Mapping[int, Mapping[str, float]], peer_id: str) -> int:
     """The stage with the fewest replicas; among those, the one whose replicas announce the least
-    total throughput (measured tokens/s, ``sentinel.node.device``); then a per-peer pseudo-random pick.
+    total throughput (measured tokens/s, ``sentinel.worker.device``); then a per-peer pseudo-random pick.
 
     Replica count comes first, not throughput alone as in Petals: every stage needs an honest
     majority of *replicas* for screening and robust averaging, and a stage held by one fast GPU

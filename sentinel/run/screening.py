@@ -82,7 +82,7 @@ class ScreeningConfig:
     * ``averaging_outlier_ratio`` — 3. The other axis: a replica's contribution to its
       stage's averaging round is flagged (a strike, through the same ledger as pipeline flags)
       when its distance to the coordinate-wise median of the round's contributions exceeds k
-      times the round's spread (``sentinel.node.averaging.contribution_scores``). Live, the
+      times the round's spread (``sentinel.protocol.aggregation.contribution_scores``). Live, the
       replica that saw the contribution complains with the contributor's signed reply and each
       verifier re-judges it against the stage's other replicas (``sentinel.verifier.complaints``);
       the simulator applies the same rule to every round. 0 turns it off.

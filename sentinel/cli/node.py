@@ -12,37 +12,16 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from typing import Any
 
-EXIT_USAGE = 2
-EXIT_NETWORK = 3
-
-
-def add_network_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("network (hivemind-style)")
-    g.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
-                   help="multiaddrs of bootstrap peers, e.g. /ip4/127.0.0.1/tcp/31337/p2p/12D3KooW...")
-    g.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], metavar="MADDR",
-                   help="where to listen (default: %(default)s)")
-    g.add_argument("--announce-maddrs", nargs="*", default=None, metavar="MADDR",
-                   help="addresses other peers should dial (behind NAT / port forwarding)")
-    g.add_argument("--identity-path", default=None,
-                   help="Ed25519 identity file (libp2p format), created on first run with mode 0600; "
-                        "keeps the same peer id across restarts")
-    g.add_argument("--startup-timeout", type=float, default=60.0, help="seconds to wait for p2pd (default 60)")
-    g.add_argument("--heartbeat", type=float, default=3.0, help="DHT re-announce period, seconds")
-    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-
-
-def network_config(args: argparse.Namespace) -> Any:
-    from sentinel.node.runtime import NetworkConfig
-
-    return NetworkConfig(initial_peers=list(args.initial_peers), host_maddrs=list(args.host_maddrs),
-                         announce_maddrs=args.announce_maddrs, identity_path=args.identity_path,
-                         startup_timeout=args.startup_timeout, heartbeat_s=args.heartbeat,
-                         record_ttl_s=max(5 * args.heartbeat, 10.0))
+from sentinel.net.args import (
+    EXIT_NETWORK,
+    EXIT_USAGE,
+    add_network_args,
+    install_stop_signals,
+    network_config,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +89,7 @@ def _parse_shard(text: str) -> tuple[int, int]:
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    from sentinel.node.status import fetch_status, format_status
+    from sentinel.net.status import fetch_status, format_status
 
     if not 1 <= args.metrics_port <= 65535:
         print(f"sentinel-node: error: --metrics-port {args.metrics_port}: need 1..65535", file=sys.stderr)
@@ -167,34 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_USAGE
 
 
-async def fetch_manifest(runtime: Any, trusted: list[str], timeout: float = 120.0) -> Any:
-    """The run manifest signed by a trusted peer (the record validator already checked the signature)."""
-    import time
-
-    from sentinel.bootstrap.manifest import RunManifest
-    from sentinel.bootstrap.peer import MANIFEST_KEY
-
-    deadline = time.monotonic() + timeout
-    while True:
-        recs = await runtime.get(MANIFEST_KEY)
-        for signer in trusted:
-            if signer in recs:
-                return RunManifest.from_dict(recs[signer]["manifest"])
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no run manifest signed by {[t[-8:] for t in trusted]} found in the DHT "
-                               f"after {timeout:.0f}s; is the bootstrap peer running?")
-        await asyncio.sleep(0.5)
-
-
-def install_stop_signals(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-
-
 async def _join(args: argparse.Namespace) -> int:
-    from sentinel.node.metrics_http import HTTPPortError, start_metrics_server
+    from sentinel.net.http import HTTPPortError, start_metrics_server
 
     try:
         metrics = start_metrics_server(args.metrics_port, args.metrics_host)
@@ -213,7 +166,8 @@ async def _join(args: argparse.Namespace) -> int:
 async def _join_swarm(args: argparse.Namespace, metrics: Any = None) -> int:
     import torch
 
-    from sentinel.node.runtime import BootstrapUnreachableError, SwarmRuntime, peer_id_of_maddr
+    from sentinel.net.runtime import BootstrapUnreachableError, SwarmRuntime, peer_id_of_maddr
+    from sentinel.net.view import fetch_manifest
     from sentinel.protocol.errors import IdentityError
 
     torch.set_num_threads(1)
@@ -262,7 +216,7 @@ async def _join_swarm(args: argparse.Namespace, metrics: Any = None) -> int:
 
 
 async def _start_worker(args: argparse.Namespace, runtime: Any, manifest: Any) -> Any:
-    from sentinel.node.worker import WorkerNode
+    from sentinel.worker.node import WorkerNode
 
     attack = None
     if args.attack:
@@ -273,7 +227,7 @@ async def _start_worker(args: argparse.Namespace, runtime: Any, manifest: Any) -
             attack.start_step = args.attack_start
     from pathlib import Path
 
-    from sentinel.node.device import cached_throughput, resolve_device
+    from sentinel.worker.device import cached_throughput, resolve_device
 
     device = resolve_device(args.device)  # DeviceError is a ValueError: a clear exit 3 in _join_swarm
     if args.throughput == "auto":
@@ -307,13 +261,13 @@ async def _start_verifier(args: argparse.Namespace, runtime: Any, manifest: Any)
 
 def _status_board(args: argparse.Namespace, runtime: Any, node: Any, metrics: Any) -> Any:
     """Start the node's one-line status (printed every ``--status-every`` s, served at /status)."""
-    from sentinel.node.status import StatusBoard
+    from sentinel.net.status import StatusBoard
 
     async def swarm_view() -> dict[str, Any]:
         view: dict[str, Any] = {"peers": len(await runtime.p2p.list_peers())}
         if args.role == "worker":
-            from sentinel.node.status import strikes_against
-            from sentinel.node.worker import verifiers_key
+            from sentinel.net.status import strikes_against
+            from sentinel.protocol.keys import verifiers_key
 
             records = await runtime.get(verifiers_key(node.run))
             view["strikes"] = strikes_against(runtime.peer_id, records)

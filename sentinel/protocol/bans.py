@@ -20,21 +20,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from sentinel.protocol.records import record_key
-from sentinel.verifier.committee import ban_quorum, configured_seats, elect_committee
+from sentinel.protocol.committee import ban_quorum, configured_seats, elect_committee
 
 logger = logging.getLogger(__name__)
 
 MAX_EVIDENCE = 4  # flagged messages carried per vote
 
 
-def ban_key(run: str, target: str) -> str:
-    return record_key(run, "ban", target)
-
-
 def committee_bans(verifier_records: dict[str, Any], seats: int, trusted: list[str] | None = None) -> set[str]:
     """Workers listed as banned by a strict majority of ``seats`` distinct verifiers
-    (:func:`~sentinel.verifier.committee.configured_seats`).
+    (:func:`~sentinel.protocol.committee.configured_seats`).
 
     What a *worker* uses to leave banned replicas out of its stage's averaging: each verifier's
     signed record lists the bans effective in its own view (already committee-quorum decisions),
@@ -80,7 +75,7 @@ class BanBook:
 
     def elect(self, candidates: list[str] | dict[str, int], epoch: int = 0) -> list[str]:
         """Pinned committee in trusted mode, else the election over ``candidates`` (peer ids, or
-        ``peer -> stamp`` for stamped candidacies, ``sentinel.verifier.stamps``)."""
+        ``peer -> stamp`` for stamped candidacies, ``sentinel.protocol.stamps``)."""
         if self.trusted:
             self.committee = list(self.trusted)
         else:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sentinel.bootstrap.manifest import RunManifest
 from sentinel.protocol.checks import TensorSpec, new_nonce
 from sentinel.protocol.codec import Message
+from sentinel.run.manifest import RunManifest
 
 FORWARD = "sentinel.forward"  # x (+ targets on the last stage) -> y (the loss on the last stage)
 BACKWARD = "sentinel.backward"  # x, grad (targets on the last stage) -> grad_x (nothing on stage 0)

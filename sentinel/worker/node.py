@@ -21,30 +21,37 @@ from typing import Any
 import torch
 
 from sentinel import __version__
-from sentinel.bootstrap.manifest import RunManifest
 from sentinel.metrics import METRICS
-from sentinel.node.averaging import AveragingLog, aggregate, canonical_part, contribution_scores, partition
-from sentinel.node.butterfly import Butterfly
-from sentinel.node.checkpoint import (
+from sentinel.net.runtime import REPLY_PACE, PeerCallError, SwarmRuntime
+from sentinel.net.view import fetch_params, read_stage_claims, version_of
+from sentinel.protocol import rpc as wire
+from sentinel.protocol.aggregation import (
+    AveragingLog,
+    aggregate,
+    canonical_part,
+    contribution_scores,
+    partition,
+)
+from sentinel.protocol.bans import committee_bans
+from sentinel.protocol.checks import MessageChecker
+from sentinel.protocol.codec import Message
+from sentinel.protocol.committee import configured_seats
+from sentinel.protocol.errors import MalformedMessageError, ProtocolError, WrongSenderError
+from sentinel.protocol.keys import stage_key, verifiers_key
+from sentinel.protocol.records import STATES
+from sentinel.protocol.signing import sign_message
+from sentinel.protocol.stamps import stamped_candidates
+from sentinel.run.manifest import RunManifest
+from sentinel.worker.butterfly import Butterfly
+from sentinel.worker.checkpoint import (
     CheckpointError,
     checkpoint_path,
     find_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
-from sentinel.node.runtime import REPLY_PACE, PeerCallError, SwarmRuntime
-from sentinel.node.stage_runner import StageRunner
-from sentinel.node.stage_selection import choose_stage, should_move
-from sentinel.protocol import pipeline as wire
-from sentinel.protocol.checks import MessageChecker, TensorSpec
-from sentinel.protocol.codec import Message
-from sentinel.protocol.errors import MalformedMessageError, ProtocolError, WrongSenderError
-from sentinel.protocol.records import STATES, record_key
-from sentinel.protocol.signing import sign_message
-from sentinel.verifier.bans import committee_bans
-from sentinel.verifier.committee import configured_seats
-from sentinel.verifier.config import ScreeningConfig
-from sentinel.verifier.stamps import stamped_candidates
+from sentinel.worker.stage_runner import StageRunner
+from sentinel.worker.stage_selection import choose_stage, should_move
 
 logger = logging.getLogger(__name__)
 
@@ -69,89 +76,6 @@ class UnstampedVerifierError(UnknownVerifierError):
     """An announced verifier of an open-mode run whose record lacks a valid candidacy stamp."""
 
     reason = "unstamped_verifier"
-
-
-def stage_key(run: str, stage: int) -> str:
-    return record_key(run, "stage", stage)
-
-
-def verifiers_key(run: str) -> str:
-    return record_key(run, "verifiers")
-
-
-def progress_key(run: str) -> str:
-    return record_key(run, "progress")
-
-
-async def read_stage_claims(runtime: SwarmRuntime, run: str, num_stages: int) -> dict[int, dict[str, dict]]:
-    """stage -> {peer id -> claim payload} for claims whose owner says they serve that stage."""
-    keys = [stage_key(run, s) for s in range(num_stages)]
-    found = await asyncio.gather(*(runtime.get(k) for k in keys))
-    claims: dict[int, dict[str, dict]] = {}
-    for s, recs in enumerate(found):
-        claims[s] = {p: v for p, v in recs.items() if v.get("stage") == s and v.get("run") == run}
-    # One process serves one stage. A key claiming several at once (a Sybil flood from one key, or
-    # a squatter) is ignored in all of them: routing to it would fail hops, and counting it would
-    # make starved stages look served. A worker that moves writes OFFLINE to its old stage first.
-    seen: dict[str, int] = {}
-    for recs in claims.values():
-        for p, v in recs.items():
-            if v.get("state") != "OFFLINE":
-                seen[p] = seen.get(p, 0) + 1
-    multi = {p for p, n in seen.items() if n > 1}
-    if len(_MULTI_STAGE_REPORTED) > 10_000:  # bounded: a flood of fresh keys must not grow memory
-        _MULTI_STAGE_REPORTED.clear()
-    for p in multi - _MULTI_STAGE_REPORTED:
-        _MULTI_STAGE_REPORTED.add(p)
-        METRICS.inc("sentinel_multi_stage_claims_total")
-        logger.warning("ignoring %s: it claims %d stages at once", p[-8:], seen[p])
-    if multi:
-        claims = {s: {p: v for p, v in recs.items() if p not in multi} for s, recs in claims.items()}
-    return claims
-
-
-_MULTI_STAGE_REPORTED: set[str] = set()
-
-
-def version_of(msg: Message) -> int:
-    """The optimizer-step count a ``params_result`` announces (0 if absent or not an int)."""
-    v = msg.header.get("version", 0)
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
-
-
-async def fetch_params(runtime: SwarmRuntime, checker: MessageChecker, run: str, step: int, stage: int,
-                       peers: list[str], numel: int | None = None, timeout: float = 20.0,
-                       part: tuple[int, int] | None = None,
-                       ) -> tuple[list[tuple[str, Message]], list[tuple[str, Exception]]]:
-    """Ask each of ``peers`` for its flat parameters of ``stage`` (or the slice ``part`` =
-    ``(lo, hi)`` of them): the signed, checked ``params_result`` of those that answer, and
-    (peer, error) for the rest. Replicas use it to average and join, verifiers to judge a
-    complaint against the stage."""
-    if part is not None:
-        numel = part[1] - part[0]
-    spec = {"params": TensorSpec("float32", (numel,))}
-    extra = {"part": list(part)} if part is not None else {}
-
-    async def fetch(peer: str) -> tuple[str, Message | Exception]:
-        req = sign_message(wire.request(run, step, 0, stage, "params", {}, **extra), runtime.identity)
-        try:
-            resp = await runtime.call(peer, wire.PARAMS, req, timeout)
-            checker.check(resp, expected_sender=peer, expected=spec, check_replay=False)
-            h = resp.header
-            # bound to this request: the echoed step is what dates the reply as evidence
-            # (``sentinel.verifier.complaints``), so the sender must not choose it
-            if h.get("in_reply_to") != req.header["digest"] or h.get("step") != req.header["step"] \
-                    or h.get("stage") != stage or h.get("direction") != "params_result" \
-                    or (part is not None and h.get("part") != list(part)):
-                raise ProtocolError("params reply is not bound to this request (in_reply_to/step/stage/part)")
-        except (PeerCallError, ProtocolError) as e:
-            logger.debug("params of stage %d from %s failed: %s", stage, peer[-8:], e)
-            return peer, e
-        return peer, resp
-
-    got = await asyncio.gather(*(fetch(p) for p in peers))
-    return ([(p, r) for p, r in got if isinstance(r, Message)],
-            [(p, r) for p, r in got if not isinstance(r, Message)])
 
 
 def _throughput_of(claim: dict) -> float:
@@ -179,7 +103,7 @@ class WorkerNode:
     ):
         self.runtime = runtime
         self.device = device
-        #: training tokens/s announced in the stage claim (``sentinel.node.device``); 1.0 = unmeasured
+        #: training tokens/s announced in the stage claim (``sentinel.worker.device``); 1.0 = unmeasured
         self.throughput = float(throughput)
         #: where the stage is saved every ``checkpoint_every`` optimizer steps and on shutdown (None = never)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
@@ -209,7 +133,7 @@ class WorkerNode:
         self.averaging_log = AveragingLog()
         # the contribution screen (``ScreeningConfig.averaging_outlier_*``) this worker applies to
         # its replicas' contributions before complaining to the verifiers
-        self.screen_config = ScreeningConfig.from_dict(manifest.screening) if manifest.screening else ScreeningConfig()
+        self.screen_config = manifest.screening
         self._anchor: torch.Tensor | None = None  # the aggregate this worker loaded at its last round
         self.butterfly = Butterfly(self)  # partitioned rounds (TrainingConfig.averaging_partition)
 
@@ -299,7 +223,7 @@ class WorkerNode:
             self._verifiers_checked_at = now
             recs = await self.runtime.get(verifiers_key(self.run))
             # open mode: only candidacies that paid their stamp may drive this worker, so a flood
-            # of free announcements buys no one compute (sentinel.verifier.stamps)
+            # of free announcements buys no one compute (sentinel.protocol.stamps)
             bits = 0 if self.manifest.trusted_verifiers else self.manifest.verifier_stamp_bits
             admitted, refused = stamped_candidates(self.run, recs, bits, states=tuple(STATES))
             self.known_verifiers |= set(admitted)
@@ -495,7 +419,7 @@ class WorkerNode:
 
     def _screen_contributions(self, own: torch.Tensor, replies: list[tuple[str, Message]]) -> None:
         """Complain to the verifiers about each replica whose contribution to this round is an
-        outlier (:func:`~sentinel.node.averaging.contribution_scores`). The complaint carries the
+        outlier (:func:`~sentinel.protocol.aggregation.contribution_scores`). The complaint carries the
         replica's own signed reply, so it cannot be forged against an honest replica; the
         verifiers re-check it against the stage's other replicas before striking anyone."""
         cfg = self.screen_config
@@ -516,7 +440,7 @@ class WorkerNode:
 
     def report_reduction(self, reducer: str, result: Message, inputs: list[Message]) -> None:
         """Report a butterfly reducer whose signed answer its own committed inputs contradict
-        (``sentinel.node.butterfly``): the verifiers recompute it from this evidence alone."""
+        (``sentinel.worker.butterfly``): the verifiers recompute it from this evidence alone."""
         req = wire.request(self.run, self.max_step, 0, self.stage, "complaint",
                            {"part": result.tensors["part"],
                             "params": torch.stack([m.tensors["params"] for m in inputs])},

@@ -2,7 +2,7 @@
 
 Election is rendezvous (highest-random-weight) hashing: every candidate gets the weight
 ``BLAKE2b(run_id, epoch, peer, stamp)`` and the ``size`` heaviest form the committee. The stamp
-is the candidate's proof of work (``sentinel.verifier.stamps``): hashing it into the weight means
+is the candidate's proof of work (``sentinel.protocol.stamps``): hashing it into the weight means
 a new draw of the weight costs a new stamp, so grinding keys for heavy weights is priced. Every verifier that
 sees the same candidate set computes the same committee with no coordination; the input order
 does not matter; a candidate leaving changes the committee only if it was a member (it is

@@ -11,7 +11,7 @@ crypto puzzles and hashcash:
   at least ``bits`` leading zero bits; finding one takes ``2**bits`` hashes on average, checking
   it one hash;
 - only stamped candidates are elected, and the election weight hashes the stamp too
-  (:func:`sentinel.verifier.committee.elect_committee`), so every *draw* of a weight costs a new
+  (:func:`sentinel.protocol.committee.elect_committee`), so every *draw* of a weight costs a new
   stamp: grinding for heavy weights is no longer one hash per key but ``2**bits`` per try.
 
 This rate-limits, it does not prevent: owning the committee against N honest candidates still

@@ -2,7 +2,7 @@
 
 A gather round (every replica downloads every other's whole parameters) costs each replica
 ``n - 1`` copies of its stage per round and needs the stage to fit in one message. Here the flat
-parameters are cut into parts (:func:`~sentinel.node.averaging.partition`), part ``i`` owned by
+parameters are cut into parts (:func:`~sentinel.protocol.aggregation.partition`), part ``i`` owned by
 member ``i % n`` of the group sorted by peer id, and a round is, from one requester's side:
 
 1. For each part another member owns, push my slice to that owner in a signed ``reduce`` request
@@ -41,16 +41,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sentinel.metrics import METRICS
-from sentinel.node.averaging import aggregate, canonical_part, contribution_scores, partition, same_reduction
-from sentinel.node.runtime import PeerCallError
-from sentinel.protocol import pipeline as wire
+from sentinel.net.runtime import PeerCallError
+from sentinel.protocol import rpc as wire
+from sentinel.protocol.aggregation import (
+    aggregate,
+    canonical_part,
+    contribution_scores,
+    partition,
+    same_reduction,
+)
 from sentinel.protocol.checks import TensorSpec
 from sentinel.protocol.codec import Message
 from sentinel.protocol.errors import MalformedMessageError, ProtocolError
 from sentinel.protocol.signing import sign_message
 
 if TYPE_CHECKING:
-    from sentinel.node.worker import WorkerNode
+    from sentinel.worker.node import WorkerNode
 
 logger = logging.getLogger(__name__)
 
@@ -476,7 +482,7 @@ class Butterfly:
         return await asyncio.shield(task)
 
     async def _fetch_slice(self, peer: str, lo: int, hi: int, timeout: float) -> Message | None:
-        from sentinel.node.worker import fetch_params
+        from sentinel.net.view import fetch_params
 
         w = self.w
         got, _ = await fetch_params(w.runtime, w.checker, w.run, w.max_step, w.stage, [peer], timeout=timeout,
