@@ -60,9 +60,8 @@ async def child(a: argparse.Namespace) -> None:
     manifest = RunManifest(run_id="bench-butterfly", training=TrainingConfig(averaging="centered-clip"))
     node = WorkerNode(runtime, manifest)
     node.stage, node.runner = 0, Runner(torch.randn(a.numel, generator=torch.Generator().manual_seed(a.index)))
-    for name, fn in ((wire.PARAMS, node._on_params), (wire.REDUCE, node.butterfly.on_reduce),
-                     (wire.REDUCE_AUDIT, node.butterfly.on_audit)):
-        await runtime.serve(name, fn)
+    for name in (wire.PARAMS, wire.REDUCE, wire.REDUCE_AUDIT):
+        await runtime.serve(name, node.handlers()[name])
     (d / f"peer-{a.index}").write_text(runtime.peer_id)
     while not (d / "start").exists():
         await asyncio.sleep(0.1)
@@ -72,7 +71,7 @@ async def child(a: argparse.Namespace) -> None:
     async def replicas() -> list[str]:  # the group is fixed here; a worker reads it from the stage claims
         return [*peers, runtime.peer_id]
 
-    node.stage_replicas = replicas
+    node.butterfly.replicas = replicas
     out = []
     slot = 0
     for mode in MODES:

@@ -82,8 +82,7 @@ class Net:
         if dst in self.down:
             raise PeerCallError(f"{dst[-8:]} is down", "unreachable")
         node = self.nodes[dst]
-        handler = {wire.PARAMS: node._on_params, wire.REDUCE: node.butterfly.on_reduce,
-                   wire.REDUCE_AUDIT: node.butterfly.on_audit}[name]
+        handler = node.handlers()[name]  # behind the worker's dispatcher, as over the network
         try:
             resp = await handler(_wire(req), src)
         except ProtocolError as e:
@@ -125,18 +124,18 @@ def _stage(n: int, rule: str = "mean", part_numel: int = 2**20, audit: float = 0
         node.runner = Runner(base + 0.05 * torch.randn(NUMEL, generator=g))
         node._anchor = node.runner.flat - 0.01 * torch.randn(NUMEL, generator=g)  # the previous round's aggregate
         node.reports: list = []
-        node.report_reduction = lambda *a, node=node: node.reports.append(a)
-        node.complain_later = lambda *a: None
+        node.butterfly.report_lie = lambda *a, node=node: node.reports.append(a)
+        node.butterfly.complain = lambda *a: None
 
         async def banned(rt=rt):
             return rt.banned
 
-        node.banned_peers = banned
+        node.butterfly.banned = banned
 
         async def replicas():
             return list(net.nodes)
 
-        node.stage_replicas = replicas
+        node.butterfly.replicas = replicas
         net.nodes[rt.peer_id] = node
         nodes.append(node)
     return net, nodes
@@ -291,7 +290,7 @@ def _answer(nodes, owner):
     async def go():
         own = await asker.butterfly._own_flat()
         req = asker.butterfly._sign_slice(own, lo, hi, "reduce", group=ids)
-        return await owner.butterfly.on_reduce(_wire(req), asker.runtime.peer_id)
+        return await owner.handlers()[wire.REDUCE](_wire(req), asker.runtime.peer_id)
 
     return _run(nodes, go())
 
@@ -324,19 +323,19 @@ def test_a_reducer_refuses_bad_requests_with_a_clear_error(case):
         async def others():
             return [n.runtime.peer_id for n in nodes[1:]]
 
-        owner.stage_replicas = others
+        owner.butterfly.replicas = others
     elif case == "direction":
         direction = "params_result"
     flat = torch.zeros(NUMEL + 200)
     req = sign_message(wire.request(asker.run, step, 0, STAGE, direction, {"params": flat[lo:hi].contiguous()},
                                     part=[lo, hi], version=1, group=group), asker.runtime.identity)
     if error is None:
-        reply = _run(nodes, owner.butterfly.on_reduce(_wire(req), asker.runtime.peer_id))
+        reply = _run(nodes, owner.handlers()[wire.REDUCE](_wire(req), asker.runtime.peer_id))
         assert reply.header["direction"] == "reduce_result" and reply.tensors["part"].numel() == hi - lo
         assert owner.butterfly.stats["parts_served"] == 1
         return
     with pytest.raises(ProtocolError, match=error):
-        _run(nodes, owner.butterfly.on_reduce(_wire(req), asker.runtime.peer_id))
+        _run(nodes, owner.handlers()[wire.REDUCE](_wire(req), asker.runtime.peer_id))
     assert owner.butterfly.stats["parts_served"] == 0
 
 
@@ -349,7 +348,7 @@ def test_params_are_signed_only_for_parts_a_round_makes_and_steps_that_have_come
     def ask(part, step=30):
         req = sign_message(wire.request(asker.run, step, 0, STAGE, "params", {}, **({"part": part} if part else {})),
                            asker.runtime.identity)
-        return _run(nodes, owner._on_params(_wire(req), asker.runtime.peer_id))
+        return _run(nodes, owner.handlers()[wire.PARAMS](_wire(req), asker.runtime.peer_id))
 
     lo, hi = partition(NUMEL, 4, 200)[2]
     assert torch.equal(ask([lo, hi]).tensors["params"], owner.runner.flat[lo:hi])
@@ -386,7 +385,7 @@ def test_a_reducer_that_leaves_a_member_out_is_not_used_but_not_called_a_liar():
     async def three():
         return ids[:3]
 
-    nodes[1].stage_replicas = three  # node 1 does not know node 3
+    nodes[1].butterfly.replicas = three  # node 1 does not know node 3
     expected = aggregate([n.runner.flat for n in nodes], "mean")
     got, = _rounds(nodes, who=[0])
     assert nodes[0].butterfly.stats["fallbacks"] >= 1 and not nodes[0].butterfly.distrusted
@@ -402,7 +401,7 @@ def test_an_unknown_or_foreign_audit_is_refused():
     for who, of in ((stranger, digest), (nodes[0].runtime.identity, b"\0" * 32)):
         req = sign_message(wire.request(owner.run, 30, 0, STAGE, "reduce_audit", {}, of=of, index=0), who)
         with pytest.raises(ProtocolError):
-            _run(nodes, owner.butterfly.on_audit(_wire(req), who.peer_id))
+            _run(nodes, owner.handlers()[wire.REDUCE_AUDIT](_wire(req), who.peer_id))
 
 
 def test_a_reducer_that_does_not_answer_is_reduced_locally():

@@ -50,10 +50,9 @@ async def _scenario(daemons: set[int]) -> tuple[list[torch.Tensor], list[WorkerN
             async def replicas() -> list[str]:  # the stage claims a worker would read from the DHT
                 return ids
 
-            node.stage_replicas = replicas
-            for name, fn in ((wire.PARAMS, node._on_params), (wire.REDUCE, node.butterfly.on_reduce),
-                             (wire.REDUCE_AUDIT, node.butterfly.on_audit)):
-                await rt.serve(name, fn)
+            node.butterfly.replicas = replicas
+            for name in (wire.PARAMS, wire.REDUCE, wire.REDUCE_AUDIT):
+                await rt.serve(name, node.handlers()[name])
             nodes.append(node)
         daemons |= {p.pid for p in psutil.Process().children(recursive=True)}
         flats = torch.stack([n.runner.flat for n in nodes])

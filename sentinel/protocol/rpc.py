@@ -1,14 +1,17 @@
-"""The pipeline's RPCs: handler names, header fields, and the tensors each message must carry.
+"""The pipeline's RPCs: handler names, header fields, the tensors each message must carry, and
+the dispatcher that checks every request before its handler sees it.
 
 Every shape here follows from the run manifest, which is what lets a receiver reject a tensor
-of the wrong dtype or shape before it touches any compute.
+of the wrong dtype or shape before it touches any compute. A role declares its handlers once
+(:func:`checked_handlers`); no handler checks a request itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from sentinel.protocol.checks import TensorSpec, new_nonce
+from sentinel.protocol.checks import MessageChecker, TensorSpec, new_nonce
 from sentinel.protocol.codec import Message
 from sentinel.run.manifest import RunManifest
 
@@ -21,6 +24,14 @@ COMPLAINT = "sentinel.complaint"  # a replica's signed averaging contribution, r
 STATUS = "sentinel.status"  # () -> a node's status header, for `sentinel-node status`
 
 MODES = ("train", "eval")
+
+# Requests that must be fresh (inside the sender's replay window): the pipeline's, and those that
+# change the receiver's state. Reads (parameters, status, audit slices) may be repeated.
+REPLAY_CHECKED = frozenset({FORWARD, BACKWARD, REDUCE, COMPLAINT})
+
+Handler = Callable[[Message, str], Awaitable[Message]]
+# (rpc name, checked request, sender) -> None, or raise a ProtocolError: a role's admission rule
+Admit = Callable[[str, Message, str], Awaitable[None]]
 
 
 def request_specs(manifest: RunManifest, stage: int, handler: str) -> dict[str, TensorSpec]:
@@ -37,6 +48,39 @@ def request_specs(manifest: RunManifest, stage: int, handler: str) -> dict[str, 
         if handler == BACKWARD and not last:
             specs["grad"] = hidden
     return specs
+
+
+def request_tensors(name: str, manifest: RunManifest, stage: int, header: Mapping[str, Any]) -> dict[str, TensorSpec]:
+    """Tensors a request to ``name`` must carry, at the receiver's ``stage``. Lengths that depend
+    on the request itself (a reduce's part) are checked by the handler against that request."""
+    if name in (FORWARD, BACKWARD):
+        return request_specs(manifest, stage, name)
+    if name == REDUCE:
+        return {"params": TensorSpec("float32", (None,))}
+    if name == COMPLAINT:
+        if header.get("kind") == "reduction":  # a reducer's answer and the slices it committed to
+            return {"part": TensorSpec("float32", (None,)), "params": TensorSpec("float32", (None, None))}
+        return {"params": TensorSpec("float32", (None,))}
+    return {}
+
+
+def checked_handlers(handlers: Mapping[str, Handler], *, checker: MessageChecker, manifest: RunManifest,
+                     stage: Callable[[], int], admit: Admit | None = None) -> dict[str, Handler]:
+    """Each of ``handlers`` behind the one dispatcher: the request's signature, sender, run,
+    freshness (:data:`REPLAY_CHECKED`), tensors (:func:`request_tensors` at ``stage()``) and
+    finiteness are checked, then the role's ``admit`` rule, and only then the handler runs."""
+
+    def dispatch(name: str, handler: Handler) -> Handler:
+        async def checked(msg: Message, remote: str) -> Message:
+            checker.check(msg, expected_sender=remote, check_replay=name in REPLAY_CHECKED,
+                          expected=request_tensors(name, manifest, stage(), msg.header))
+            if admit is not None:
+                await admit(name, msg, remote)
+            return await handler(msg, remote)
+
+        return checked
+
+    return {name: dispatch(name, handler) for name, handler in handlers.items()}
 
 
 def response_specs(manifest: RunManifest, stage: int, handler: str) -> dict[str, TensorSpec]:

@@ -26,7 +26,6 @@ from sentinel.net.runtime import SwarmRuntime
 from sentinel.net.view import fetch_params, read_stage_claims, version_of
 from sentinel.protocol import rpc as wire
 from sentinel.protocol.bans import BanBook
-from sentinel.protocol.checks import TensorSpec
 from sentinel.protocol.codec import Message
 from sentinel.protocol.keys import ban_key, progress_key, verifiers_key
 from sentinel.protocol.signing import sign_message
@@ -128,8 +127,8 @@ class VerifierNode:
         self.runtime.announce(verifiers_key(self.run), self._record)
         self.runtime.announce(progress_key(self.run), self._progress_record)
         await self.runtime.announce_now()
-        await self.runtime.serve(wire.STATUS, self._on_status)
-        await self.runtime.serve(wire.COMPLAINT, self._on_complaint)
+        for name, handler in self.handlers().items():
+            await self.runtime.serve(name, handler)
         self._sync_task = asyncio.create_task(self._sync_loop())
 
     def _record(self) -> dict[str, Any]:
@@ -163,16 +162,17 @@ class VerifierNode:
         await self.runtime.shutdown(final_records={verifiers_key(self.run): self._record(),
                                                    progress_key(self.run): self._progress_record()})
 
+    def handlers(self) -> dict[str, wire.Handler]:
+        """This verifier's RPCs, each behind the dispatcher's message checks."""
+        return wire.checked_handlers({wire.STATUS: self._on_status, wire.COMPLAINT: self._on_complaint},
+                                     checker=self.complaints.checker, manifest=self.manifest, stage=lambda: -1)
+
     async def _on_status(self, msg: Message, remote: str) -> Message:
         return sign_message(wire.reply(msg, "status_result", {}, **self.status()), self.runtime.identity)
 
     # -- complaints about averaging contributions ------------------------------------------------
     async def _on_complaint(self, msg: Message, remote: str) -> Message:
         """Acknowledge at once, judge in the background: judging fetches the stage's replicas."""
-        expected = {"params": TensorSpec("float32", (None,))}
-        if msg.header.get("kind") == "reduction":  # a butterfly reducer's answer and the slices it committed to
-            expected = {"part": TensorSpec("float32", (None,)), "params": TensorSpec("float32", (None, None))}
-        self.complaints.checker.check(msg, expected_sender=remote, expected=expected)
         # a faked reduction is judged whatever the contribution screen's ratio: it is a proof
         judged = self.screening and (self.complaints.ratio > 0 or msg.header.get("kind") == "reduction")
         if judged:

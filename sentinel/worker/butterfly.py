@@ -35,8 +35,9 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -50,13 +51,13 @@ from sentinel.protocol.aggregation import (
     partition,
     same_reduction,
 )
-from sentinel.protocol.checks import TensorSpec
+from sentinel.protocol.checks import MessageChecker, TensorSpec
 from sentinel.protocol.codec import Message
-from sentinel.protocol.errors import MalformedMessageError, ProtocolError
+from sentinel.protocol.errors import MalformedMessageError, ProtocolError, ShapeMismatchError
 from sentinel.protocol.signing import sign_message
-
-if TYPE_CHECKING:
-    from sentinel.worker.node import WorkerNode
+from sentinel.run.manifest import TrainingConfig
+from sentinel.run.screening import ScreeningConfig
+from sentinel.worker.replica import Replica
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +133,34 @@ class Butterfly:
     """One worker's side of butterfly averaging: requester (:meth:`round`) and reducer
     (:meth:`on_reduce`, :meth:`on_audit`)."""
 
-    def __init__(self, worker: WorkerNode) -> None:
-        self.w = worker
-        t = worker.manifest.training
+    def __init__(self, *, runtime: Any, checker: MessageChecker, run: str, training: TrainingConfig,
+                 screen_config: ScreeningConfig, replica: Replica,
+                 run_blocking: Callable[..., Awaitable[Any]],
+                 contribution: Callable[..., torch.Tensor],
+                 replicas: Callable[[], Awaitable[list[str]]],
+                 banned: Callable[[], Awaitable[set[str]]],
+                 complain: Callable[[str, Message, float], None],
+                 report_lie: Callable[[str, Message, list[Message]], None]) -> None:
+        """Everything a round uses, given explicitly: the node's ``runtime`` (calls, identity),
+        its message ``checker``, the run's ``training`` and ``screen_config``, the live
+        ``replica`` state (stage, step, runner), ``run_blocking(fn, *args)`` to run compute off
+        the event loop, ``contribution(flat, tag, part)`` (what this replica contributes: its
+        parameters, or an averaging attack's poison of them), ``replicas()`` and ``banned()``
+        (the stage's announced replicas and the banned peers), ``complain(peer, evidence,
+        score)`` (report a poisoned slice to the verifiers) and ``report_lie(reducer, answer,
+        inputs)`` (report a reduction its committed inputs contradict)."""
+        self.runtime = runtime
+        self.checker = checker
+        self.run = run
+        self.screen_config = screen_config
+        self.replica = replica
+        self.run_blocking = run_blocking
+        self.contribution = contribution
+        self.replicas = replicas
+        self.banned = banned
+        self.complain = complain
+        self.report_lie = report_lie
+        t = training
         self.rule = t.averaging
         self.part_numel = t.averaging_part_numel
         self.reuse_s = t.averaging_reuse_s
@@ -161,27 +187,25 @@ class Butterfly:
     async def _own_flat(self) -> torch.Tensor:
         """My current flat parameters, as contributed (an attacker's poison included); cached
         until my parameters next change, since every part of a round needs them."""
-        r = self.w.runner
+        r = self.replica.runner
         key = (r.version, r.stats.averaging_rounds)
         if self._own is None or self._own[0] != key:
-            flat = await self.w._in_thread(r.flat_parameters)
-            self._own = (key, self.w.poison_contribution(flat, "contribution"))
+            flat = await self.run_blocking(r.flat_parameters)
+            self._own = (key, self.contribution(flat, "contribution"))
         return self._own[1]
 
     def _sign_slice(self, flat: torch.Tensor, lo: int, hi: int, direction: str, **extra: Any) -> Message:
-        w = self.w
-        msg = wire.request(w.run, w.max_step, 0, w.stage, direction, {"params": flat[lo:hi].contiguous()},
-                           part=[lo, hi], version=w.runner.version, **extra)
-        return sign_message(msg, w.runtime.identity)
+        msg = wire.request(self.run, self.replica.step, 0, self.replica.stage, direction, {"params": flat[lo:hi].contiguous()},
+                           part=[lo, hi], version=self.replica.runner.version, **extra)
+        return sign_message(msg, self.runtime.identity)
 
     # -- requester -------------------------------------------------------------------------------
     async def round(self, peers: list[str], timeout: float = 30.0) -> torch.Tensor:
         """One averaging round with ``peers`` (live, non-banned replicas): the aggregate of the
         whole flat parameters, assembled part by part."""
-        w = self.w
-        me = w.runtime.peer_id
+        me = self.runtime.peer_id
         group = sorted({me, *peers})
-        numel = w.runner.num_parameters()
+        numel = self.replica.runner.num_parameters()
         parts = partition(numel, len(group), self.part_numel)
         own = await self._own_flat()
 
@@ -243,9 +267,9 @@ class Butterfly:
         self.distrusted.add(owner)
         METRICS.inc("sentinel_averaging_reducer_lies_total")
         logger.warning("reducer %s lied about part [%d, %d) of stage %d (%s): reducing its parts here from now on",
-                       owner[-8:], lo, hi, self.w.stage, e)
+                       owner[-8:], lo, hi, self.replica.stage, e)
         if e.proof is not None:
-            self.w.report_reduction(owner, *e.proof)
+            self.report_lie(owner, *e.proof)
 
     def _failed(self, owner: str, lo: int, hi: int, e: Exception) -> None:
         self.stats["fallbacks"] += 1
@@ -255,15 +279,14 @@ class Butterfly:
     async def _ask(self, owner: str, own: torch.Tensor, lo: int, hi: int, group: list[str],
                    timeout: float) -> _Answer:
         """Push my slice of ``[lo, hi)`` to its owner and take its answer (not yet audited)."""
-        w = self.w
         req = self._sign_slice(own, lo, hi, "reduce", group=group)
         self.stats["parts_pushed"] += 1
-        resp = await w.runtime.call(owner, wire.REDUCE, req, timeout)
-        w.checker.check(resp, expected_sender=owner, expected={"part": TensorSpec("float32", (hi - lo,))},
+        resp = await self.runtime.call(owner, wire.REDUCE, req, timeout)
+        self.checker.check(resp, expected_sender=owner, expected={"part": TensorSpec("float32", (hi - lo,))},
                         check_replay=False)
         h = resp.header
         if h.get("in_reply_to") != req.header["digest"] or h.get("direction") != "reduce_result" \
-                or _part_of(h) != (lo, hi) or h.get("stage") != w.stage:
+                or _part_of(h) != (lo, hi) or h.get("stage") != self.replica.stage:
             raise ProtocolError("reduce reply is not bound to this request (in_reply_to/part/stage)")
         committed = h.get("contributions")
         if not isinstance(committed, list) or not all(
@@ -272,7 +295,7 @@ class Butterfly:
             raise MalformedMessageError("reduce reply lacks its 'contributions' commitment")
         who = [c[0] for c in committed]
         if len(set(who)) != len(who) or not set(who) <= set(group) \
-                or [w.runtime.peer_id, req.header["digest"]] not in committed:
+                or [self.runtime.peer_id, req.header["digest"]] not in committed:
             raise ReductionMismatch("committed to slices from outside the group, twice from one member, or not "
                                     "to the slice I pushed")
         if set(who) != set(group):
@@ -286,17 +309,16 @@ class Butterfly:
                      timeout: float) -> None:
         """Fetch every slice ``owner`` committed to (but ``mine``, the one I pushed), check each
         against its contributor's signature and the commitment, and recompute the reduction."""
-        w = self.w
         self.stats["audits"] += 1
         METRICS.inc("sentinel_averaging_audits_total")
 
         async def fetch(i: int) -> Message:
-            if committed[i] == [w.runtime.peer_id, mine.header["digest"]]:
+            if committed[i] == [self.runtime.peer_id, mine.header["digest"]]:
                 return mine
-            req = sign_message(wire.request(w.run, w.max_step, 0, w.stage, "reduce_audit", {},
-                                            of=resp.header["digest"], index=i), w.runtime.identity)
-            got = await w.runtime.call(owner, wire.REDUCE_AUDIT, req, timeout)
-            w.checker.check(got, expected_sender=owner, expected={"params": TensorSpec("float32", (hi - lo,))},
+            req = sign_message(wire.request(self.run, self.replica.step, 0, self.replica.stage, "reduce_audit", {},
+                                            of=resp.header["digest"], index=i), self.runtime.identity)
+            got = await self.runtime.call(owner, wire.REDUCE_AUDIT, req, timeout)
+            self.checker.check(got, expected_sender=owner, expected={"params": TensorSpec("float32", (hi - lo,))},
                             check_replay=False)
             header = got.header.get("contribution")
             if got.header.get("in_reply_to") != req.header["digest"] or not isinstance(header, dict):
@@ -309,9 +331,9 @@ class Butterfly:
                 raise ReductionMismatch(f"committed slice {i} from {contributor[-8:]} does not check: {e}") from e
             if inner.header["digest"] != digest:
                 raise ReductionMismatch(f"slice {i} is not the one committed to")
-            if inner.header["step"] < w.max_step - AUDIT_STEPS_BEHIND:
+            if inner.header["step"] < self.replica.step - AUDIT_STEPS_BEHIND:
                 raise PeerCallError(f"committed slice {i} from {contributor[-8:]} is of step {inner.header['step']}, "
-                                    f"I am at {w.max_step}", "stale_slice")
+                                    f"I am at {self.replica.step}", "stale_slice")
             return inner
 
         inputs = await asyncio.gather(*(fetch(i) for i in range(len(committed))))
@@ -321,49 +343,49 @@ class Butterfly:
 
     def _check_slice(self, msg: Message, contributor: str, lo: int, hi: int) -> None:
         """A slice of this stage's parameters, signed by ``contributor``, for exactly ``[lo, hi)``."""
-        w = self.w
-        w.checker.check(msg, expected_sender=contributor, expected={"params": TensorSpec("float32", (hi - lo,))},
+        self.checker.check(msg, expected_sender=contributor, expected={"params": TensorSpec("float32", (hi - lo,))},
                         check_replay=False)
         h = msg.header
-        if h.get("direction") not in ("reduce", "params_result", "slice") or h.get("stage") != w.stage \
+        if h.get("direction") not in ("reduce", "params_result", "slice") or h.get("stage") != self.replica.stage \
                 or _part_of(h) != (lo, hi):
-            raise ProtocolError(f"not a slice [{lo}, {hi}) of stage {w.stage}")
+            raise ProtocolError(f"not a slice [{lo}, {hi}) of stage {self.replica.stage}")
 
     # -- reducer ---------------------------------------------------------------------------------
     async def on_reduce(self, msg: Message, remote: str) -> Message:
         """Serve a requester's reduce: its pushed slice in, the signed reduction of that part out."""
-        w = self.w
         h = msg.header
         part = _part_of(h)
-        numel = w.runner.num_parameters()
+        numel = self.replica.runner.num_parameters()
         if part is None or not canonical_part(numel, self.part_numel, *part):
             raise MalformedMessageError(f"part must be one of the parts a round cuts {numel} parameters into "
                                         f"(at most {self.part_numel} long), got {h.get('part')!r:.80}")
         lo, hi = part
-        w.checker.check(msg, expected_sender=remote, expected={"params": TensorSpec("float32", (hi - lo,))})
+        if msg.tensors["params"].shape != (hi - lo,):
+            raise ShapeMismatchError(f"a slice [{lo}, {hi}) must have {hi - lo} elements, got "
+                                     f"{tuple(msg.tensors['params'].shape)}")
         group = h.get("group")
         if not isinstance(group, list) or not 2 <= len(group) <= MAX_GROUP \
                 or not all(isinstance(p, str) for p in group) or len(set(group)) != len(group):
             raise MalformedMessageError("group must be a list of distinct peer ids")
-        if h["stage"] != w.stage or w.runtime.peer_id not in group or remote not in group:
-            raise ProtocolError(f"a reduce for stage {h['stage']} by a group without both of us; I serve {w.stage}")
-        if not w.max_step - PUSH_STEPS_BEHIND <= h["step"] <= w.max_step + PUSH_STEPS_AHEAD:
-            raise ProtocolError(f"pushed slice signed at step {h['step']}, I am at step {w.max_step}")
+        if h["stage"] != self.replica.stage or self.runtime.peer_id not in group or remote not in group:
+            raise ProtocolError(f"a reduce for stage {h['stage']} by a group without both of us; I serve {self.replica.stage}")
+        if not self.replica.step - PUSH_STEPS_BEHIND <= h["step"] <= self.replica.step + PUSH_STEPS_AHEAD:
+            raise ProtocolError(f"pushed slice signed at step {h['step']}, I am at step {self.replica.step}")
         if h.get("direction") != "reduce":
             raise MalformedMessageError("a reduce request has direction 'reduce'")
-        banned = await w.banned_peers()
+        banned = await self.banned()
         if remote in banned:
             raise ProtocolError("banned replicas are not averaged with")
         # only replicas of my stage are served and pulled from: a stranger must not park slices
         # here, nor a group padded with made-up peers make me dial each of them
         known = await self._known_replicas()
         if remote not in known:
-            raise ProtocolError(f"{remote[-8:]} is not a replica of stage {w.stage} in the stage claims")
+            raise ProtocolError(f"{remote[-8:]} is not a replica of stage {self.replica.stage} in the stage claims")
         self._slices.setdefault((lo, hi), {})[remote] = (time.monotonic(), msg)
         arrived = self._arrivals.setdefault((lo, hi), asyncio.Condition())
         async with arrived:
             arrived.notify_all()
-        members = [p for p in group if p not in banned and (p in known or p == w.runtime.peer_id)]
+        members = [p for p in group if p not in banned and (p in known or p == self.runtime.peer_id)]
         result = await self.reduce(lo, hi, members, msg)
         self.stats["parts_served"] += 1
         return result
@@ -373,7 +395,7 @@ class Butterfly:
         now = time.monotonic()
         if self._known is None or now - self._known[0] > KNOWN_REPLICAS_S:
             try:
-                self._known = (now, set(await self.w.stage_replicas()))
+                self._known = (now, set(await self.replicas()))
             except Exception as e:  # noqa: BLE001 - a DHT hiccup: keep the last view
                 logger.debug("cannot read the stage's claims: %s", e)
                 self._known = (now, self._known[1] if self._known else set())
@@ -383,8 +405,7 @@ class Butterfly:
                      timeout: float = 20.0, wait: bool = True) -> Any:
         """Reduce part ``[lo, hi)`` over ``group``'s slices: mine, reused or pulled ones. For a
         ``request`` the signed ``reduce_result`` (inputs kept for audits); else the tensor."""
-        w = self.w
-        me = w.runtime.peer_id
+        me = self.runtime.peer_id
         mine = await self._own_slice(lo, hi)
         now = time.monotonic()
         held = self._slices.setdefault((lo, hi), {})
@@ -416,10 +437,10 @@ class Butterfly:
         agg = await self._aggregate(order, inputs)
         if request is None:
             return agg
-        agg = w.poison_contribution(agg, "reduction", (lo, hi))
+        agg = self.contribution(agg, "reduction", (lo, hi))
         reply = wire.reply(request, "reduce_result", {"part": agg.contiguous()}, part=[lo, hi],
                            contributions=[[p, _digest_of(m)] for p, m in zip(order, inputs, strict=True)])
-        sign_message(reply, w.runtime.identity)
+        sign_message(reply, self.runtime.identity)
         self._kept[_digest_of(reply)] = _Kept(frozenset(order), inputs, now)
         while len(self._kept) > KEEP_REDUCTIONS:
             self._kept.popitem(last=False)
@@ -443,7 +464,7 @@ class Butterfly:
         key = tuple((p, _digest_of(m)) for p, m in zip(order, inputs, strict=True))
         task = self._reductions.get(key)
         if task is None:
-            task = asyncio.ensure_future(self.w._in_thread(aggregate, [m.tensors["params"] for m in inputs], self.rule))
+            task = asyncio.ensure_future(self.run_blocking(aggregate, [m.tensors["params"] for m in inputs], self.rule))
             self._reductions[key] = task
             task.add_done_callback(lambda t, key=key: t.cancelled() or t.exception() is None
                                    or self._reductions.pop(key, None))
@@ -484,8 +505,7 @@ class Butterfly:
     async def _fetch_slice(self, peer: str, lo: int, hi: int, timeout: float) -> Message | None:
         from sentinel.net.view import fetch_params
 
-        w = self.w
-        got, _ = await fetch_params(w.runtime, w.checker, w.run, w.max_step, w.stage, [peer], timeout=timeout,
+        got, _ = await fetch_params(self.runtime, self.checker, self.run, self.replica.step, self.replica.stage, [peer], timeout=timeout,
                                     part=(lo, hi))
         if not got:
             return None
@@ -499,20 +519,19 @@ class Butterfly:
     def _screen(self, order: list[str], inputs: list[Message]) -> None:
         """Complain about each slice that is an outlier among this part's contributions (once
         per signed slice), exactly as a gather round does with whole contributions."""
-        w = self.w
-        cfg = w.screen_config
+        cfg = self.screen_config
         if cfg.averaging_outlier_ratio <= 0 or len(inputs) < 3:
             return
         scores = contribution_scores([m.tensors["params"] for m in inputs], cfg.averaging_outlier_floor)
         for peer, msg, score in zip(order, inputs, scores, strict=True):
-            if peer == w.runtime.peer_id or score <= cfg.averaging_outlier_ratio or _digest_of(msg) in self._complained:
+            if peer == self.runtime.peer_id or score <= cfg.averaging_outlier_ratio or _digest_of(msg) in self._complained:
                 continue
             self._complained[_digest_of(msg)] = None
             while len(self._complained) > 4096:
                 self._complained.popitem(last=False)
             logger.info("slice %s of %s is %.1f x the spread of stage %d: reporting it to the verifiers",
-                        msg.header.get("part"), peer[-8:], score, w.stage)
-            w.complain_later(peer, msg, score)
+                        msg.header.get("part"), peer[-8:], score, self.replica.stage)
+            self.complain(peer, msg, score)
 
     def _prune(self, now: float) -> None:
         """Drop old slices in place (a reduction waiting on a part holds its dict; parts are
@@ -526,8 +545,6 @@ class Butterfly:
 
     async def on_audit(self, msg: Message, remote: str) -> Message:
         """Hand a member of a reduction's group one of the signed slices it reduced."""
-        w = self.w
-        w.checker.check(msg, expected_sender=remote, expected={}, check_replay=False)
         of, index = msg.header.get("of"), msg.header.get("index")
         kept = self._kept.get(of) if isinstance(of, bytes) else None
         if kept is None or remote not in kept.group:
@@ -536,4 +553,4 @@ class Butterfly:
             raise MalformedMessageError(f"index must be in 0..{len(kept.inputs) - 1}")
         inner = kept.inputs[index]
         return sign_message(wire.reply(msg, "reduce_audit_result", {"params": inner.tensors["params"]},
-                                       contribution=dict(inner.header)), w.runtime.identity)
+                                       contribution=dict(inner.header)), self.runtime.identity)

@@ -50,6 +50,7 @@ from sentinel.worker.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from sentinel.worker.replica import Replica
 from sentinel.worker.stage_runner import StageRunner
 from sentinel.worker.stage_selection import choose_stage, should_move
 
@@ -113,18 +114,16 @@ class WorkerNode:
         self.manifest = manifest
         self.run = manifest.run_id
         self.requested_stage = stage
-        self.stage: int = -1
+        self.replica = Replica()  # stage, newest step and runner, shared with the averaging helpers
         self.state = "JOINING"
         self.attack = attack
         self._excluded: set[str] = set()  # banned replicas already reported as left out of averaging
         self.attack_seed = attack_seed
-        self.runner: StageRunner | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self.checker = MessageChecker(manifest.run_id)
         self.known_verifiers: set[str] = set(manifest.trusted_verifiers)
         self._unstamped_verifiers: set[str] = set()  # announced in open mode without a valid stamp
         self._verifiers_checked_at = 0.0
-        self.max_step = 0
         self.tokens = 0
         self.started_at = time.time()
         self._averaging_task: asyncio.Task | None = None
@@ -135,7 +134,38 @@ class WorkerNode:
         # its replicas' contributions before complaining to the verifiers
         self.screen_config = manifest.screening
         self._anchor: torch.Tensor | None = None  # the aggregate this worker loaded at its last round
-        self.butterfly = Butterfly(self)  # partitioned rounds (TrainingConfig.averaging_partition)
+        # partitioned rounds (TrainingConfig.averaging_partition)
+        self.butterfly = Butterfly(
+            runtime=runtime, checker=self.checker, run=self.run, training=manifest.training,
+            screen_config=self.screen_config, replica=self.replica, run_blocking=self._in_thread,
+            contribution=self.poison_contribution, replicas=self.stage_replicas, banned=self.banned_peers,
+            complain=self.complain_later, report_lie=self.report_reduction)
+
+    @property
+    def stage(self) -> int:
+        """The stage this worker serves (-1 before it has chosen one)."""
+        return self.replica.stage
+
+    @stage.setter
+    def stage(self, value: int) -> None:
+        self.replica.stage = value
+
+    @property
+    def max_step(self) -> int:
+        """The highest pipeline step seen in a request: it dates this worker's signed replies."""
+        return self.replica.step
+
+    @max_step.setter
+    def max_step(self, value: int) -> None:
+        self.replica.step = value
+
+    @property
+    def runner(self) -> StageRunner | None:
+        return self.replica.runner
+
+    @runner.setter
+    def runner(self, value: StageRunner | None) -> None:
+        self.replica.runner = value
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -159,10 +189,8 @@ class WorkerNode:
         await self.runtime.announce_now()
         await self._resume_from_checkpoint()
         await self._join_from_replica()
-        for name, fn in ((wire.FORWARD, self._on_forward), (wire.BACKWARD, self._on_backward),
-                         (wire.PARAMS, self._on_params), (wire.STATUS, self._on_status),
-                         (wire.REDUCE, self.butterfly.on_reduce), (wire.REDUCE_AUDIT, self.butterfly.on_audit)):
-            await self.runtime.serve(name, fn)
+        for name, handler in self.handlers().items():
+            await self.runtime.serve(name, handler)
         self.state = "ONLINE"
         await self.runtime.announce_now()
         logger.info("worker %s serving stage %d", self.runtime.peer_id[-8:], self.stage)
@@ -234,12 +262,22 @@ class WorkerNode:
         if sender not in self.known_verifiers:
             raise UnknownVerifierError(f"{sender[-8:]} is not an announced verifier of run {self.run}")
 
-    async def _check(self, msg: Message, remote: str, handler: str) -> None:
-        self.checker.check(msg, expected_sender=remote, expected=wire.request_specs(self.manifest, self.stage, handler))
+    def handlers(self) -> dict[str, wire.Handler]:
+        """This worker's RPCs, each behind the dispatcher's message checks and :meth:`_admit`."""
+        return wire.checked_handlers(
+            {wire.FORWARD: self._on_forward, wire.BACKWARD: self._on_backward, wire.PARAMS: self._on_params,
+             wire.STATUS: self._on_status, wire.REDUCE: self.butterfly.on_reduce,
+             wire.REDUCE_AUDIT: self.butterfly.on_audit},
+            checker=self.checker, manifest=self.manifest, stage=lambda: self.stage, admit=self._admit)
+
+    async def _admit(self, name: str, msg: Message, remote: str) -> None:
+        """Pipeline requests must be for my stage and come from an announced verifier."""
+        if name not in (wire.FORWARD, wire.BACKWARD):
+            return
         if msg.header.get("stage") != self.stage:
             raise ProtocolError(f"request for stage {msg.header.get('stage')} sent to a worker of stage {self.stage}")
         await self._authorize(remote)
-        METRICS.inc("sentinel_messages_total", kind="request", direction=handler.rsplit(".", 1)[-1])
+        METRICS.inc("sentinel_messages_total", kind="request", direction=name.rsplit(".", 1)[-1])
 
     def _attack_ctx(self, msg: Message, direction: str, x: torch.Tensor, targets: torch.Tensor | None = None,
                     grad: torch.Tensor | None = None):
@@ -257,7 +295,6 @@ class WorkerNode:
 
     # -- handlers ----------------------------------------------------------------------------------
     async def _on_forward(self, msg: Message, remote: str) -> Message:
-        await self._check(msg, remote, wire.FORWARD)
         h = msg.header
         x, targets = msg.tensors["x"], msg.tensors.get("targets")
         mode = h.get("mode", "train")
@@ -288,7 +325,6 @@ class WorkerNode:
             REPLY_PACE.set(bytes_per_s)
 
     async def _on_backward(self, msg: Message, remote: str) -> Message:
-        await self._check(msg, remote, wire.BACKWARD)
         h = msg.header
         x, grad, targets = msg.tensors["x"], msg.tensors.get("grad"), msg.tensors.get("targets")
         key = (remote, h["step"], h["micro_batch"])
@@ -311,7 +347,6 @@ class WorkerNode:
         return sign_message(wire.reply(msg, "backward_result", tensors), self.runtime.identity)
 
     async def _on_params(self, msg: Message, remote: str) -> Message:
-        self.checker.check(msg, expected_sender=remote, expected={}, check_replay=False)
         if msg.header.get("stage") != self.stage:
             raise ProtocolError(f"params requested for stage {msg.header.get('stage')}, I serve {self.stage}")
         part = msg.header.get("part")
@@ -352,7 +387,6 @@ class WorkerNode:
         return self.attack.average(flat, ctx)
 
     async def _on_status(self, msg: Message, remote: str) -> Message:
-        self.checker.check(msg, expected_sender=remote, expected={}, check_replay=False)
         return sign_message(wire.reply(msg, "status_result", {}, **self.status()), self.runtime.identity)
 
     def status(self) -> dict[str, Any]:
