@@ -414,3 +414,4 @@ def test_plain_plugin_defaults_to_the_directions_it_defines(tmp_path) -> None:
     assert torch.equal(poison.average(p, ctx(direction="average")), torch.zeros(4))
     assert poison.forward(p, ctx()) is p and poison.backward(p, ctx()) is p
     assert default_directions(f"{plugin}:Poison") is None and default_directions("sign_flip") == "forward"
+    assert default_directions("gaussian,sigma=1,directions=backward") is None

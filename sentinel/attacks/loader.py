@@ -176,8 +176,11 @@ def is_plugin_spec(spec: str) -> bool:
 
 def default_directions(spec: str) -> str | None:
     """What a launcher attacks when the user names no direction: forward for a built-in attack
-    (the demo's attack), and for a plugin ``None``, so the loader uses the methods it defines."""
-    return None if is_plugin_spec(spec) else "forward"
+    (the demo's attack); ``None`` (the attack's own choice) for a plugin, which attacks the
+    directions whose methods it defines, and for a spec that sets ``directions`` itself."""
+    if is_plugin_spec(spec) or any(item.split("=", 1)[0].strip() == "directions" for item in spec.split(",")[1:]):
+        return None
+    return "forward"
 
 
 # -- spec parsing --------------------------------------------------------------------------------

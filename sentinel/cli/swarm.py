@@ -326,6 +326,11 @@ def compare_with_clean(report: dict[str, Any], clean: dict[str, Any]) -> dict[st
     return report
 
 
+def _figure(value: float | None) -> str:
+    """A loss for the progress line: a dash until the first one exists."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _progress_printer(plain: bool):
     last = {"t": 0.0}
 
@@ -340,7 +345,7 @@ def _progress_printer(plain: bool):
             tl, vl = p.get("train_loss"), p.get("val_loss")
             tps = p.get("tokens", 0) / p["train_seconds"] if p.get("train_seconds") else 0.0
             parts.append(f"v{i} step {p.get('step', 0)}/{p.get('steps', swarm.cfg.steps)}"
-                         f" loss {tl if tl is None else round(tl, 3)} val {vl if vl is None else round(vl, 3)}"
+                         f" loss {_figure(tl)} val {_figure(vl)}"
                          f" {tps:.0f} tok/s bans {len(p.get('banned', []))}")
         print(f"[{time.time() - swarm.started_at:6.0f}s] " + " | ".join(parts), flush=True)
 
