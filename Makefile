@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check sentinel tests bench
 	bash scripts/install-browser.sh
 	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
+
+# Everything but the live multi-process swarms (pytest -m swarm): a few minutes.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check sentinel tests bench
+	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m "not swarm" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sentinel tests bench

@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("hivemind").setLevel(logging.WARNING)
-        return asyncio.run(_join(args))
+        from sentinel.net.loop import run
+
+        return run(_join(args))
     return EXIT_USAGE
 
 
