@@ -7,6 +7,9 @@ import threading
 import pytest
 
 from sentinel.metrics import METRICS, Metrics
+from sentinel.protocol.checks import MessageChecker
+from sentinel.protocol.codec import Message
+from sentinel.protocol.errors import MalformedMessageError
 
 
 def test_counters_gauges_and_snapshot() -> None:
@@ -67,5 +70,13 @@ def test_thread_safe_increments() -> None:
     assert m.get("n_total", kind="x") == 8000
 
 
-def test_process_wide_registry_exists() -> None:
-    assert isinstance(METRICS, Metrics)
+def test_the_process_wide_registry_counts_what_the_protocol_rejects() -> None:
+    """What a node serves on /metrics is this registry: a rejected message is counted there by
+    its reason, once."""
+    checker = MessageChecker("metrics-run")
+    forged = Message(header={"run": "metrics-run"}, tensors={})
+    before = METRICS.get("sentinel_rejected_messages_total", reason="malformed")
+    with pytest.raises(MalformedMessageError):
+        checker.check(forged)
+    assert METRICS.get("sentinel_rejected_messages_total", reason="malformed") == before + 1
+    assert 'sentinel_rejected_messages_total{reason="malformed"}' in METRICS.render_prometheus()
