@@ -163,9 +163,9 @@ def test_an_old_honest_snapshot_replayed_as_evidence_is_stale() -> None:
 
 
 def test_a_replica_lagging_in_optimizer_steps_is_still_judged() -> None:
-    """Replicas' optimizer-step counts differ by their share of the traffic (measured live: one
-    lagged its stage by 14-35 steps), and the accused signs its own version: neither may make
-    fresh evidence stale. A poisoner signing version 0 is judged like any other."""
+    """Replicas' optimizer-step counts differ by their share of the traffic, and the accused signs
+    its own version: neither may make fresh evidence stale. A poisoner signing version 0 is judged
+    like any other."""
     s = Stage()
     for p in s.peers[:2]:
         s.versions[p] = 80

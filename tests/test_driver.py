@@ -323,8 +323,7 @@ class CutOnce(Stragglers):
 def test_a_backup_that_fails_once_is_retried_instead_of_waiting_out_the_silent_replica() -> None:
     """Two replicas, one silent: when the only backup fails once (whether it failed first as the
     chosen replica or later as the hedge), the hop goes back to it after its back-off instead of
-    waiting the whole timeout on the silent one. Measured in a live drill: one truncated stream
-    made a 3 x 2 swarm's step take 20.4 s, the hop timeout."""
+    waiting the whole timeout on the silent one (BENCHMARKS.md, "Faults")."""
     for mb_count in (1, 3):  # alone, and with concurrent micro-batches racing for the same replicas
         transport = CutOnce()
         driver = _hedging_driver(transport, hedge=True)

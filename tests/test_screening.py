@@ -1,4 +1,4 @@
-"""Screening core on synthetic streams that mimic the measured regimes.
+"""Screening core on synthetic streams that mimic the regimes of the real model.
 
 * forward activations: a batch-mean with a consistent direction that rotates slowly, per-message
   noise giving ~6 % honest sign mismatch, the scale drifting 50x over the run;
@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from sentinel.run.screening import ScreeningConfig
@@ -185,8 +185,7 @@ def test_an_attacker_starting_as_a_recalibration_begins_is_judged_soon(attack: s
     distance is judged: the recalibration lasts at most ``min_history`` messages (half the pooled
     history of a first calibration), and when it ends the attacker, flagged on most of what it
     sent meanwhile, is put on probation (``mostly_flagged``) rather than forgotten. No honest
-    replica ever is. The previous code calibrated for 36 messages and caught the attacker live,
-    36 messages after its first attack."""
+    replica ever is."""
     cfg = ScreeningConfig()
     for seed in range(4):
         screen = BoundaryScreen(cfg, "forward")
@@ -345,8 +344,10 @@ def test_flagged_values_never_move_the_reference(
 
     before = state()
     v = screen.screen("w2", x)
-    if v.flagged:
-        assert state() == before
+    # the property is about flagged messages: examples the screen accepts are discarded, and a
+    # run that finds no flagged example fails as unsatisfiable instead of passing vacuously
+    assume(v.flagged)
+    assert state() == before
 
 
 def test_calibrating_until_enough_replicas_and_history() -> None:

@@ -137,7 +137,8 @@ def test_an_open_committee_is_captured_by_grinding_keys_and_a_pinned_one_is_not(
     outweigh every honest candidate, announces them, and owns the whole committee. The manifest's
     ``trusted_verifiers`` pin the committee; the same keys then own no seat. Keys are seeded so
     the outcome is fixed; how many keys (or, with stamps, how much work) a capture takes is
-    measured in ``bench/committee_capture.py`` (BENCHMARKS.md); stamps: ``tests/test_stamps.py``."""
+    measured in ``bench/committee_capture.py`` (BENCHMARKS.md, "Committee capture"); stamps:
+    ``tests/test_stamps.py``."""
     run = "sybil-test"
     honest = [_seeded_peer(f"honest-{i}") for i in range(5)]
     bar = max(_weight(run, 0, p) for p in honest)

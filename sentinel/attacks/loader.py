@@ -2,8 +2,7 @@
 
 Spec syntax::
 
-    NAME                                  a built-in attack with its defaults
-    NAME,key=value,key=value              a built-in attack with parameters
+    NAME[,key=value...]                          a built-in attack, its defaults or parameters
     path/to/file.py:ClassName[,key=value...]     your own attack class, from a file
     package.module:ClassName[,key=value...]      your own attack class, from an importable module
 
@@ -12,20 +11,15 @@ Examples: ``sign_flip``, ``scaling,factor=10``, ``gaussian,sigma=0.5,directions=
 ``collusion,group_seed=7,stages=1-2,consecutive=true``, ``examples/my_attack.py:Freeze``.
 
 - Names are case-insensitive; ``-`` and ``_`` are interchangeable (``sign-flip``).
-- Values are parsed as bool (``true``/``false``/``yes``/``no``/``on``/``off``), int, float or
-  str — never evaluated. When the constructor annotates a parameter (``sigma: float``), the value
-  is converted to that type and a mismatch is an error that names the parameter; ``none`` gives
-  ``None`` where the annotation allows it.
-- ``prefix.key=value`` configures a nested attack given by name in parameter ``prefix``:
-  ``inner=scaling,inner.factor=10`` builds the inner attack from the spec ``scaling,factor=10``.
-- Every built-in takes ``directions`` (``forward``, ``backward`` or ``both``) and ``start_step``.
-
-A plugin class does not have to subclass :class:`~sentinel.attacks.base.Attack`: it needs a
-constructor that works with no arguments (parameters from the spec are passed as keywords) and
-any of ``forward(x, ctx)``, ``backward(g, ctx)`` and ``average(params, ctx)``; it attacks the
-directions whose methods it defines unless told otherwise (:class:`PluginAttack`). A file is
-recognised by a ``.py`` suffix or a path separator; anything else before the ``:`` is imported
-as a module.
+- Values are parsed as bool (``true``/``false``/``yes``/``no``/``on``/``off``), int, float or str,
+  never evaluated, then converted to the constructor's annotated type (a mismatch names the
+  parameter; ``none`` gives ``None`` where allowed). ``prefix.key=value`` configures a nested
+  attack named in parameter ``prefix``. Every built-in takes ``directions`` and ``start_step``.
+- A plugin class needs no :class:`~sentinel.attacks.base.Attack` base: a no-argument constructor
+  (spec parameters come as keywords) and any of ``forward(x, ctx)``, ``backward(g, ctx)``,
+  ``average(params, ctx)``; it attacks the directions it defines unless told otherwise
+  (:class:`PluginAttack`). A ``.py`` suffix or a path separator names a file; anything else
+  before ``:`` is imported as a module.
 
 Every problem raises :class:`AttackSpecError` with a message that says what to change.
 """

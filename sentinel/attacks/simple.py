@@ -70,7 +70,7 @@ class Scaling(Attack):
         factor: the multiplier; -1 (default) flips the sign, 10 amplifies ten-fold.
 
     Why it matters: a sign flip turns gradient descent into ascent for the stages upstream and is
-    the most damaging simple attack measured on this project; amplification (x10) lets one
+    among the most damaging simple attacks (``results/detection_table.md``); amplification (x10) lets one
     worker dominate the average of its stage's replicas.
     """
 

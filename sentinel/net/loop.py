@@ -1,7 +1,7 @@
 """The event loop every node runs on: uvloop where it is installed, asyncio's own otherwise.
 
 hivemind depends on uvloop, so a node installed with ``pip install .`` has it. Small stream RPCs
-are faster on it (``bench/rpc_latency.py``; BENCHMARKS.md, "Event loop").
+are faster on it (``bench/rpc_latency.py`` compares the two).
 """
 
 from __future__ import annotations

@@ -50,9 +50,9 @@ def ban_quorum(votes: Mapping[str, bool], committee: Sequence[str], seats: int =
     nor, by staying silent, block a ban the honest majority agrees on. ``seats`` is the size
     the committee is configured to have: the majority is counted over ``max(seats,
     len(committee))``, so a committee that shrank because honest members went offline (or were
-    never there) does not let the remaining minority pass for a majority. Measured on the live
-    swarm before this rule: when two honest verifiers finished their run, the byzantine third
-    was the whole committee it could still see and "banned" an honest worker with its own vote.
+    never there) does not let the remaining minority pass for a majority: otherwise, once two
+    honest verifiers finish their run, a byzantine third is the whole committee it can still see
+    and bans an honest worker with its own vote.
     """
     members = set(committee)
     if not members:

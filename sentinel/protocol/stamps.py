@@ -2,10 +2,9 @@
 
 In open mode (no ``trusted_verifiers`` in the manifest) the committee is elected from whoever
 announces a verifier record, and peer ids cost nothing. Without a price, an attacker generates
-keys until its own hold the heaviest rendezvous weights and owns every seat
-(``bench/committee_capture.py`` measured a few hundred keys for 100 honest candidates, a
-fraction of a second). A stamp puts a price on each candidacy, in the style of S/Kademlia's
-crypto puzzles and hashcash:
+keys until its own hold the heaviest rendezvous weights and owns every seat within a fraction of a
+second (BENCHMARKS.md, "Committee capture"). A stamp puts a price on each candidacy, in the style
+of S/Kademlia's crypto puzzles and hashcash:
 
 - a stamp for ``(run, peer)`` is a nonce whose BLAKE2b digest with the run id and the peer id has
   at least ``bits`` leading zero bits; finding one takes ``2**bits`` hashes on average, checking

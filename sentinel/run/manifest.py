@@ -33,11 +33,9 @@ class ManifestError(ValueError):
 class OptimizerConfig:
     """AdamW settings each worker applies to its own stage."""
 
-    # Each replica takes one AdamW step per micro-batch of 8 sequences. At 3e-3 (the default until
-    # 2026-11-24) a 3 x 3 swarm sat on the unigram plateau (val loss ~3.1) for a run-dependent 20-50
-    # verifier steps, so two clean runs of the same length differed by up to 19 % at step 30; at 1e-3
-    # every measured run left the plateau by step ~15 and ended closer and lower (BENCHMARKS.md,
-    # "Learning rate and run-to-run spread").
+    # Each replica takes one AdamW step per micro-batch of 8 sequences. At 3e-3 runs leave the
+    # unigram plateau at run-dependent steps, so two clean runs differ widely; at 1e-3 they end
+    # closer and lower (BENCHMARKS.md, "Learning rate and run-to-run spread").
     lr: float = 1e-3
     # Linear warm-up: a replica's first N optimizer steps scale the learning rate by (step + 1) / N.
     # Counted per replica: one that joins late warms its fresh optimizer state up again, one resumed
@@ -55,8 +53,8 @@ class TrainingConfig:
 
     micro_batch_size: int = 8
     # per verifier, processed concurrently to fill the pipeline. Also the screen's sample rate:
-    # measured in the simulator, fences fitted on 2 messages per boundary per step over-flag
-    # honest replicas early in training (up to 3% FP, honest bans); 4 did not.
+    # fences fitted on 2 messages per boundary per step over-flag honest replicas early in
+    # training, up to honest bans; 4 do not (docs/design.md).
     micro_batches_per_step: int = 4
     accumulate: int = 1  # backward passes a worker accumulates before its optimizer step
     average_every: int = 2  # a worker averages parameters with its stage's replicas every N optimizer steps
@@ -73,10 +71,10 @@ class TrainingConfig:
     # about 2(n-1)/n copies of its stage per round and no message exceeds one part. "gather":
     # every replica fetches every other's whole parameters and reduces alone (n-1 copies, the
     # stage in one message). "auto" (default): gather while a stage fits in half a message,
-    # butterfly beyond. Why not always butterfly: replicas average on their own clocks, and in
-    # the 3 x 3 live swarm butterfly rounds (which wait for, or reuse, the others' pushes) left
-    # replicas 2.4-2.6 % apart per round against gather's 1.1-1.8 %, enough for the screen to
-    # ban an honest stage-0 worker in 2 of 3 runs (BENCHMARKS.md, "Butterfly vs gather").
+    # butterfly beyond. Why not always butterfly: replicas average on their own clocks, and
+    # butterfly rounds (which wait for, or reuse, the others' pushes) leave them further apart
+    # than gather rounds, enough for the screen to ban an honest stage-0 worker (BENCHMARKS.md,
+    # "Butterfly vs gather").
     averaging_partition: str = "auto"
     averaging_part_numel: int = 2**20  # largest part, in elements (4 MiB of float32 per message)
     # A replica's slice pushed to (or pulled by) a reducer this recently is reused for another
@@ -115,10 +113,10 @@ class RunManifest:
     trusted_verifiers: list[str] = field(default_factory=list)  # pinned committee (trusted mode) if non-empty
     # Open mode only: a verifier candidacy must carry a proof-of-work stamp of this many leading
     # zero bits (``sentinel.protocol.stamps``), so a flood of Sybil announcements costs 2**bits
-    # hashes per announcement. 20 bits ~ 0.3 s of one core per verifier and run (measured, 2-core
-    # CI machine); owning a 3-seat committee against N honest candidates then takes ~3(N+1)
-    # stamps (BENCHMARKS.md, "Committee capture"). Public swarms should raise it (each +1 doubles
-    # both costs) or pin the committee. 0 turns stamps off.
+    # hashes per announcement. 20 bits cost a fraction of a second of one core per verifier and
+    # run; owning a 3-seat committee against N honest candidates takes ~3(N+1) stamps
+    # (BENCHMARKS.md, "Committee capture"). Public swarms should raise it (each +1 doubles both
+    # costs) or pin the committee. 0 turns stamps off.
     verifier_stamp_bits: int = 20
     max_message_bytes: int = 64 * 2**20
     seed: int = 0

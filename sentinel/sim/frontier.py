@@ -4,22 +4,17 @@
     python bench/frontier.py --smoke         # a reduced sweep (4 x 4, 3 strengths) for a quick look
 
 A detector that catches strong attacks and ignores weak ones is only useful if nothing in between
-does real damage. For each attack below, eight strengths ordered weakest to strongest, in both
-directions, undefended and defended, on the detection table's swarm (16 stages x 8 replicas,
-37.5 % malicious per stage, the tiny model, lr 3e-3, 80 steps, attack from step 20). Each point
-reports recall, F1 and honest bans of the defended run, and the *damage*: final validation loss
-minus that of the clean run of the same defense, relative to it (so the defense's own cost on a
-clean run is not counted as damage). The goal per point (issue "Detect-or-harmless"): recall >= 0.9
-or defended damage <= 1 %; the points that miss are listed with their numbers and their
-cause (:meth:`Point.cause`).
+does real damage. Each attack below is swept over eight strengths, weakest to strongest, in both
+directions, undefended and defended, on the detection table's swarm (16 x 8, 37.5 % malicious, the
+tiny model, lr 3e-3, 80 steps, attack from step 20). A point reports the defended run's recall, F1
+and honest bans, and the *damage*: final validation loss relative to the clean run of the same
+defense (so the defense's own cost is not counted as damage). The goal per point: recall >= 0.9
+or defended damage <= 1 %; points that miss are listed with their cause (:meth:`Point.cause`).
 
-Also here, in the ``lazy`` and ``adaptive`` parts: the lazy workers of
-:mod:`sentinel.attacks.lazy` in both directions, and the two adaptive attackers (``ema_mimic``,
-``white_box``) over a run ``long_factor`` times as long, to see what riding under the fences adds
-up to.
-
-Runs are cached exactly as the detection table's (keyed by full configuration), so the sweep resumes
-where it stopped and the undefended clean runs are shared with the table.
+The ``lazy`` and ``adaptive`` parts add the lazy workers of :mod:`sentinel.attacks.lazy` and the
+adaptive attackers (``ema_mimic``, ``white_box``) over a run ``long_factor`` times as long, to see
+what riding under the fences adds up to. Runs are cached as the detection table's (keyed by full
+configuration), so a sweep resumes where it stopped and shares the table's clean runs.
 """
 
 from __future__ import annotations
@@ -69,7 +64,7 @@ DIRECTIONS = ("forward", "backward")
 RECALL_GOAL = 0.9
 HARMLESS = 0.01
 #: the range of the clean undefended val loss over three seeds on the sweep's swarm and 80-step
-#: budget (``results/detection_table.md``, "Clean runs", at d5b8fbc): damage below it is not
+#: budget (``results/detection_table.md``, "Clean runs"): damage below it is not
 #: evidence of harm (a three-seed range understates the spread, so this is the generous side)
 NOISE = 0.015
 

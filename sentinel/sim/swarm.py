@@ -62,8 +62,8 @@ __all__ = ["DEFENSES", "MODEL_SIZES", "TUNED_SCREENING", "SimConfig", "Simulatio
 DEFENSES = ("sentinel", "none", "duplicate")
 
 #: Model presets (``n_layers`` defaults to one layer per stage). ``tiny`` is what the detection
-#: table runs: 16 stages x 8 replicas, 8 micro-batches of 8 x 32 tokens per step, take ~0.6-1 s
-#: per step on one core of the 2-core machine (per-op overhead dominates at this size).
+#: table runs (16 x 8, 8 micro-batches of 8 x 32 tokens per step): small enough for the paper's
+#: scale on one core, where per-op overhead dominates (BENCHMARKS.md, "Frontier sweep run time").
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "tiny": {"d_model": 32, "n_heads": 4, "d_ff": 88, "seq_len": 32},
     "small": {"d_model": 64, "n_heads": 4, "d_ff": 172, "seq_len": 64},
@@ -71,12 +71,12 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 }
 
 
-#: Screening overrides measured on the simulator (tinyshakespeare, 16 x 8, 37.5 % malicious; see
-#: ``results/detection_table.md``) and used by the detection table and the tests, until the
-#: library defaults in :class:`~sentinel.run.screening.ScreeningConfig` adopt them:
+#: Screening overrides for the simulator's tiny model (16 x 8, 37.5 % malicious), used by the
+#: detection table and the tests instead of the library defaults of
+#: :class:`~sentinel.run.screening.ScreeningConfig` (results in ``results/detection_table.md``):
 #:
 #: * ``fence_iqr_floor`` 0.01 -> 0.1: the sign distance moves in steps of 1/D (D=32 features:
-#:   one coordinate = 0.03), so with a 0.01 floor a single flipped coordinate crossed the fence
+#:   one coordinate = 0.03), so with a 0.01 floor a single flipped coordinate crosses the fence
 #:   (most forward false positives); 0.1 keeps sign flips (distance ~1) far outside;
 #: * ``fence_k`` 3 -> 4: honest distances are heavy-tailed (micro-batches of 8 differ a lot);
 #: * ``strike_limit`` 3 -> 5 and ``forgive_after`` 100 -> 50: retroactive flags at the end of a
@@ -84,7 +84,7 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 #:   absorb them while a persistent attacker (flagged on every message) is still banned after
 #:   five messages;
 #: * ``drift_fraction`` 0.5 -> 0.75: with 3 attackers of 8 replicas flagged at once, one honest
-#:   false positive made "half the stage flagged" and triggered a recalibration (fences reset,
+#:   false positive makes "half the stage flagged" and triggers a recalibration (fences reset,
 #:   attackers unscreened until they are fitted again).
 TUNED_SCREENING: dict[str, Any] = {"fence_iqr_floor": 0.1, "fence_k": 4.0, "strike_limit": 5, "forgive_after": 50,
                                    "drift_fraction": 0.75}
@@ -92,67 +92,57 @@ TUNED_SCREENING: dict[str, Any] = {"fence_iqr_floor": 0.1, "fence_k": 4.0, "stri
 
 @dataclass
 class SimConfig:
-    """One simulated run. Defaults: the paper's 16 x 8 swarm, 37.5 % malicious, a tiny model.
+    """One simulated run. Defaults: the paper's 16 x 8 swarm, 37.5 % malicious, a tiny model."""
 
-    Swarm and adversary:
-      * ``stages`` / ``replicas`` — pipeline depth and workers per stage (128 workers).
-      * ``malicious_fraction`` — ``floor(fraction x replicas)`` attackers in every stage; must
-        leave an honest majority (< half), e.g. 3 of 8 = 37.5 %, 4 of 11 = 36.4 %.
-      * ``spare_ends`` — keep stages 0 and S-1 honest (the paper's assumption); off by default:
-        Sentinel screens the first and last stages like every other.
-      * ``attack`` — an attack spec (``sign_flip``, ``scaling,factor=10``, ``file.py:Class``);
-        ``none`` for a clean run. ``direction`` — ``forward``, ``backward``, ``both``, or ``None``: forward for a
-        built-in attack, the directions whose methods a plugin defines.
-      * ``attack_start`` — attackers are honest before this step (detection latency counts
-        from here).
-    Defense:
-      * ``defense`` — ``sentinel`` (the screening core), ``none`` (accept everything) or
-        ``duplicate`` (Lu et al.: every hop recomputed by another replica and compared).
-      * ``screening`` — :class:`~sentinel.run.screening.ScreeningConfig` overrides.
-      * ``duplicate_rtol`` — relative tolerance of the duplicate comparison (float noise).
-    Training:
-      * ``steps`` x ``micro_batches_per_step`` micro-batches of ``micro_batch_size`` sequences;
-        the micro-batches of a step are in flight together, so the router spreads them.
-      * ``model_size`` — a :data:`MODEL_SIZES` preset; ``layers`` = 0 means one per stage.
-      * ``lr``, ``warmup_steps`` (linear learning-rate warm-up over each replica's first
-        optimizer steps; the local launcher ``sentinel-swarm`` uses 40), ``average_every``
-        (optimizer steps between within-stage averaging rounds), ``averaging`` (rule of
-        :func:`sentinel.protocol.aggregation.aggregate`): the run manifest's defaults, so the simulator
-        trains the way the live swarm does.
-      * ``eval_every`` / ``eval_batches`` — validation of the consensus model.
-      * ``data`` — corpus path, or None for the generated default corpus.
-      * ``seed`` — everything (init, data order, attackers' placement and noise, routing).
-      * ``routing_seed`` — seeds the simulated hop latencies instead of ``seed`` (None: ``seed``).
-        Re-seeding only these keeps the model's init and the data order and changes which
-        replica computes which micro-batch: the run-to-run noise of a live swarm, whose data
-        order is fixed too (BENCHMARKS.md, "Where the clean-run spread comes from").
-      * ``threads`` — torch intra-op threads; tiny tensors run fastest on one.
-    """
-
+    #: Pipeline depth and workers per stage (16 x 8 = 128 workers, the paper's scale).
     stages: int = 16
     replicas: int = 8
+    #: ``floor(fraction x replicas)`` attackers in every stage; must leave an honest majority
+    #: (below one half), e.g. 3 of 8 = 37.5 %, 4 of 11 = 36.4 %.
     malicious_fraction: float = 0.375
+    #: Keep stages 0 and S-1 honest (the paper's assumption); off because Sentinel screens the
+    #: first and last stages like every other.
     spare_ends: bool = False
+    #: An attack spec (``sign_flip``, ``scaling,factor=10``, ``file.py:Class``), ``none`` for a
+    #: clean run; ``direction`` is ``forward``, ``backward``, ``both`` or None (forward for a
+    #: built-in attack, the directions whose methods a plugin defines).
     attack: str = "sign_flip"
     direction: str | None = "forward"
+    #: Attackers are honest before this step; detection latency counts from here.
     attack_start: int = 0
+    #: ``sentinel`` (the screening core), ``none`` (accept everything) or ``duplicate`` (Lu et
+    #: al.: every hop recomputed by another replica and compared, within ``duplicate_rtol`` for
+    #: float noise); ``screening`` holds :class:`~sentinel.run.screening.ScreeningConfig` overrides.
     defense: str = "sentinel"
     screening: dict[str, Any] = field(default_factory=dict)
     duplicate_rtol: float = 1e-4
+    #: ``steps`` x ``micro_batches_per_step`` micro-batches of ``micro_batch_size`` sequences; the
+    #: micro-batches of a step are in flight together, so the router spreads them.
     steps: int = 200
     micro_batches_per_step: int = 8
     micro_batch_size: int = 8
+    #: A :data:`MODEL_SIZES` preset; ``layers`` 0 means one layer per stage.
     model_size: str = "tiny"
     layers: int = 0
+    #: The run manifest's defaults, so the simulator trains the way the live swarm does:
+    #: ``warmup_steps`` counts each replica's own optimizer steps (``sentinel-swarm`` uses 40),
+    #: ``average_every`` optimizer steps between averaging rounds by the ``averaging`` rule.
     lr: float = OptimizerConfig.lr
     warmup_steps: int = OptimizerConfig.warmup_steps
     average_every: int = TrainingConfig.average_every
     averaging: str = TrainingConfig.averaging
+    #: Validation of the consensus model (see the module docstring).
     eval_every: int = 25
     eval_batches: int = 16
+    #: Corpus path, or None for the generated default corpus.
     data: str | None = None
+    #: Seeds everything: init, data order, attackers' placement and noise, routing.
     seed: int = 0
+    #: Seeds only the simulated hop latencies (None: ``seed``). It keeps the init and the data
+    #: order and changes which replica computes which micro-batch: the run-to-run noise of a
+    #: live swarm, whose data order is fixed too (BENCHMARKS.md, "Live screening test").
     routing_seed: int | None = None
+    #: Torch intra-op threads; tiny tensors run fastest on one.
     threads: int = 1
     second_witness: bool = False  # DriverConfig.second_witness: tie-break disputed confirmations
     spot_check: float = 0.0  # DriverConfig.spot_check: share of accepted hops recomputed elsewhere

@@ -95,9 +95,8 @@ class TableConfig:
     attack_start: int = 20
     model_size: str = "tiny"
     #: The tiny 16-layer model's own rate, not the live swarm's default (1e-3, tuned for the
-    #: 3-stage base model): at 1e-3 this model is still at val 3.80 after 80 clean steps (3.01 at
-    #: 3e-3, 3.27 at 2e-3; 3.31 vs 2.54 after 160), so attacks would be judged on a model that has
-    #: barely started learning. Measured 2026-11-24, seed 0, undefended 16 x 8.
+    #: 3-stage base model): at 1e-3 this model has barely started learning after the table's 80
+    #: steps, so attacks would be judged on a model that has not learnt anything yet.
     lr: float = 3e-3
     eval_every: int = 20
     seed: int = 0

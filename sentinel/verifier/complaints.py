@@ -1,32 +1,24 @@
 """Complaints about poisoned averaging contributions: check the evidence, re-judge, strike.
 
-The replicas of a stage average their parameters with each other, and a worker that is honest on
-the pipeline can still poison what it contributes there (``sentinel.attacks.averaging``). Only
-its replicas see those contributions, so they report them: a worker whose round finds a replica's
-contribution far outside the stage's spread sends the verifiers that replica's own signed
-``params_result``. The signature makes the complaint unforgeable (a malicious worker cannot
-frame an honest one with a tensor the honest one never signed); the verifier then re-judges the
-contribution against the stage's other replicas, fetched by itself, before it strikes. One ban
-path, two kinds of evidence: an upheld complaint is a strike in the same ledger as a pipeline flag.
+A worker honest on the pipeline can still poison what it contributes to its stage's average
+(``sentinel.attacks.averaging``), and only its replicas see that. So a replica whose round finds a
+contribution far outside the stage's spread sends the verifiers the contributor's own signed
+``params_result``: a malicious worker cannot frame an honest one with a tensor it never signed.
+The verifier re-judges the contribution against the stage's other replicas, fetched by itself,
+before it strikes; an upheld complaint is a strike in the same ledger as a pipeline flag.
 
-What is rejected, each with its own reason (``sentinel_averaging_complaints_received_total``):
-a complainer or accused that is not a live replica of the stage, evidence whose signature or
-sender does not check, evidence from more than ``stale_steps`` pipeline steps ago (an honest
-replica's old signed snapshot, replayed to frame it), evidence about a parameter state already
-judged (one per accused and optimizer step, however many replicas saw it and however the accused
-re-signed it), more than one complaint in flight per accused, and a complainer's complaints beyond
-a burst of ``burst`` refilled one per ``min_interval_s`` (judging one costs the verifier a fetch
-from every other replica of the stage: unlimited, a malicious replica could make the verifiers
-download the stage over and over with honest replicas' genuine replies).
+Rejected, each with its own reason (``sentinel_averaging_complaints_received_total``): a complainer
+or accused that is not a live replica of the stage; evidence whose signature or sender does not
+check; evidence older than ``stale_steps`` pipeline steps (an old snapshot replayed to frame an
+honest replica); a parameter state already judged (one per accused and optimizer step); a second
+complaint in flight per accused; complaints beyond a complainer's token bucket (each costs a fetch
+from every other replica: unlimited, they would make the verifiers download the stage repeatedly).
 
-Why freshness is measured in pipeline steps and not in the accused's optimizer steps: the
-evidence's ``step`` is the complainer's own request step, echoed in the accused's signed reply
-and checked by the complainer (:func:`sentinel.worker.node.fetch_params`), so the accused cannot
-choose it, and every replica of the swarm sees the same step clock. The optimizer-step
-``version`` is the accused's to sign as it likes (a poisoner signing version 0 made every
-complaint about it "stale" under a version rule) and honestly differs between replicas by their
-share of the traffic: measured live, a replica getting less traffic lagged its stage's median by
-14 to 35 optimizer steps within 60 steps, and every complaint about it was rejected."""
+Freshness counts pipeline steps: the evidence's ``step`` is the complainer's own request step,
+echoed in the signed reply and checked (:func:`sentinel.net.view.fetch_params`), so the accused
+cannot choose it. Its optimizer-step ``version`` it signs as it likes, and honest replicas differ
+in it by their share of the traffic, so a version rule would refuse valid complaints as stale.
+"""
 
 from __future__ import annotations
 

@@ -1,27 +1,20 @@
 """The pipeline driver: one micro-batch forward through every stage and back, screening each hop.
 
 One driver loop, two transports: the live verifier plugs in P2P stubs (``transport.py``), the
-simulator plugs in in-process stages. The driver owns the decisions the architecture fixes:
+simulator in-process stages. The rules it owns (docs/design.md, "What a flag does"):
 - pick a replica per stage by expected finish time, never a banned one;
 - screen every tensor a worker returns (forward activations, the loss, backward gradients);
-- a flagged tensor is never passed on: the hop is recomputed on another replica; only when no
-  replica is left is the screen's reference substituted and the micro-batch marked tainted, so
-  downstream workers are not struck for anomalies they did not cause;
-- a flag becomes a strike only when it is *confirmed*: the recomputation on another replica was
-  accepted and the flagged tensor is still at least ``confirm_share`` of its flagged distance
-  away from it (same input, so honest replicas agree closely; ``BoundaryScreen.confirm``). A
-  flag the input explains is cleared, not struck: this is
-  what keeps an honest worker's strike count at zero through unusual batches and stage-wide
-  shifts. Optionally (``DriverConfig.second_witness``, off: see there) a third replica breaks
-  the tie when that recomputation disputes the flag. Provable faults (forged, malformed,
-  non-finite) are struck at once;
-- optionally (``DriverConfig.spot_check``) a small random share of *accepted* hops is
-  recomputed on another replica too, and a tensor two other replicas agree it is far from
-  (``BoundaryScreen.disagree``) is struck and replaced by their answer: the fences judge a
-  tensor against other batches, a spot check against the same batch, which is what an attacker
-  riding just below the fences cannot fake;
-- a worker that fails or times out is routed around; the hop is retried, so a micro-batch is
-  either completed or reported failed, never silently lost.
+- never pass a flagged tensor on: recompute the hop on another replica; only when none is left,
+  substitute the screen's reference and mark the micro-batch tainted, so downstream workers are
+  not struck for anomalies they did not cause;
+- strike a fence flag only when *confirmed* by the accepted recomputation of the same input
+  (``BoundaryScreen.confirm``): a flag the input explains is cleared, which keeps an honest
+  worker's strikes near zero through unusual batches and stage-wide shifts. Provable faults
+  (forged, malformed, non-finite) are struck at once;
+- optionally tie-break a disputed confirmation on a third replica (``second_witness``) and
+  spot-check accepted hops (``spot_check``); both are off, see ``DriverConfig``;
+- route around a worker that fails or times out and retry the hop, so a micro-batch is either
+  completed or reported failed, never silently lost.
 """
 
 from __future__ import annotations
@@ -111,10 +104,9 @@ class DriverConfig:
     max_hop_attempts: int = 50  # per hop, before the micro-batch is declared failed
     wait_for_replica_s: float = 300.0  # how long a hop waits for a stage with no usable replica
     poll_s: float = 0.25
-    # Share of a stage's first attempts steered to a replica with outstanding strikes. Off by
-    # default: measured in the simulator (3x3, Gaussian backward, 3 seeds), 0.25 banned honest
-    # workers in 2 of 3 runs and 0.0 in none — extra traffic means extra optimizer steps, the
-    # suspect's parameters drift from its replicas', and drift draws more flags (a feedback loop).
+    # Share of a stage's first attempts steered to a replica with outstanding strikes. Off: extra
+    # traffic means extra optimizer steps, the suspect's parameters drift from its replicas', and
+    # drift draws more flags, a feedback loop that bans honest workers (docs/design.md).
     probation_share: float = 0.0
     # Hedged hops (``Router.hedge_after``): the live verifier turns this on; the simulator has no
     # clock worth hedging on (its hops are in-process), and hedging there would only make runs
@@ -122,13 +114,10 @@ class DriverConfig:
     hedge: bool = False
     # Tie-break a disputed confirmation on a third replica: when the accepted recomputation
     # disagrees with a flagged tensor, one more replica recomputes the hop, and a flagged worker
-    # that agrees with it is cleared, not struck. Off by default: measured in the simulator
-    # (16 x 8, 3 lazy workers per stage, forward, seed 0; bench/frontier.py --parts lazy) it
-    # took ``lazy_partial``'s honest bans from 8 to 0 (defended val 3.271 -> 3.128) but gave
-    # ``lazy_stale`` 3 honest bans where it had none: lazy workers running the same stale copy
-    # answer identically, so one serves as the other's agreeing witness, the stage-1 ones were
-    # never banned, and their stale answers got honest replicas struck in turn. Any tie-break
-    # by majority of three has that hole against attackers who answer alike.
+    # that agrees with it is cleared, not struck. Off: it removes the honest bans ``lazy_partial``
+    # causes, but lazy workers running the same stale copy answer alike and witness for each
+    # other, so it adds honest bans under ``lazy_stale``; any majority-of-three tie-break has that
+    # hole (BENCHMARKS.md, "Lazy workers and the tie-break").
     second_witness: bool = False
     # Spot checks: the share of accepted hops (training, forward and backward) also recomputed
     # on another replica of the stage. The checked worker is struck (at most once per pipeline
@@ -137,8 +126,9 @@ class DriverConfig:
     # checker agrees with the first and disagrees with it too; a checker is never struck by a
     # spot check, so attackers acting as checkers can at worst make a check inconclusive, and
     # frame an honest worker only when both checkers are attackers answering alike. Each check
-    # costs one hop's compute (two on a disagreement). Off by default: measured in
-    # BENCHMARKS "Spot checks".
+    # costs one hop's compute (two on a disagreement). Off: replicas an optimizer step or two
+    # apart answer the same input as differently as the attacker's push, and it banned honest
+    # replicas (BENCHMARKS.md, "Spot checks").
     spot_check: float = 0.0
     # After a checker disagrees with a worker, that worker's next this-many accepted hops are
     # all spot-checked: the compute goes where the doubt is, so an attacker collects its strikes
@@ -306,9 +296,8 @@ class PipelineDriver:
         leave a two-replica stage with only its silent member. Backups are chosen from
         ``usable_now()``, the stage's replicas as the verifier knows them at that moment: a replica
         discovered while the hop waits (the swarm view refreshes every heartbeat) can take it
-        over. Measured live: a verifier that started its run before it had seen a stage's second
-        replica, whose first replica then went silent, waited 20 s on two hops. The caller marked
-        ``worker`` started.
+        over, instead of the hop waiting out its timeout on a silent replica (BENCHMARKS.md,
+        "Faults"). The caller marked ``worker`` started.
         """
         after = self.router.hedge_after(usable) if self.config.hedge else None
         if after is not None and after >= timeout:
@@ -441,9 +430,8 @@ class PipelineDriver:
         step or two away from the others (until the next averaging round) disagrees with them
         on every hop for a moment, and the follow-up checks would otherwise turn one such moment
         into several strikes at once; an attacker disagrees at every step and still collects one
-        strike per step. Measured in the simulator, it was not enough: honest stage-0 replicas
-        (an embedding one AdamW step apart differs by 5-15 %) were banned as often with the
-        rule as without (3 in a 240-step white-box backward run; BENCHMARKS "Spot checks").
+        strike per step. It does not stop honest bans on its own: an embedding one AdamW step
+        apart differs by as much as an attack (BENCHMARKS.md, "Spot checks").
         """
         judge = getattr(self.screener, "witness", None)
         disagree = getattr(self.screener, "disagree", None)
@@ -547,13 +535,12 @@ class PipelineDriver:
 
         Those flags cannot be confirmed (the tensors were passed on long ago, nobody recomputed
         them) and they come in bursts right after a calibration or a stage-wide recalibration,
-        when the fences are youngest: measured on the live swarm, struck one by one they were
-        the only strikes honest workers collected. So a retroactive flag is no strike. A worker
-        with most of its calibration messages flagged (``Verdict.mostly_flagged``) is put on
-        probation instead: one strike short of a ban, so that its next *confirmed* live flag
-        bans it, and clean messages forgive it as usual. Measured in
-        the simulator (3 x 3, Gaussian gradients from step 12 of 30, 8 seeds): an attacker that
-        began during a recalibration was banned 7-13 steps after its first attack without this.
+        when the fences are youngest, so struck one by one they would be most of the strikes
+        honest workers collect. A retroactive flag is therefore no strike. A worker with most of
+        its calibration messages flagged (``Verdict.mostly_flagged``) is put on probation instead:
+        one strike short of a ban, so that its next *confirmed* live flag bans it, and clean
+        messages forgive it as usual; without this, an attacker that begins during a
+        recalibration waits for ``strike_limit`` more confirmed flags.
         """
         take = getattr(self.screener, "take_retroactive", None)
         events = take() if take else []

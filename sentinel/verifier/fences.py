@@ -1,13 +1,13 @@
 """Tukey fences fitted on what the honest majority of a stage sends.
 
 A pooled "accept everything during warm-up" window absorbs an attacker that is active from
-step 0 (measured: recall 9-18 %). Instead every worker keeps its own window of accepted
-distances, and for each distance separately the fence is fitted only on the pooled windows of
-the workers whose *per-worker median* is at or below the (upper) median of those per-worker
-medians. With W replicas that keeps the ``W//2 + 1`` (W even) or ``(W+1)//2`` (W odd) quietest
-workers: an attacker whose distances are large is never in the pool, so it can never widen the
-fence it is judged by, while honest replicas (statistically alike) are almost all in it. A
-worker that sends small distances is harmless to include — it can only tighten the fence.
+step 0. Instead every worker keeps its own window of accepted distances, and for each distance
+separately the fence is fitted only on the pooled windows of the workers whose *per-worker
+median* is at or below the (upper) median of those per-worker medians. With W replicas that
+keeps the ``W//2 + 1`` (W even) or ``(W+1)//2`` (W odd) quietest workers: an attacker whose
+distances are large is never in the pool, so it can never widen the fence it is judged by, while
+honest replicas (statistically alike) are almost all in it. A worker that sends small distances
+is harmless to include — it can only tighten the fence.
 
 Fence = ``Q3 + k * max(IQR, floor)``; a message is flagged when any distance is strictly above
 its fence.

@@ -1,53 +1,23 @@
 """Scale-free reference profiles, their EMA, their robust median, and the distances between them.
 
-A :class:`Profile` is the scale-free view of :class:`~sentinel.verifier.stats.TensorStats`:
+A :class:`Profile` is the scale-free view of :class:`~sentinel.verifier.stats.TensorStats` (its
+fields say what each is). Only ``log_rms`` carries the scale, so a legitimate change of scale moves
+exactly one statistic, whose EMA follows it smoothly; nothing has to be re-learnt.
 
-* ``direction`` = ``mean_vec / rms`` — the batch-mean direction, independent of the overall scale;
-* ``log_rms`` — the scale, on a log axis so that "x10" and "x0.1" are equally far and an EMA of it
-  is a geometric mean (gradients decaying 50x are a straight line, not a cliff);
-* ``shape_q`` = ``quantiles / rms`` — the distribution's shape, independent of scale;
-* ``log_spread`` — log of the dispersion of per-token norms (``token_cv``), scale-free;
-* ``log_skip`` — ``log(1 - skip + SKIP_RESOLUTION)``: how far each token's output turned away
-  from its own input (``stats.py``), on a log axis so that "10x more misaligned than the
-  replicas" is the same distance whether honest misalignment is 0.003 or 0.3. None where the
-  hop has no source (stage 0's forward, the last stage's backward, the loss);
-* ``log_gain`` — ``log(rms / source_rms)``: the scale the hop itself adds (``stats.py``). None
-  where the hop has no source, or its source is ~0;
-* ``mean_vec`` — the raw batch-mean, kept only for the paper's substitution fallback.
+The distances, all dimensionless (docs/design.md, "Profiles and distances"):
 
-Because everything but ``log_rms`` is scale-free, a legitimate change of scale moves exactly one
-statistic, whose EMA follows it smoothly; nothing has to be re-learnt.
-
-The distances (all dimensionless):
-
-* ``l1`` = ``sum|a - b| / (sum|a| + sum|b|)`` and ``l2`` = ``||a - b|| / (||a|| + ||b||)`` on
-  ``direction``: symmetric normalisation keeps them in [0, 1] (sign flip ~1, zeros = 1) so a tiny
-  reference cannot blow them up — important for backward batch-means, which are mostly noise;
-* ``sign`` = fraction of sign disagreements on coordinates where the reference is not ~0
-  (``|b_i| >= sign_rel_threshold * rms(b)``);
-* ``w1`` = 1-D Wasserstein-1 distance between the two quantile functions of ``shape_q``
-  (mean absolute difference of matched quantiles), i.e. in units of the reference's RMS;
-* ``norm_ratio`` = ``|log(gain / gain_ref)|`` where both have a source, else
-  ``|log(rms / rms_ref)|`` — two-sided, so zeros (log -> -69) and scaling both show up. Where the
-  hop has a source its gain is judged, not its RMS: a backward gradient's RMS is the incoming
-  gradient's, which swings 2-4x between micro-batches at every stage at once (measured, 16 x 8
-  tiny model: one micro-batch at 3.5x flagged every replica of every backward boundary and set off
-  recalibrations) and follows any scaling an attacker downstream got accepted (honest replicas
-  fed a zero gradient return zeros; accepted into their references, that locked every honest
-  replica out). The gain of an honest residual stage stays near 1 whatever comes in; a scaled
-  reply moves it by exactly ``log(factor)``.
-* ``spread`` = ``|log(token_cv / token_cv_ref)|`` — how differently energy is spread over tokens.
-  At small batch it is the backward direction's most informative statistic after the norm:
-  additive Gaussian noise of the gradient's own RMS halves the dispersion (measured on the
-  default model, tinyshakespeare: honest 0.12-0.55 drifting over training, noisy ~0.5x of the
-  honest value at the same time) while the norm moves by only sqrt(2), inside honest variation.
-* ``skip`` = ``|log_skip - log_skip_ref|`` — two-sided: a worker whose outputs turn away from
-  their inputs more than its replicas' do (sign flip, noise, element flips, stale or random
-  outputs) and one that turns them far less (a lazy identity) both show. Measured on the
-  default model (5 stages x 3 replicas, 60 steps, the generated default corpus): honest per-token
-  misalignment 0.001-0.04 in both directions; the same tensors with Gaussian noise of 0.3 x
-  their RMS sit at 0.05-0.12, with 10 % of elements sign-flipped at ~0.2, sign-flipped at ~2.
-  0 when either side has no source.
+* ``l1``, ``l2`` on ``direction``, normalised symmetrically to [0, 1] (sign flip ~1, zeros 1), so
+  a tiny reference (backward batch-means are mostly noise) cannot blow them up;
+* ``sign``: share of sign disagreements where the reference is not ~0 (``sign_rel_threshold``);
+* ``w1``: Wasserstein-1 distance of the ``shape_q`` quantile functions, in reference RMS units;
+* ``norm_ratio``: ``|log(gain / gain_ref)|`` where the hop has a source, else ``|log(rms / rms_ref)|``;
+  two-sided, so zeros and scaling both show. A gradient's RMS follows the incoming gradient's
+  swings and any scaling accepted downstream; an honest residual stage's gain stays near 1;
+* ``spread``: ``|log(token_cv / token_cv_ref)|``; additive noise of a gradient's own RMS halves
+  the dispersion while moving the norm by only sqrt(2), inside honest variation;
+* ``skip``: ``|log_skip - log_skip_ref|``, two-sided: outputs that turn away from their inputs
+  more than the replicas' (sign flip, noise, stale or random) and far less (a lazy identity)
+  both show; 0 when either side has no source.
 """
 
 from __future__ import annotations
@@ -78,12 +48,23 @@ TINY = 1e-30
 class Profile:
     """Scale-free statistics of one tensor, or an EMA / median of several (see module docstring)."""
 
+    #: ``mean_vec / rms``: the batch-mean direction, independent of the overall scale.
     direction: torch.Tensor
+    #: The scale, on a log axis so that "x10" and "x0.1" are equally far and an EMA of it is a
+    #: geometric mean (gradients decaying 50x are a straight line, not a cliff).
     log_rms: float
+    #: ``quantiles / rms``: the distribution's shape, independent of scale.
     shape_q: torch.Tensor
+    #: The raw batch-mean, kept only for the paper's substitution fallback.
     mean_vec: torch.Tensor
+    #: Log of the dispersion of per-token norms (``token_cv``), scale-free.
     log_spread: float = math.log(MIN_SPREAD)
+    #: ``log(1 - skip + SKIP_RESOLUTION)``: how far each token's output turned from its own input,
+    #: on a log axis so that "10x more misaligned than the replicas" is the same distance whatever
+    #: the honest misalignment. None where the hop has no source (stage 0 forward, last backward, loss).
     log_skip: float | None = None
+    #: ``log(rms / source_rms)``: the scale the hop itself adds. None without a source or when the
+    #: source is ~0.
     log_gain: float | None = None
 
     @property

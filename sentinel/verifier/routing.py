@@ -4,13 +4,13 @@ Pure bookkeeping with an injectable clock, so the simulator and tests drive it w
 Expected finish time = (requests in flight + 1) x latency EMA; a worker never measured borrows
 its stage's median so newcomers get traffic, and so does one whose estimate has aged
 (``reprobe_after_s``): the estimate changes only when the worker is used, so without ageing one
-slow sample starves an honest replica for as long as its peers stay faster (measured in the
-simulator: a last-stage replica got no hop for 9 steps, took no optimizer step, started no
-averaging round, and its frozen parameters were flagged as an averaging outlier 11 times). A
+slow sample starves an honest replica for as long as its peers stay faster: it takes no
+optimizer step, and its frozen parameters are then flagged as an averaging outlier. A
 straggler's estimate (learnt from a hedge it lost) does not age: it is a lower bound, and
-re-probing a silent worker would cost a hedge delay each time. A failed worker is skipped for an exponentially
-growing back-off; timeouts adapt to the measured latency of the stage instead of a constant, and
-a hop unanswered for a few typical latencies is hedged on a second replica (``hedge_after``).
+re-probing a silent worker would cost a hedge delay each time. A failed worker is skipped for an
+exponentially growing back-off; timeouts adapt to the measured latency of the stage instead of a
+constant, and a hop unanswered for a few typical latencies is hedged on a second replica
+(``hedge_after``).
 """
 
 from __future__ import annotations

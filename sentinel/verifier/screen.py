@@ -1,91 +1,23 @@
 """SENTINEL screening of one pipeline boundary, hardened against lock-up and contaminated warm-ups.
 
-What is screened
-    Every tensor a worker returns at a boundary (stage ``s`` output, forward activations or
-    backward gradients) is reduced to :class:`~sentinel.verifier.stats.TensorStats`, then to a
-    scale-free :class:`~sentinel.verifier.reference.Profile` (batch-mean direction = mean_vec/rms,
-    log RMS, quantiles/rms). Five distances to a reference profile are fenced: normalised L1 and
-    L2 of the direction, the sign-flip ratio, the 1-D Wasserstein distance of the shapes, and
-    ``|log(rms / rms_ref)|``. Malformed tensors (empty, wrong ndim/shape, wrong feature size)
-    and non-finite ones are flagged at once, with no history needed.
+Every tensor a worker returns at a boundary is reduced to :class:`~sentinel.verifier.stats.TensorStats`,
+then to a scale-free :class:`~sentinel.verifier.reference.Profile`; its distances to a reference
+profile are judged by Tukey fences (``fences.py``). Malformed and non-finite tensors are flagged at
+once, with no history. Where this departs from the paper's temporal EMA (docs/design.md, "Screening"):
 
-How this differs from the paper's temporal-EMA scheme (and why)
-    1. *The reference is the stage's other replicas, not the past.* Each worker keeps its own
-       EMA profile (momentum ``beta_forward``/``beta_backward``, updated only by its accepted
-       messages). A message from worker ``w`` is compared with the coordinate-wise MEDIAN of
-       the EMA profiles of the *other* replicas seen in the last ``recent_messages`` messages
-       (when the others are fewer than two or an even number, ``w``'s own EMA joins the median
-       so that it is a true order statistic robust to one attacker among three; a lone replica is
-       screened against its own past). With an honest majority per stage the median is honest
-       whatever one attacker does, and it moves with the honest replicas, so legitimate drift
-       is followed instead of being flagged.
-    2. *Scale-free statistics.* Only ``log_rms`` carries the scale, as a geometric EMA, so a
-       50x decay of gradient norms is a slow straight line that every EMA tracks; direction and
-       shape do not change at all when only the scale does.
-    3. *Fences from the honest majority.* Each worker has its own window of accepted distances;
-       for each distance the Tukey fence ``Q3 + fence_k * max(IQR, fence_iqr_floor)`` is fitted
-       on the pooled windows of the workers whose median distance is at most
-       ``eligibility_ratio`` x the median across workers (``fences.py``). An attacker, even one active from step 0, never
-       widens the fence it is judged by.
-    4. *Warm start without trusting a warm-up.* There is no reference until a second worker
-       has been seen, and the fences are not trusted (verdicts are ``calibrating``, nothing
-       flagged on distances) until ``min_history`` pooled distances from at least
-       ``min_workers`` replicas exist (or ``solo_history`` messages for a stage with fewer
-       replicas). The reference during that phase is already the median of the replicas' first
-       profiles. When the fences first become trusted, every calibration message is
-       *re-scored*: its distances to the median of the other replicas at the time it arrived
-       are judged by the new fences; flags found this way
-       are queued for :meth:`BoundaryScreen.take_retroactive` (the driver reports them but strikes
-       nobody: nothing can confirm them any more, see :meth:`BoundaryScreen.confirm`), and a
-       worker with at least half of its calibration messages flagged loses its EMA and its
-       distance window, so nothing it sent during calibration survives; with two or more such
-       flags its verdicts carry ``mostly_flagged`` and the driver puts it on probation (one
-       strike short of a ban).
-    5. *Drift, not mass attack.* If a message is fence-flagged and at least ``drift_fraction``
-       of the recently seen replicas (and at least two) have their latest message fence-flagged
-       *and* those flagged messages fit the coordinate-wise median of the *latest* profiles of
-       the recent replicas (flagged or not), the stage moved together (or this verifier is
-       wrong); an attacker's flag next to one honest replica's unlucky batch is no such vote.
-       The message is re-scored against that fresh consensus;
-       if it fits, every recent replica's EMA is re-seeded to it and the
-       verdict is ``drift=True`` (not flagged, nothing to strike). A message that does not fit
-       even the fresh consensus is still flagged, so an attacker cannot hide behind a drift.
-       A replica still flagged after the re-seeding keeps being judged by the previous fences
-       while the others recalibrate, so a recalibration is no amnesty for an attacker, and it
-       is short: half of ``min_history``, with a doubled fence multiplier until the pool has
-       grown (``_fit``). An attack that *begins* inside the window, when its worker
-       was no suspect yet, goes unjudged until the refit (then probation, from the
-       retroactive re-scoring); the optional ``recalibration_guard`` judges every other replica
-       by those previous fences times a factor meanwhile (off by default: it strikes honest
-       replicas early in training, see ``ScreeningConfig``).
-       Between them, (1) and (5) make lock-up impossible: a step change costs the first one or
-       two replicas one forgivable strike each, never a frozen reference.
-    6. *Flagged messages never move the reference* (EMA or fence windows). They only update the
-       worker's "latest" profile, which matters solely for the drift vote and its consensus,
-       both of which are medians over the replicas.
+1. The reference is the coordinate-wise median of the *other* replicas' EMA profiles: honest
+   under an honest majority per stage, and it follows legitimate drift instead of locking up.
+2. Fences are fitted on the workers whose distances are typical, so an attacker never widens
+   the fence it is judged by, even when it is active from step 0.
+3. No trusted warm-up: verdicts are ``calibrating`` until enough pooled distances exist; then
+   every calibration message is re-scored (:meth:`BoundaryScreen.take_retroactive`).
+4. A stage-wide shift (enough flagged replicas that agree with one another) re-seeds the EMAs
+   and refits the fences; a replica flagged through it is still judged by the old fences.
+5. Flagged messages never move the reference (EMA or fence windows).
 
-Backward gradients at small batch
-    Their batch-mean direction is mostly noise (honest sign mismatch ~49 %): ``l1``/``l2``/
-    ``sign`` simply get wide fences from the honest windows and rarely fire. The ``skip``
-    distance carries the signal instead: the gradient a stage returns stays aligned, token by
-    token, with the gradient it was sent (the residual connection passes it straight through),
-    so a sign-flipped or noisy gradient is visible in one message, at any batch size. Only the
-    last stage's backward has no incoming gradient to compare with; there the norm ratio and the
-    shape and spread distances are all there is.
-
-    Where the hop has a source, the norm distance judges the hop's *gain* ``rms / rms(source)``,
-    not its RMS (``reference.py``): a gradient's RMS is the incoming gradient's, which swings
-    several-fold between micro-batches at every stage at once and follows any scaling that got
-    accepted further down the pipeline. Judged by RMS (measured, simulator 16 x 8, 3 attackers
-    per stage, tiny model, attack from step 20 of 80): one micro-batch with a 3.5x gradient at
-    step 18 flagged every replica of the backward boundaries and set off recalibrations, the
-    attack began inside them, zero gradients were accepted and the honest replicas fed them
-    returned zeros, which pulled every reference scale to zero: from then on every honest reply
-    was flagged, hops were substituted, nothing could be confirmed and 33 of 45 attackers were
-    never banned (x10: honest RMS at stage 5 spanning four decades and a norm fence of 11-43,
-    i.e. x10 passed). A hop fed an all-zero source is neither judged nor learnt from.
-
-Everything here is deterministic pure tensor math: no I/O, no clocks, no randomness.
+Where a hop has a source, ``norm_ratio`` judges its gain, not its RMS (a gradient's RMS follows
+the incoming gradient's swings), and ``skip`` carries the signal for small-batch gradients, whose
+batch-mean direction is mostly noise. Deterministic pure tensor math: no I/O, clocks or randomness.
 """
 
 from __future__ import annotations
@@ -351,8 +283,8 @@ class BoundaryScreen:
         """While recalibrating after a shift: the fences from before it, widened by
         ``recalibration_guard`` (None otherwise, or with the guard off). A recalibration judges
         no distances by its own fences until they are refitted; without this bound an attack
-        that began inside that window was passed on (live: sign-flipped activations for five
-        steps at one verifier while the others banned the attacker)."""
+        that began inside that window is passed on until the committee's ban. Off by default:
+        see ``ScreeningConfig.recalibration_guard`` (BENCHMARKS.md, "Live screening test")."""
         k = self.config.recalibration_guard
         if self._trusted or self._fence_floor is None or k <= 0:
             return None
@@ -362,8 +294,8 @@ class BoundaryScreen:
         """Tukey fences of the accepted distances. A recalibration trusts a fit of half of
         ``min_history`` pooled distances (``_maybe_trust``); until the pool has grown to
         ``min_history`` its multiplier is doubled, so a young fit is never tighter than a grown one
-        is likely to be. Measured in the simulator: refitting from half the history with the
-        normal multiplier struck honest replicas 3-7x as often as from the full history."""
+        is likely to be: with the normal multiplier a half-history refit strikes honest replicas
+        several times as often (docs/design.md)."""
         k = self.config.fence_k
         if self._history.pooled_count() < self.config.min_history:
             k *= 2.0
@@ -507,11 +439,9 @@ class BoundaryScreen:
             # of it lags by beta/(1-beta) messages per replica, so across replicas the reference
             # scale is the median of their latest *accepted* scales (noise averaged over
             # replicas instead of over time, no lag). The same goes for ``log_skip``, which
-            # climbs steeply while a fresh model learns to use its blocks: with an EMA reference
-            # the honest skip distances of the first steps were so spread that the fence let a
-            # Gaussian-gradient attacker through (simulator, 3 x 3, 8 seeds: mean ban latency
-            # 9 steps with the EMA, 5.6 with the median of the latest accepted values).
-            # And for ``log_gain``, the scale the hop adds, which drifts like the scale itself.
+            # climbs steeply while a fresh model learns to use its blocks: an EMA's lag spreads
+            # the honest skip distances so wide that the fence lets a Gaussian-gradient attacker
+            # through. And for ``log_gain``, the scale the hop adds, which drifts like the scale.
             skips = [w.accepted_log_skip for w in pool if w.accepted_log_skip is not None]
             gains = [w.accepted_log_gain for w in pool if w.accepted_log_gain is not None]
             ref = dataclasses.replace(ref, log_rms=_median([w.accepted_log_rms for w in pool]),
@@ -615,9 +545,9 @@ class BoundaryScreen:
         latest message was flagged and did not join the shift (it still has ``latest_flagged``
         after the drift re-seeded the others: an attacker, or a replica being banned) keeps
         being judged by the fences from before the shift until one of its messages passes
-        them. Measured with 3 replicas and a persistent Gaussian-gradient attacker, two honest
-        false positives in a row made a "drift" in about one run in 36, and the attacker's
-        messages were then accepted for the ``min_history`` messages of calibration.
+        them; otherwise two honest false positives in a row next to a persistent attacker can
+        make a "drift" whose calibration accepts the attacker's messages for ``min_history``
+        messages.
         """
         previous = self.fences()
         if previous is not None:
@@ -655,10 +585,9 @@ class BoundaryScreen:
         ``drift_fraction`` of the voters, must be flagged **and** agree with the coordinate-wise
         median of the voters' latest profiles. Counting flagged replicas alone would let an
         attacker's flagged message plus one honest replica's unlucky batch pass for a shift;
-        the recalibration that follows is a window of ``min_history`` messages in which
-        distances are not judged (measured on the live swarm: a Gaussian-gradient attacker went
-        unstruck for ten steps at one verifier that way). An attacker's message does not agree
-        with a median of mostly honest profiles, so it cannot supply the second vote.
+        the recalibration that follows is a window in which distances are not judged, and an
+        attacker goes unstruck there. An attacker's message does not agree with a median of
+        mostly honest profiles, so it cannot supply the second vote.
         """
         voters = self._voters()
         flagged = [w for _, w in voters if w.latest_flagged and w.latest is not None]
@@ -676,8 +605,7 @@ class BoundaryScreen:
         # A recalibration refits from half the history (with a doubled multiplier, ``_fit``, and
         # the previous fences as a lower bound, ``fences``): its calibration judges no distances,
         # and an attacker that starts while it lasts must not go unjudged for ``min_history``
-        # messages. Measured in the simulator (3 x 3, default model, Gaussian gradients from step
-        # 12 of 30, 8 seeds): ban latency 2-10 steps with the full history, 2-8 with half.
+        # messages; half the history shortens the ban latency (docs/design.md).
         need = cfg.min_history if self._fence_floor is None else max(1, cfg.min_history // 2)
         if self._history.pooled_count() < need:
             return
@@ -719,8 +647,8 @@ class BoundaryScreen:
                 self._history.drop(name)
             # At least two flagged messages and at least half of them: the driver puts the worker
             # on probation (one strike short of a ban), so its next confirmed live flag bans it.
-            # Without this, an attacker that began during a (re)calibration collected no strike
-            # for any of the messages it sent then, and needed ``strike_limit`` more live flags.
+            # Without this, an attacker that begins during a (re)calibration collects no strike
+            # for any of the messages it sends then, and needs ``strike_limit`` more live flags.
             marked = {n for n in guilty if flags[n] >= 2}
         self._retro.extend((n, Verdict(True, r, d, fences, mostly_flagged=n in marked)) for n, d, r in hits)
         self._calibration = []

@@ -1,39 +1,23 @@
 """Per-tensor statistics: the only thing screening ever looks at.
 
-:func:`compute_stats` is the hot path (it runs on every tensor crossing every boundary). It reads
-the tensor in three memory-bound passes and nothing else touches every element:
+:func:`compute_stats` is the hot path (every tensor crossing every boundary): three memory-bound
+passes, and nothing else touches every element:
 
-1. ``ones @ x.view(-1, D)`` (BLAS gemv) -> per-feature sums -> ``mean_vec`` and the global mean;
-2. ``vector_norm(x.view(-1, D), dim=1)`` -> per-token norms -> RMS, and their dispersion
-   (coefficient of variation across tokens). Honest activations and gradients concentrate on
-   some tokens (a causal LM's gradient is far larger at some positions than at others);
-   additive noise, random tensors and lazy shortcuts spread energy evenly and shrink it;
-3. ``aminmax(x)`` -> absmax, and finiteness for free: NaN propagates through min/max and an
-   infinity *is* the min or max, so no ``isfinite(x).all()`` (~30x slower than a reduction).
+1. ``ones @ x.view(-1, D)`` (gemv) -> per-feature sums -> ``mean_vec`` and the global mean;
+2. per-token norms -> RMS and their dispersion across tokens: honest activations and gradients
+   concentrate on some tokens, while noise, random tensors and lazy shortcuts spread energy evenly;
+3. ``aminmax(x)`` -> absmax, and finiteness for free (NaN propagates, an infinity *is* the min
+   or max), so no ``isfinite(x).all()``, which is ~30x slower than a reduction.
 
-When the verifier also holds the hop's *source* (the stage's input activation for a forward
-hop, the gradient it sent into the stage for a backward hop), one more pass gives ``skip``: the
-mean over tokens of ``cos(source_t, x_t)``. Pipeline stages of a pre-norm residual decoder are
-``h_out = h_in + f(h_in)`` and their backward is ``g_in = g_out + J^T g_out``: the skip
-connection keeps each token's output close to its input in direction (measured on the default
-model: honest 0.96-0.999 in both directions), whatever the batch. A sign flip sends it to -1,
-random or lazy outputs to ~0, and additive noise, element flips, biases and stale (delayed)
-outputs pull it down in proportion to their strength. It is the one statistic that compares a
-message with *its own input* rather than with other batches, so it does not need large
-batches to see what a batch-mean cannot (the backward direction's weak spot).
+With the hop's *source* (the input activation, or the gradient sent into the stage), one more
+pass gives ``skip``, the mean over tokens of ``cos(source_t, x_t)``: a residual stage keeps each
+token's output aligned with its input in both directions, so sign flips, noise, element flips and
+random, lazy or stale outputs pull it down in one message, at any batch size. It also gives
+``source_rms`` for the hop's gain ``rms / source_rms``, which stays near 1 for an honest stage
+whatever came in (docs/design.md, "Statistics").
 
-The same pass also gives ``source_rms``, the RMS of the hop's source. The hop's *gain*
-``rms / source_rms`` is what the norm distance judges where a source exists (``reference.py``):
-a backward gradient's scale is set by the gradient sent into the stage (the micro-batch's loss,
-and every stage below it), not by the worker, so its absolute RMS varies 2-4x from one
-micro-batch to the next at every stage at once and follows any scaling accepted further down
-the pipeline; the gain of a residual stage stays close to 1 whatever came in.
-
-The distribution shape comes from a fixed-size strided sample (one gather of ``sample_size``
-elements, then a sort of that small vector), so its cost does not grow with the tensor.
-
-:class:`TensorStats` is small and JSON-able because it also travels as ban *evidence* in DHT
-records; :meth:`TensorStats.from_dict` therefore treats its input as hostile.
+The shape comes from a fixed-size strided sample, so its cost does not grow with the tensor.
+:class:`TensorStats` travels as ban *evidence*, so :meth:`TensorStats.from_dict` treats it as hostile.
 """
 
 from __future__ import annotations

@@ -1,31 +1,23 @@
 """Butterfly averaging: each replica of a stage robustly reduces only its parts of the parameters.
 
-A gather round (every replica downloads every other's whole parameters) costs each replica
-``n - 1`` copies of its stage per round and needs the stage to fit in one message. Here the flat
-parameters are cut into parts (:func:`~sentinel.protocol.aggregation.partition`), part ``i`` owned by
-member ``i % n`` of the group sorted by peer id, and a round is, from one requester's side:
+A gather round costs each replica ``n - 1`` copies of its stage and needs the stage to fit in one
+message. Here the flat parameters are cut into parts (:func:`~sentinel.protocol.aggregation.partition`),
+part ``i`` owned by member ``i % n`` of the group sorted by peer id. From one requester's side:
 
-1. For each part another member owns, push my slice to that owner in a signed ``reduce`` request
-   that names the group. The owner answers with the part reduced by the run's rule (CenteredClip,
-   trimmed mean or mean) over the members' slices, and commits to its inputs: the list of
-   (contributor, digest) it reduced, inside its signed answer.
-2. Parts I own, and parts whose owner failed to answer or was caught lying, I reduce myself.
-3. Audit: a reducer's answers until one audit has passed, every answer that moves my slice
-   far more than the round's other parts do, and a random share ``averaging_audit``. I
-   fetch each committed slice (signed by its own contributor, so the reducer cannot invent one),
-   check it against the commitment, and recompute the reduction. A mismatch is a provable lie:
-   I reduce that owner's parts myself (this round's other parts it answered included) from then
-   on, and report it to the verifiers with the proof.
+1. Push my slice of each part to its owner in a signed ``reduce`` request naming the group; the
+   owner answers with the part reduced by the run's rule and a signed commitment to the
+   (contributor, digest) pairs it reduced.
+2. Reduce myself the parts I own and those whose owner failed or was caught lying.
+3. Audit a reducer's answers until one passes, every answer that moves my slice far more than the
+   round's other parts do, and a random share ``averaging_audit``: fetch the committed slices
+   (each signed by its contributor), check them and recompute. A mismatch is a provable lie,
+   reported to the verifiers; I reduce that owner's parts myself from then on, this round's too.
 
-The reducer (:meth:`Butterfly.on_reduce`) reuses a member's slice pushed or pulled within
-``averaging_reuse_s`` and pulls the others (a ``params`` request for that part), so when the
-replicas average at about the same pace each sends and receives about one copy of the stage per
-round, and no message is larger than one part. It screens the slices it reduces like a gather
-round screens whole contributions, and complains to the verifiers with the outlier's own signed
-slice: the same evidence path, one part at a time.
-
-What it does not do: agree on one round (replicas average on their own clocks, so two requesters'
-reductions of one part may mix slices a few seconds apart, as gather rounds always did).
+The reducer (:meth:`Butterfly.on_reduce`) reuses slices pushed or pulled within
+``averaging_reuse_s``, so each replica sends and receives about one copy of its stage a round, and
+no message exceeds one part; it screens the slices like whole contributions and complains with the
+outlier's own signed slice. Replicas average on their own clocks: two requesters' reductions of one
+part may mix slices a few seconds apart (docs/design.md, "Butterfly rounds").
 """
 
 from __future__ import annotations

@@ -56,10 +56,9 @@ from sentinel.worker.stage_selection import choose_stage, should_move
 
 logger = logging.getLogger(__name__)
 
-# Parameter drift from the stage average, at one averaging round, worth a warning. Measured on
-# the 3 x 3 live swarm (300 steps, averaging every 2 optimizer steps): 1.1-1.8 % on average per
-# round, at most 4-6 % after the first steps; a replica that drifts further than this between
-# rounds produces outputs that differ from its replicas', which is what the verifiers flag.
+# Parameter drift from the stage average, at one averaging round, worth a warning: well above
+# what honest replicas drift between rounds (BENCHMARKS.md, "Clean long run"), and a replica that
+# drifts further produces outputs that differ from its replicas', which the verifiers flag.
 DRIFT_WARNING = 0.10
 # A params request may be dated at most this many pipeline steps ahead of the highest step this
 # worker has seen (verifiers and replicas run a step or two apart).
