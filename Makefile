@@ -24,12 +24,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check sentinel tests bench
 	bash scripts/install-browser.sh
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 -m "not swarm" tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -m swarm tests
 
-# Everything but the live multi-process swarms (pytest -m swarm): a few minutes.
+# Everything but the live multi-process swarms (pytest -m swarm), on both cores: about 2 minutes.
+# The live swarms run one at a time after it: each already keeps both cores busy.
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check sentinel tests bench
-	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m "not swarm" tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --durations=10 -m "not swarm" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sentinel tests bench

@@ -1,4 +1,5 @@
-"""Shared fixtures: where the real corpora live, and a session-wide reaper of child processes."""
+"""Shared fixtures: where the real corpora live, a session-wide reaper of child processes, and the
+clean live swarm that the training and screening tests share."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from sentinel.cli.swarm import LocalSwarm, SwarmConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -44,3 +47,37 @@ def assert_all_gone(pids: set[int], timeout: float = 30.0) -> None:
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"processes still running: {[(p.pid, p.name()) for p in alive]}"
+
+
+# The live swarm the training and screening tests run: 3 stages x 3 replicas, 3 verifiers (a
+# committee of 3), tinyshakespeare, replicas averaging with CenteredClip (the robust rule an
+# averaging attacker is tested against). Attacks begin after the launcher's learning-rate warm-up
+# has settled the verifiers' fences (about 10 verifier steps).
+LIVE_STEPS = 30
+ATTACK_START = 12
+
+
+def live_config(shakespeare: Path, **kw) -> SwarmConfig:
+    # 16 validation micro-batches (16 x 8 x 64 tokens) instead of 4: an attacked and a clean model
+    # are compared on one final evaluation, whose sampling noise would count twice
+    base = dict(stages=3, replicas=3, verifiers=3, steps=LIVE_STEPS, data=str(shakespeare), malicious=0,
+                attack_start=ATTACK_START, eval_every=1000, eval_batches=16, averaging="centered-clip")
+    return SwarmConfig(**{**base, **kw})
+
+
+def run_swarm(swarm: LocalSwarm) -> dict:
+    """Run ``swarm`` to its last step, stop it, check every process it started is gone, report."""
+    try:
+        swarm.start()
+        swarm.wait()
+    finally:
+        swarm.stop()
+    assert_all_gone(swarm.all_pids())
+    return swarm.report()
+
+
+@pytest.fixture(scope="session")
+def clean_swarm(tmp_path_factory, shakespeare) -> tuple[SwarmConfig, dict]:
+    """The live swarm with no adversary, run once: it must train, and attacked runs compare to it."""
+    cfg = live_config(shakespeare)
+    return cfg, run_swarm(LocalSwarm(cfg, tmp_path_factory.mktemp("clean")))

@@ -45,6 +45,21 @@ def test_obvious_attack_is_caught_without_honest_bans():
     assert r["micro_batches"]["failed"] == 0
 
 
+def test_the_defended_model_ends_within_5_percent_of_the_clean_one_and_the_undefended_does_not():
+    """The validation-loss bound where it is not noise: clean, defended and undefended runs share
+    the seed (init, data order, routing), so they differ only by the attack and the defence. A
+    sign flip on a fifth of every stage costs the undefended model well over 5 %; defended, the
+    attackers are banned and the model ends within 5 % of the clean one."""
+    cfg = dict(SMALL, steps=60, eval_every=60, eval_batches=4, attack="sign_flip", direction="forward")
+    clean = run_simulation(SimConfig(**{**cfg, "attack": "none"}))["val_loss_final"]
+    defended = run_simulation(SimConfig(**cfg, defense="sentinel"))
+    undefended = run_simulation(SimConfig(**cfg, defense="none"))["val_loss_final"]
+    print(f"val loss clean {clean:.3f}, defended {defended['val_loss_final']:.3f}, undefended {undefended:.3f}")
+    assert defended["recall"] == 1.0 and defended["honest_banned"] == []
+    assert defended["val_loss_final"] <= 1.05 * clean
+    assert undefended > 1.05 * clean
+
+
 def test_clean_run_bans_nobody_and_learns():
     r = run_simulation(SimConfig(**SMALL, attack="none", defense="sentinel"))
     assert r["banned"] == []

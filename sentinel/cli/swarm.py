@@ -66,8 +66,7 @@ class SwarmConfig:
     # steps in the 3 x 3 shape with 3 verifiers). The manifest's default is 0: the warm-up counts a
     # replica's own steps, so its length depends on the swarm's shape, and the simulator's tables
     # were measured without one. Here it narrows the run-to-run spread of the validation loss
-    # (clean 60-step runs 3.1 % apart instead of 5.2 %; BENCHMARKS.md, "Where the clean-run
-    # spread comes from").
+    # (BENCHMARKS.md, "Live screening test").
     warmup_steps: int = 40
     averaging: str = "mean"  # within-stage aggregation rule (TrainingConfig.averaging)
     training_overrides: dict[str, Any] = field(default_factory=dict)  # other TrainingConfig fields

@@ -1,6 +1,6 @@
 """One pipeline stage's compute on a worker: forward, backward, optimizer, parameter exchange.
 
-No networking here: the P2P servicer (``servicer.py``) and the in-process simulator both drive
+No networking here: the P2P worker (``worker/node.py``) and the in-process simulator both drive
 this class. All methods are synchronous and meant to run on one dedicated thread per worker,
 which serialises access to the parameters without locks.
 
