@@ -182,12 +182,7 @@ class RunManifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunManifest:
-        if not isinstance(d, dict):
-            raise ManifestError(f"a manifest must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ManifestError(f"unknown manifest keys {unknown}; known keys: {sorted(known)}")
+        _check_keys(cls, d, "the manifest")
         kw = dict(d)
         try:
             if "model" in kw:
@@ -208,13 +203,18 @@ class RunManifest:
         return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
-def _sub_from_dict(cls: type, d: Any, where: str) -> Any:
+def _check_keys(cls: type, d: Any, where: str) -> None:
+    """``d`` is a mapping with only ``cls``'s field names, or a ManifestError names the rest."""
     if not isinstance(d, dict):
         raise ManifestError(f"{where} must be a mapping, got {type(d).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ManifestError(f"unknown keys in {where}: {unknown}; known: {sorted(known)}")
+
+
+def _sub_from_dict(cls: type, d: Any, where: str) -> Any:
+    _check_keys(cls, d, where)
     try:
         return cls(**d)
     except (TypeError, ValueError) as e:
