@@ -78,7 +78,7 @@ def load_attack(spec: str, *, directions: str | None = None) -> Attack:
     head, *items = (part.strip() for part in spec.split(","))
     params = _parse_items(items, spec)
 
-    if ":" in head:
+    if is_plugin_spec(head):
         cls, label = _resolve_plugin(head, spec)
     else:
         cls, label = _resolve_builtin(head, spec), f"attack {head!r}"
@@ -172,7 +172,8 @@ def default_directions(spec: str) -> str | None:
     """What a launcher attacks when the user names no direction: forward for a built-in attack
     (the demo's attack); ``None`` (the attack's own choice) for a plugin, which attacks the
     directions whose methods it defines, and for a spec that sets ``directions`` itself."""
-    if is_plugin_spec(spec) or any(item.split("=", 1)[0].strip() == "directions" for item in spec.split(",")[1:]):
+    head, *items = (part.strip() for part in spec.split(","))
+    if is_plugin_spec(spec) or any(key == "directions" for key, _ in _parse_items(items, spec)):
         return None
     return "forward"
 
