@@ -12,14 +12,13 @@ import pytest
 import torch
 
 from sentinel.sim.cli import main as sim_main
-from sentinel.sim.swarm import TUNED_SCREENING, SimConfig, Simulation, malicious_slots, run_simulation
+from sentinel.sim.swarm import SimConfig, Simulation, malicious_slots, run_simulation
 from sentinel.sim.transport import InProcessTransport
 
 #: 3 stages x 5 replicas, one attacker per stage (20 %), on the generated default corpus, screened
-#: with the simulator-tuned settings (with the library defaults honest replicas get banned; see
-#: ``TUNED_SCREENING`` and results/detection_table.md).
+#: at the library defaults.
 SMALL = dict(stages=3, replicas=5, malicious_fraction=0.2, steps=24, micro_batches_per_step=5,
-             micro_batch_size=4, eval_every=12, eval_batches=2, attack_start=8, screening=TUNED_SCREENING)
+             micro_batch_size=4, eval_every=12, eval_batches=2, attack_start=8)
 
 
 def test_malicious_placement_keeps_an_honest_majority_per_stage():

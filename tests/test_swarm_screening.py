@@ -30,8 +30,9 @@ from tests.conftest import ATTACK_START, live_config, run_swarm
 pytestmark = pytest.mark.swarm
 
 ATTACKS = {0: "sign_flip,directions=forward", 1: "gaussian,directions=backward", 2: "avg_scaling"}
-# Steps from the first attack to the effective ban.
-MAX_LATENCY = 10
+# Steps from the first attack to the effective ban: sign flips are banned in about 4, Gaussian
+# noise on gradients (flagged on some of its messages only) in up to 12 at five strikes to a ban.
+MAX_LATENCY = 15
 # Honest stage-2 parameter norms against the clean run's: the poison pushes against the training
 # direction x10 every round, so an uncontained attacker moves the norm by far more.
 MAX_NORM_GAP = 0.05

@@ -24,13 +24,14 @@ class ScreeningConfig:
     #: Accepted distances per boundary: each worker contributes its latest ``window // W`` (at
     #: least 8) to the fit, so the pool turns over every ~``window`` messages whatever W is.
     window: int = 100
-    #: Tukey multiplier, flag above ``Q3 + fence_k * IQR``: 3 is the "far out" fence. On the
-    #: synthetic honest streams of ``tests/test_screening.py`` it flags several times fewer honest
-    #: messages than the classic 1.5 while still flagging attacks active from step 0 (docs/design.md).
-    fence_k: float = 3.0
-    #: Lower bound on the IQR: distances are scale-free, so an absolute floor is meaningful, and a
-    #: perfectly constant history must not flag float noise.
-    fence_iqr_floor: float = 0.01
+    #: Tukey multiplier, flag above ``Q3 + fence_k * IQR``. Beyond the classic "far out" 3: honest
+    #: distances are heavy-tailed (micro-batches of 8 sequences differ a lot), and at 3 a clean
+    #: 8 x 8 run banned honest workers (BENCHMARKS.md, "One safe screening default").
+    fence_k: float = 4.0
+    #: Lower bound on the IQR: distances are scale-free, so an absolute floor is meaningful. The
+    #: sign distance moves in steps of 1/D (D features), so a small floor lets one flipped
+    #: coordinate of a narrow model cross the fence; 0.1 keeps a sign flip (distance ~1) far out.
+    fence_iqr_floor: float = 0.1
     #: A worker's distances enter the fence fit only if its median distance is at most this
     #: multiple of the median across workers (``fences.py``): an attacker never widens its fence.
     eligibility_ratio: float = 1.5
@@ -54,13 +55,16 @@ class ScreeningConfig:
     sign_rel_threshold: float = 0.1
     #: Ban at ``strike_limit`` strikes; each clean message forgives ``strike_limit / forgive_after``,
     #: so any count below the limit is wiped out by ``forgive_after`` clean messages and an honest
-    #: worker's rare false positives never add up.
-    strike_limit: int = 3
-    forgive_after: int = 100
+    #: worker's rare false positives never add up. Five, forgiven in 50: the flags that end a
+    #: calibration strike honest replicas in bursts of 2-3, while a persistent attacker (flagged on
+    #: every message) is still banned after five messages.
+    strike_limit: int = 5
+    forgive_after: int = 50
     #: When at least this fraction of the recently seen replicas (and at least two) have their
     #: latest message flagged, and those messages agree, the stage moved: recalibrate from the
-    #: median of the replicas' latest profiles instead of striking them.
-    drift_fraction: float = 0.5
+    #: median of the replicas' latest profiles instead of striking them. Three quarters: with 3
+    #: attackers of 8 flagged at once, one honest false positive must not make "the stage moved".
+    drift_fraction: float = 0.75
     #: A flag is a strike only if the flagged tensor is at least this share of its flagged distance
     #: away from another replica's accepted recomputation of the same input
     #: (``BoundaryScreen.confirm``): the worker, not the input, must account for half the anomaly.

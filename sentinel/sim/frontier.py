@@ -30,7 +30,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sentinel.sim.swarm import TUNED_SCREENING, SimConfig
+from sentinel.run.screening import ScreeningConfig
+from sentinel.sim.swarm import SimConfig
 from sentinel.sim.table import (
     REPO,
     SHARED_DATA,
@@ -41,6 +42,7 @@ from sentinel.sim.table import (
     execute,
     load_cached,
     parse_parts,
+    screening_line,
 )
 
 #: attack -> (parameter, strengths from weakest to strongest). Scaling is ordered by how far the
@@ -91,7 +93,8 @@ class FrontierConfig:
     #: the adaptive part runs this many times ``steps`` (its attack start scaled alike)
     long_factor: int = 3
     data: str = str(SHARED_DATA / "tinyshakespeare.txt")
-    screening: dict[str, Any] = field(default_factory=lambda: dict(TUNED_SCREENING))
+    #: ScreeningConfig overrides; empty: the library defaults, what users run
+    screening: dict[str, Any] = field(default_factory=dict)
     sweeps: dict[str, tuple[str, tuple[float, ...]]] = field(default_factory=lambda: dict(SWEEPS))
     parts: tuple[str, ...] = PARTS
     out: Path = REPO / "results"
@@ -258,9 +261,8 @@ def breakeven_flag_share(strike_limit: int, forgive_after: int) -> float:
 
 
 def _forgiveness_note(screening: dict[str, Any]) -> str:
-    if "strike_limit" not in screening or "forgive_after" not in screening:
-        return ""
-    limit, after = int(screening["strike_limit"]), int(screening["forgive_after"])
+    cfg = ScreeningConfig.from_dict(screening)
+    limit, after = cfg.strike_limit, cfg.forgive_after
     if limit < 2:
         return ""
     return (f" For scale: with {limit} strikes to a ban and full forgiveness after {after} clean messages, a "
@@ -360,8 +362,7 @@ def render(f: FrontierConfig, rows: list[Row], seconds: float, command: str) -> 
         f"Swarm: {f.stages} x {f.replicas}, {math.floor(f.malicious_fraction * f.replicas + 1e-9)} malicious per "
         f"stage ({f.malicious_fraction:.1%}, first and last stages included), one verifier. Model `{f.model_size}`, "
         f"lr {f.lr}, {f.steps} steps x {f.micro_batches_per_step} micro-batches, attack from step "
-        f"{f.attack_start}. Data `{Path(f.data).name}`. Screening: "
-        f"{', '.join(f'{k}={v}' for k, v in f.screening.items()) or 'defaults'}.",
+        f"{f.attack_start}. Data `{Path(f.data).name}`. Screening: {screening_line(f.screening)}.",
         "",
         "Damage = final validation loss minus the clean run's of the same defense, relative to it "
         f"(clean: undefended {_f((clean.get('clean/none') or {}).get('val_loss_final'))}, "

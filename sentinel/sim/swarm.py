@@ -56,7 +56,7 @@ from sentinel.verifier.screen import Screener
 from sentinel.verifier.strikes import StrikeLedger, majority_allows_ban
 from sentinel.worker.stage_runner import StageRunner
 
-__all__ = ["DEFENSES", "MODEL_SIZES", "TUNED_SCREENING", "SimConfig", "Simulation", "malicious_slots",
+__all__ = ["DEFENSES", "MODEL_SIZES", "SimConfig", "Simulation", "malicious_slots",
            "run_simulation"]
 
 DEFENSES = ("sentinel", "none", "duplicate")
@@ -70,24 +70,6 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "base": {"d_model": 128, "n_heads": 4, "d_ff": 344, "seq_len": 64},
 }
 
-
-#: Screening overrides for the simulator's tiny model (16 x 8, 37.5 % malicious), used by the
-#: detection table and the tests instead of the library defaults of
-#: :class:`~sentinel.run.screening.ScreeningConfig` (results in ``results/detection_table.md``):
-#:
-#: * ``fence_iqr_floor`` 0.01 -> 0.1: the sign distance moves in steps of 1/D (D=32 features:
-#:   one coordinate = 0.03), so with a 0.01 floor a single flipped coordinate crosses the fence
-#:   (most forward false positives); 0.1 keeps sign flips (distance ~1) far outside;
-#: * ``fence_k`` 3 -> 4: honest distances are heavy-tailed (micro-batches of 8 differ a lot);
-#: * ``strike_limit`` 3 -> 5 and ``forgive_after`` 100 -> 50: retroactive flags at the end of a
-#:   calibration strike honest replicas in bursts of 2-3; five strikes, forgiven twice as fast,
-#:   absorb them while a persistent attacker (flagged on every message) is still banned after
-#:   five messages;
-#: * ``drift_fraction`` 0.5 -> 0.75: with 3 attackers of 8 replicas flagged at once, one honest
-#:   false positive makes "half the stage flagged" and triggers a recalibration (fences reset,
-#:   attackers unscreened until they are fitted again).
-TUNED_SCREENING: dict[str, Any] = {"fence_iqr_floor": 0.1, "fence_k": 4.0, "strike_limit": 5, "forgive_after": 50,
-                                   "drift_fraction": 0.75}
 
 
 @dataclass

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sentinel.run.screening import ScreeningConfig
+
 
 def majority_allows_ban(replicas: int, banned: int) -> bool:
     """May one more replica of a stage with ``replicas`` members, ``banned`` of them banned, go?"""
@@ -47,7 +49,8 @@ class StrikeLedger:
     :func:`majority_allows_ban` with their own view of stage membership.
     """
 
-    def __init__(self, strike_limit: int = 3, forgive_after: int = 100,
+    def __init__(self, strike_limit: int = ScreeningConfig.strike_limit,
+                 forgive_after: int = ScreeningConfig.forgive_after,
                  may_ban: Callable[[str], bool] | None = None) -> None:
         if strike_limit < 1 or forgive_after < 1:
             raise ValueError("strike_limit and forgive_after must be >= 1")
