@@ -183,7 +183,7 @@ def jump_then_attack(
         yield i, worker, bad, v, recal_at, trusted_before
 
 
-@pytest.mark.parametrize("attack", ["sign_flip", "scale_x10", "gaussian"])
+@pytest.mark.parametrize("attack", ["sign_flip", "scale_x10", "gaussian_x2"])
 def test_an_attacker_starting_as_a_recalibration_begins_is_judged_soon(attack: str) -> None:
     """A stage-wide jump recalibrates the fences and an attacker starts right after it, while no
     distance is judged: the recalibration lasts at most ``min_history`` messages (half the pooled
@@ -210,50 +210,24 @@ def test_an_attacker_starting_as_a_recalibration_begins_is_judged_soon(attack: s
         assert calibrating <= cfg.min_history, (seed, calibrating)
         assert honest_marked == 0, seed
         assert caught is not None, seed
-        if attack != "gaussian":  # the unambiguous ones: on probation as soon as the fences exist
+        if attack != "gaussian_x2":  # the unambiguous ones: on probation as soon as the fences exist
             assert caught <= cfg.min_history, (seed, caught)
 
 
-@pytest.mark.parametrize("guard", [0.0, 3.0])
-def test_a_gross_attack_beginning_inside_a_recalibration_is_flagged_live(guard: float) -> None:
-    """The guard (``recalibration_guard``): an attacker that starts sign-flipping or scaling x10
-    on the first message after a stage-wide jump, when it was no suspect, is flagged on every
-    message while the fences are refitted, not only retroactively; with the guard off the same
-    messages pass as calibration. Honest replicas are not flagged by the guard."""
-    for attack in ("sign_flip", "scale_x10"):
-        for seed in range(4):
-            screen = BoundaryScreen(ScreeningConfig(recalibration_guard=guard), "forward")
-            recal_at = None
-            live = passed = honest_guard_flags = 0
-            for _, _, bad, v, recal_at, trusted_before in jump_then_attack(screen, attack, seed):
-                if recal_at is None or trusted_before:
-                    continue
-                if bad:
-                    live += v.flagged
-                    passed += v.calibrating
-                else:
-                    honest_guard_flags += v.flagged
-            assert recal_at is not None, (attack, seed)
-            assert live + passed > 0, (attack, seed)  # the attacker did send inside the window
-            if guard:
-                assert passed == 0 and live > 0, (attack, seed, live, passed)
-                assert honest_guard_flags == 0, (attack, seed)
-            else:
-                assert live == 0 and passed > 0, (attack, seed, live, passed)
-
-
-def test_the_guard_judges_ban_evidence_while_recalibrating() -> None:
-    """With the guard on, a verifier in a recalibration window still re-scores a grossly scaled
-    tensor as anomalous (so it can endorse another member's ban), and an honest one as not."""
-    screen = warmed_screen("forward", guard=3.0)
-    floor = screen.fences()
-    screen._recalibrate()
-    assert screen.fences() is None and floor is not None
-    *_, (_, x, _) = forward_stream(121, 4, 1.0)  # the next message of the stream it was warmed on
-    honest = compute_stats(x, ScreeningConfig())
-    scaled = compute_stats(10 * x, ScreeningConfig())
-    assert screen.rescore(scaled).flagged
-    assert not screen.rescore(honest).flagged and not screen.rescore(honest).calibrating
+def test_an_attack_beginning_inside_a_recalibration_passes_as_calibration_until_it_ends() -> None:
+    """No guard judges a recalibration window: an attacker that starts sign-flipping on the first
+    message after a stage-wide jump, when it was no suspect, is passed as calibration there (and
+    put on probation when the window ends, above); the window is short."""
+    cfg = ScreeningConfig()
+    for seed in range(4):
+        screen = BoundaryScreen(cfg, "forward")
+        live = passed = 0
+        for _, _, bad, v, recal_at, trusted_before in jump_then_attack(screen, "sign_flip", seed):
+            if recal_at is None or trusted_before or not bad:
+                continue
+            live += v.flagged
+            passed += v.calibrating
+        assert live == 0 and 0 < passed <= cfg.min_history, (seed, live, passed)
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
@@ -280,8 +254,8 @@ def test_single_replica_stage_falls_back_to_temporal_screening() -> None:
 # ----------------------------------------------------------------------------- properties
 
 
-def warmed_screen(direction: str = "forward", n: int = 120, guard: float = 0.0) -> BoundaryScreen:
-    screen = BoundaryScreen(ScreeningConfig(recalibration_guard=guard), direction)
+def warmed_screen(direction: str = "forward", n: int = 120) -> BoundaryScreen:
+    screen = BoundaryScreen(ScreeningConfig(), direction)
     stream = forward_stream if direction == "forward" else backward_stream
     for worker, x, _ in stream(n, 4, 1.0):
         screen.screen(worker, x)

@@ -74,12 +74,6 @@ class ScreeningConfig:
     #: white-box attacker's messages and a few percent of honest pairs, so one checker's
     #: disagreement never strikes (BENCHMARKS.md, "Spot checks").
     spot_tolerance: float = 0.05
-    #: Off (0). With k > 0, a boundary recalibrating after a shift still judges every message by
-    #: the fences from before it times k, catching a gross attack that begins inside the window.
-    #: Off because early in training the stage moves too fast for fences a few steps old, and the
-    #: recomputation that should clear an honest flag comes from a replica that has drifted too:
-    #: it raised honest strikes and banned an honest replica (BENCHMARKS.md, "Live screening test").
-    recalibration_guard: float = 0.0
     #: A replica's averaging contribution is flagged (a strike in the same ledger as pipeline
     #: flags) when its distance to the round's coordinate-wise median exceeds this many times the
     #: round's spread (``sentinel.protocol.aggregation.contribution_scores``); live, replicas
@@ -106,7 +100,7 @@ class ScreeningConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("fence_k", "fence_iqr_floor", "sign_rel_threshold", "eligibility_ratio",
-                     "recalibration_guard", "averaging_outlier_ratio", "averaging_outlier_floor"):
+                     "averaging_outlier_ratio", "averaging_outlier_floor"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")

@@ -26,9 +26,13 @@ from sentinel.verifier.reference import DISTANCES
 MIN_PER_WORKER = 8
 
 
-def tukey_fence(q1: float, q3: float, k: float, iqr_floor: float) -> float:
-    """``Q3 + k * max(Q3 - Q1, iqr_floor)``."""
-    return q3 + k * max(q3 - q1, iqr_floor)
+def tukey_fence(q1: float, q3: float, k: float, iqr_floor: float, iqr_scale: float = 1.0) -> float:
+    """``Q3 + k * max(iqr_scale * (Q3 - Q1), iqr_floor)``.
+
+    ``iqr_scale`` widens an IQR fitted on few values; the floor is a resolution of the distances
+    themselves, so it is never scaled: a doubled floor on distances bounded by 1 (l1, l2, sign)
+    would put their fence above a sign flip's distance."""
+    return q3 + k * max(iqr_scale * (q3 - q1), iqr_floor)
 
 
 def exceeded(dists: Mapping[str, float], fences: Mapping[str, float]) -> tuple[str, ...]:
@@ -117,9 +121,10 @@ class DistanceHistory:
         self._quartiles = (q1, q3, count)
         return self._quartiles
 
-    def fences(self, k: float, iqr_floor: float) -> dict[str, float]:
+    def fences(self, k: float, iqr_floor: float, iqr_scale: float = 1.0) -> dict[str, float]:
         q1, q3, _ = self.quartiles()
-        return {n: tukey_fence(float(q1[j]), float(q3[j]), k, iqr_floor) for j, n in enumerate(self.names)}
+        return {n: tukey_fence(float(q1[j]), float(q3[j]), k, iqr_floor, iqr_scale)
+                for j, n in enumerate(self.names)}
 
     def total(self) -> int:
         """Distance vectors held over all workers (each buffer capped at ``window``)."""

@@ -160,7 +160,7 @@ class BoundaryScreen:
         if problem is not None:
             return problem
         ref = self._consensus()
-        fences = self.fences() or self._guard_fences()
+        fences = self.fences()
         if ref is None or fences is None:
             return Verdict(False, (), {}, {}, calibrating=True)
         d = distances(profile_of(stats), ref, self.config.sign_rel_threshold)
@@ -279,27 +279,14 @@ class BoundaryScreen:
             return fences
         return dict(self._warm_fences) if self._warm_fences is not None else None
 
-    def _guard_fences(self) -> dict[str, float] | None:
-        """While recalibrating after a shift: the fences from before it, widened by
-        ``recalibration_guard`` (None otherwise, or with the guard off). A recalibration judges
-        no distances by its own fences until they are refitted; without this bound an attack
-        that began inside that window is passed on until the committee's ban. Off by default:
-        see ``ScreeningConfig.recalibration_guard`` (BENCHMARKS.md, "Live screening test")."""
-        k = self.config.recalibration_guard
-        if self._trusted or self._fence_floor is None or k <= 0:
-            return None
-        return {n: v * k for n, v in self._fence_floor.items()}
-
     def _fit(self) -> dict[str, float]:
         """Tukey fences of the accepted distances. A recalibration trusts a fit of half of
         ``min_history`` pooled distances (``_maybe_trust``); until the pool has grown to
-        ``min_history`` its multiplier is doubled, so a young fit is never tighter than a grown one
-        is likely to be: with the normal multiplier a half-history refit strikes honest replicas
-        several times as often (docs/design.md)."""
-        k = self.config.fence_k
-        if self._history.pooled_count() < self.config.min_history:
-            k *= 2.0
-        return self._history.fences(k, self.config.fence_iqr_floor)
+        ``min_history`` its IQR counts double, so a young fit is never tighter than a grown one
+        is likely to be: with the normal width a half-history refit strikes honest replicas
+        several times as often (docs/design.md). The floor is not doubled (``tukey_fence``)."""
+        young = self._history.pooled_count() < self.config.min_history
+        return self._history.fences(self.config.fence_k, self.config.fence_iqr_floor, 2.0 if young else 1.0)
 
     @property
     def calibrated(self) -> bool:
@@ -494,8 +481,6 @@ class BoundaryScreen:
         fences = self.fences()
         if fences is None and name in self._suspects:
             fences = self._fence_floor
-        elif fences is None and d is not None and (guard := self._guard_fences()) is not None:
-            fences = guard if exceeded(d, guard) else None  # under the guard: a calibration message
         if d is None or fences is None:
             self._accept(name, w, p, d)
             if not self._trusted:
@@ -602,7 +587,7 @@ class BoundaryScreen:
     def _maybe_trust(self) -> None:
         cfg = self.config
         workers = len(self._history.workers())
-        # A recalibration refits from half the history (with a doubled multiplier, ``_fit``, and
+        # A recalibration refits from half the history (with a doubled IQR, ``_fit``, and
         # the previous fences as a lower bound, ``fences``): its calibration judges no distances,
         # and an attacker that starts while it lasts must not go unjudged for ``min_history``
         # messages; half the history shortens the ban latency (docs/design.md).
