@@ -1,4 +1,5 @@
-"""The stage runner's optimizer schedule: the learning-rate warm-up and its manifest checks."""
+"""The stage runner: the learning-rate warm-up and its manifest checks, and the lockstep half (an
+agreed gradient applied, a replica's state adopted as a copy)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,22 @@ def test_a_warmed_up_runner_moves_less_in_its_first_step() -> None:
 def test_the_manifest_rejects_a_bad_warmup(bad) -> None:
     with pytest.raises(ManifestError, match="warmup_steps"):
         RunManifest(optimizer=OptimizerConfig(warmup_steps=bad))
+
+
+def test_an_adopted_state_is_a_copy_and_a_wrong_sized_gradient_is_refused() -> None:
+    manifest = RunManifest(num_stages=1, model=MODEL)
+    a, b = StageRunner(manifest, 0), StageRunner(manifest, 0)
+    x, y = TextCorpus.default().batch("train", 2, MODEL.seq_len, seed=0, index=0)
+    a.forward(("mb", 0), x, y)
+    a.backward(("mb", 0), x, None, y, hold=True)
+    grad, passes = a.accumulated_gradient()
+    assert passes == 1 and grad.numel() == a.num_parameters() and grad.abs().sum() > 0
+    a.apply_gradient(grad)
+    b.load_state(a.state())
+    assert b.digest() == a.digest() and b.version == a.version == 1
+    a.apply_gradient(grad)  # a moves on; b's optimizer moments must not move with it
+    assert b.digest() != a.digest()
+    b.apply_gradient(grad)
+    assert b.digest() == a.digest()
+    with pytest.raises(ValueError, match="gradient of"):
+        a.apply_gradient(grad[:-1])

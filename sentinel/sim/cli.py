@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sentinel.sim.swarm import DEFENSES, MODEL_SIZES, SimConfig, Simulation
+from sentinel.sim.swarm import DEFENSES, MODEL_SIZES, SYNC_MODES, SimConfig, Simulation
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                    help="linear learning-rate warm-up over each replica's first N optimizer steps "
                         "(default %(default)s = off; the live launcher uses 40)")
-    p.add_argument("--average-every", type=int, default=d.average_every)
+    p.add_argument("--sync", choices=SYNC_MODES, default=d.sync,
+                   help="lockstep: replicas of a stage apply one aggregated gradient per step and stay identical; "
+                        "async: each steps alone and averages parameters every --average-every steps "
+                        "(default %(default)s)")
+    p.add_argument("--average-every", type=int, default=d.average_every, help="async only")
     p.add_argument("--averaging", choices=("mean", "trimmed-mean", "centered-clip"), default=d.averaging)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
@@ -106,7 +110,7 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
         screening=parse_overrides(a.screen), duplicate_rtol=a.duplicate_rtol, steps=a.steps,
         micro_batches_per_step=a.micro_batches_per_step, micro_batch_size=a.micro_batch_size,
         model_size=a.model_size, layers=a.layers, lr=a.lr, warmup_steps=a.warmup_steps,
-        average_every=a.average_every, averaging=a.averaging, eval_every=a.eval_every,
+        average_every=a.average_every, averaging=a.averaging, sync=a.sync, eval_every=a.eval_every,
         eval_batches=a.eval_batches, data=a.data, seed=a.seed, routing_seed=a.routing_seed, threads=a.threads,
         second_witness=a.second_witness, spot_check=a.spot_check,
     )

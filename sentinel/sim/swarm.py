@@ -56,10 +56,11 @@ from sentinel.verifier.screen import Screener
 from sentinel.verifier.strikes import StrikeLedger, majority_allows_ban
 from sentinel.worker.stage_runner import StageRunner
 
-__all__ = ["DEFENSES", "MODEL_SIZES", "SimConfig", "Simulation", "malicious_slots",
+__all__ = ["DEFENSES", "MODEL_SIZES", "SYNC_MODES", "SimConfig", "Simulation", "malicious_slots",
            "run_simulation"]
 
 DEFENSES = ("sentinel", "none", "duplicate")
+SYNC_MODES = ("lockstep", "async")
 
 #: Model presets (``n_layers`` defaults to one layer per stage). ``tiny`` is what the detection
 #: table runs (16 x 8, 8 micro-batches of 8 x 32 tokens per step): small enough for the paper's
@@ -113,6 +114,12 @@ class SimConfig:
     warmup_steps: int = OptimizerConfig.warmup_steps
     average_every: int = TrainingConfig.average_every
     averaging: str = TrainingConfig.averaging
+    #: ``async``: each replica steps its own optimizer per micro-batch and averages parameters
+    #: every ``average_every`` steps, as the live swarm does today; ``lockstep``: a stage's
+    #: replicas accumulate gradients over the step, aggregate them with ``averaging`` and apply
+    #: the same optimizer update, so honest replicas stay bit-identical (docs/design.md,
+    #: "Lockstep stages"). The default follows the live swarm's.
+    sync: str = "async"
     #: Validation of the consensus model (see the module docstring).
     eval_every: int = 25
     eval_batches: int = 16
@@ -134,6 +141,8 @@ class SimConfig:
             raise ValueError(f"defense must be one of {', '.join(DEFENSES)}; got {self.defense!r}")
         if self.direction not in ("forward", "backward", "both", None):
             raise ValueError(f"direction must be forward, backward, both or None; got {self.direction!r}")
+        if self.sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}; got {self.sync!r}")
         if self.model_size not in MODEL_SIZES:
             raise ValueError(f"model_size must be one of {', '.join(MODEL_SIZES)}; got {self.model_size!r}")
         for name in ("stages", "replicas", "steps", "micro_batches_per_step", "micro_batch_size", "eval_every",
@@ -237,7 +246,7 @@ class Simulation:
         defended = cfg.defense != "none"
         self.transport = InProcessTransport(self.workers, self.manifest, is_banned=self._is_banned,
                                             attack_start=cfg.attack_start, seed=cfg.seed,
-                                            duplicate=cfg.defense == "duplicate")
+                                            duplicate=cfg.defense == "duplicate", lockstep=cfg.sync == "lockstep")
         if cfg.defense == "sentinel":
             self.screener: Any = Screener(self.screen_config, cfg.stages)
         elif cfg.defense == "duplicate":
@@ -311,16 +320,19 @@ class Simulation:
             self.flagged_honest += 1
             self.struck_honest += ev.struck
 
-    def _screen_contributions(self, stage: int, step: int, names: list[str], vectors: list[torch.Tensor]) -> None:
+    def _screen_contributions(self, stage: int, step: int, names: list[str], vectors: list[torch.Tensor],
+                              own_first: bool = True) -> None:
         """The verifier's view of one averaging round: a replica whose contribution is an
         outlier gets a strike through the same ledger as pipeline flags (one ban path, two kinds
-        of evidence). The averaging worker's own vector is not sent to anyone: only peers are judged.
+        of evidence). With ``own_first`` the first vector is the averaging worker's own, sent to
+        nobody, and only its peers are judged; a lockstep round's gradients are all sent.
         Clean contributions forgive nothing (forgiveness counts pipeline messages). One parameter
         state is one piece of evidence however many peers' rounds saw it: a worker is struck at
         most once per optimizer step (the live verifiers key complaints the same way)."""
         cfg = self.screen_config
         flags = contribution_outliers(vectors, cfg.averaging_outlier_ratio, cfg.averaging_outlier_floor)
-        for name, flagged in zip(names[1:], flags[1:], strict=True):
+        skip = 1 if own_first else 0
+        for name, flagged in zip(names[skip:], flags[skip:], strict=True):
             if not flagged:
                 continue
             w = self.workers[name]
@@ -377,6 +389,8 @@ class Simulation:
             t0 = time.perf_counter()
             results = await asyncio.gather(*(self.driver.train_micro_batch(step, mb, x, y)
                                              for mb, (x, y) in enumerate(batches)))
+            if self.transport.lockstep:
+                self.transport.step_boundary(step)
             self.train_seconds += time.perf_counter() - t0
             self._strike_retroactive()
             self._note_bans()
@@ -469,6 +483,7 @@ class Simulation:
             "micro_batches": dict(self.micro_batches),
             "errors": self.errors,
             "averaging_rounds": self.transport.averaging_rounds,
+            "resyncs": self.transport.resyncs,
             "averaging": {"rule": self.manifest.training.averaging, "rounds": self.transport.averaging_rounds,
                           "contributions": sum(w.contributions for w in self.workers.values()),
                           "attacked": sum(w.attacked_contributions for w in attackers),

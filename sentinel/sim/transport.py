@@ -188,6 +188,10 @@ class InProcessTransport:
             :class:`DuplicateScreen`), counting its compute.
         interleave: yield to the event loop at every hop, so the micro-batches of a step are in
             flight together and the router spreads them over the replicas, as on a network.
+        lockstep: backward passes only accumulate; :meth:`step_boundary` then aggregates each
+            stage's gradients and every replica applies the same update (replicas stay
+            bit-identical). Off: each replica steps its own optimizer and averages parameters
+            every ``average_every`` steps (the previous design, kept as the baseline).
     """
 
     def __init__(
@@ -199,6 +203,7 @@ class InProcessTransport:
         seed: int = 0,
         duplicate: bool = False,
         interleave: bool = True,
+        lockstep: bool = True,
     ) -> None:
         self.workers = dict(workers)
         self.manifest = manifest
@@ -207,6 +212,7 @@ class InProcessTransport:
         self.seed = seed
         self.duplicate = duplicate
         self.interleave = interleave
+        self.lockstep = lockstep
         self.num_stages = manifest.num_stages
         self._by_stage: dict[int, list[str]] = {s: [] for s in range(self.num_stages)}
         for name, w in self.workers.items():
@@ -215,12 +221,14 @@ class InProcessTransport:
         #: ``(stage, direction, worker, tensor, source) -> bool | None``: the verifier's decision,
         #: handed to white-box attacks (set by the simulation once its screener exists)
         self.oracle: Callable[..., bool | None] | None = None
-        #: ``(stage, step, names, vectors)``: every averaging round's contributions, the averaging
-        #: worker's own first (set by a defended simulation, which screens them)
-        self.contribution_screen: Callable[[int, int, list[str], list[torch.Tensor]], None] | None = None
+        #: ``(stage, step, names, vectors, own_first=True)``: every averaging round's contributions
+        #: (set by a defended simulation, which screens them); ``own_first``: the first is the
+        #: averaging worker's own (asynchronous rounds), False for a lockstep round's gradients
+        self.contribution_screen: Callable[..., None] | None = None
         self.latest: dict[tuple[int, str, str], _Sent] = {}
         self.honest_loss: dict[tuple[int, int], float] = {}
         self.averaging_rounds = 0
+        self.resyncs = 0  # lockstep replicas that adopted their stage majority's state
         # the checking replica's activation cache (duplicate defense): key -> (leaf, out, version)
         self._check_cache: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor, int]] = {}
 
@@ -286,9 +294,10 @@ class InProcessTransport:
         tokens = x.shape[0] * x.shape[1]
         expected = self._check_backward(w, key, x, grad, targets) if self.duplicate else None
         recomputes = w.runner.stats.recomputes
-        grad_x = w.runner.backward(key, x, grad, targets)
+        grad_x = w.runner.backward(key, x, grad, targets, hold=self.lockstep)
         self.compute.add(2.0 + (w.runner.stats.recomputes - recomputes), w.flops_per_token, tokens)
-        self._maybe_average(w, step)
+        if not self.lockstep:
+            self._maybe_average(w, step)
         if grad_x is None:  # stage 0: token ids have no gradient; nothing is sent back
             self.latest[(stage, "backward", worker)] = _Sent(None, False)
             return HopResult(None, {"sender": worker})
@@ -299,7 +308,61 @@ class InProcessTransport:
         return HopResult(sent, {"sender": worker, "step": step, "micro_batch": micro_batch, "stage": stage,
                                 "direction": "backward"})
 
-    # -- within-stage averaging ---------------------------------------------------------------------
+    # -- lockstep: one agreed gradient per stage and step ---------------------------------------------
+    def step_boundary(self, step: int) -> None:
+        """End of ``step``: in every stage, the live replicas that ran backward passes contribute
+        their mean gradient (a malicious one what its attack's ``average`` returns, the gradient
+        being its update), the contributions are aggregated with the run's rule, and every live
+        replica applies the aggregate, so all take the same optimizer step from the same state."""
+        t = self.manifest.training
+        for stage in range(self.num_stages):
+            live = [self.workers[n] for n in self._by_stage[stage] if not self.is_banned(n)]
+            names: list[str] = []
+            vectors: list[torch.Tensor] = []
+            for w in live:
+                grad, passes = w.runner.accumulated_gradient()
+                if passes == 0:
+                    continue
+                sent = grad
+                if w.attack is not None and step >= self.attack_start:
+                    gen = torch.Generator().manual_seed(_seed("average", self.seed, w.name, step))
+                    ctx = AttackContext(step=step, stage=stage, worker=w.name, micro_batch=-1, direction="average",
+                                        generator=gen, num_stages=self.num_stages, anchor=torch.zeros_like(grad),
+                                        peers=[v for v in vectors])
+                    sent = w.attack.average(grad, ctx)
+                    w.attacked_contributions += sent is not grad and not torch.equal(sent, grad)
+                w.contributions += 1
+                names.append(w.name)
+                vectors.append(sent)
+            if not vectors:
+                continue  # no traffic this step: every replica stays at its version
+            agg = aggregate(vectors, t.averaging) if len(vectors) > 1 else vectors[0]
+            if self.contribution_screen is not None and len(vectors) > 1:
+                self.contribution_screen(stage, step, names, vectors, False)
+            for w in live:
+                w.runner.apply_gradient(agg)
+            self.averaging_rounds += 1
+            self._resync(live)
+
+    def _resync(self, live: list[SimWorker]) -> None:
+        """A replica whose parameters differ from its stage's strict majority (or that fell
+        behind its version) adopts a majority replica's state instead of being struck: with
+        identical replicas a disagreement of state is a fault to repair, not evidence."""
+        digests = {w.name: (w.runner.version, w.runner.digest()) for w in live}
+        counts: dict[tuple[int, str], int] = {}
+        for d in digests.values():
+            counts[d] = counts.get(d, 0) + 1
+        best, n = max(counts.items(), key=lambda kv: kv[1])
+        if 2 * n <= len(live) or n == len(live):
+            return
+        source = next(w for w in live if digests[w.name] == best)
+        state = source.runner.state()
+        for w in live:
+            if digests[w.name] != best:
+                w.runner.load_state(state)
+                self.resyncs += 1
+
+    # -- within-stage averaging (asynchronous baseline) ------------------------------------------------
     def _maybe_average(self, w: SimWorker, step: int) -> None:
         """What the live worker does after each backward: every ``average_every`` optimizer
         steps, replace its parameters by the aggregate of its own and its live replicas'

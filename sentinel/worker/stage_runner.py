@@ -12,9 +12,12 @@ between forward and backward loses nothing: the verifier re-sends the input to a
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -155,6 +158,49 @@ class StageRunner:
         self.version += 1
         self.stats.optimizer_steps += 1
         self._cache.clear()  # cached graphs refer to pre-step parameters
+
+    # -- lockstep: the stage's replicas apply one agreed gradient ---------------------------------
+    def accumulated_gradient(self) -> tuple[torch.Tensor, int]:
+        """The mean parameter gradient of the backward passes held since the last step, flat on
+        the CPU (zeros where a parameter got none), and how many passes it averages."""
+        n = max(1, self.pending)
+        acc = self.manifest.training.accumulate
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
+                          for p in self.module.parameters()]).cpu().float()
+        return flat * (acc / n), self.pending  # backward scaled each pass by 1/accumulate
+
+    def apply_gradient(self, flat: torch.Tensor) -> None:
+        """Take one optimizer step with ``flat`` as every parameter's gradient, whatever this
+        replica accumulated: replicas at the same version with the same optimizer state that
+        apply the same gradient end bit-identical (same build, same device type)."""
+        if flat.numel() != self.num_parameters():
+            raise ValueError(f"expected a gradient of {self.num_parameters()} values, got {flat.numel()}")
+        offset = 0
+        for p in self.module.parameters():
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype).clone()
+            offset += n
+        self.step()
+
+    def state(self) -> dict[str, Any]:
+        """A private copy of the parameters, optimizer state and version (for a replica to adopt)."""
+        return {"module": copy.deepcopy(self.module.state_dict()),
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "version": self.version}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Adopt another replica's :meth:`state`; held gradients and cached graphs are dropped."""
+        self.module.load_state_dict(state["module"])
+        # load_state_dict keeps tensors that need no cast: copy, or two replicas share moments
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.restored(int(state["version"]))
+
+    def digest(self) -> str:
+        """BLAKE2b of the parameters' bytes: equal digests, bit-identical replicas."""
+        h = hashlib.blake2b(digest_size=16)
+        for p in self.module.parameters():
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def restored(self, version: int) -> None:
         """After parameters and optimizer state were loaded from a checkpoint taken at ``version``."""
