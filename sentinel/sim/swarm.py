@@ -320,19 +320,16 @@ class Simulation:
             self.flagged_honest += 1
             self.struck_honest += ev.struck
 
-    def _screen_contributions(self, stage: int, step: int, names: list[str], vectors: list[torch.Tensor],
-                              own_first: bool = True) -> None:
+    def _screen_contributions(self, stage: int, step: int, names: list[str], vectors: list[torch.Tensor]) -> None:
         """The verifier's view of one averaging round: a replica whose contribution is an
         outlier gets a strike through the same ledger as pipeline flags (one ban path, two kinds
-        of evidence). With ``own_first`` the first vector is the averaging worker's own, sent to
-        nobody, and only its peers are judged; a lockstep round's gradients are all sent.
+        of evidence). The averaging worker's own vector is not sent to anyone: only peers are judged.
         Clean contributions forgive nothing (forgiveness counts pipeline messages). One parameter
         state is one piece of evidence however many peers' rounds saw it: a worker is struck at
         most once per optimizer step (the live verifiers key complaints the same way)."""
         cfg = self.screen_config
         flags = contribution_outliers(vectors, cfg.averaging_outlier_ratio, cfg.averaging_outlier_floor)
-        skip = 1 if own_first else 0
-        for name, flagged in zip(names[skip:], flags[skip:], strict=True):
+        for name, flagged in zip(names[1:], flags[1:], strict=True):
             if not flagged:
                 continue
             w = self.workers[name]

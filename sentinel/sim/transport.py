@@ -221,9 +221,8 @@ class InProcessTransport:
         #: ``(stage, direction, worker, tensor, source) -> bool | None``: the verifier's decision,
         #: handed to white-box attacks (set by the simulation once its screener exists)
         self.oracle: Callable[..., bool | None] | None = None
-        #: ``(stage, step, names, vectors, own_first=True)``: every averaging round's contributions
-        #: (set by a defended simulation, which screens them); ``own_first``: the first is the
-        #: averaging worker's own (asynchronous rounds), False for a lockstep round's gradients
+        #: ``(stage, step, names, vectors)``: every asynchronous averaging round's contributions,
+        #: the averaging worker's own first (set by a defended simulation, which screens them)
         self.contribution_screen: Callable[..., None] | None = None
         self.latest: dict[tuple[int, str, str], _Sent] = {}
         self.honest_loss: dict[tuple[int, int], float] = {}
@@ -313,7 +312,12 @@ class InProcessTransport:
         """End of ``step``: in every stage, the live replicas that ran backward passes contribute
         their mean gradient (a malicious one what its attack's ``average`` returns, the gradient
         being its update), the contributions are aggregated with the run's rule, and every live
-        replica applies the aggregate, so all take the same optimizer step from the same state."""
+        replica applies the aggregate, so all take the same optimizer step from the same state.
+
+        The contributions are not screened for outliers: a replica's gradient is a function of
+        the gradients sent back to it, so an honest replica upstream of an attacker carries the
+        attacker's corruption, and striking outliers banned such victims (BENCHMARKS.md,
+        "Lockstep stages in the simulator"). The robust rule bounds a poisoned contribution."""
         t = self.manifest.training
         for stage in range(self.num_stages):
             live = [self.workers[n] for n in self._by_stage[stage] if not self.is_banned(n)]
@@ -337,8 +341,6 @@ class InProcessTransport:
             if not vectors:
                 continue  # no traffic this step: every replica stays at its version
             agg = aggregate(vectors, t.averaging) if len(vectors) > 1 else vectors[0]
-            if self.contribution_screen is not None and len(vectors) > 1:
-                self.contribution_screen(stage, step, names, vectors, False)
             for w in live:
                 w.runner.apply_gradient(agg)
             self.averaging_rounds += 1
