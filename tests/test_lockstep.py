@@ -69,3 +69,15 @@ def test_a_diverged_replica_resyncs_instead_of_being_struck(lockstep_run) -> Non
     assert report["resyncs"] == 1  # the perturbed replica, once, at the next step boundary
     assert report["honest_banned"] == [] and report["flags"]["honest_struck"] == 0
     assert sim.ledger.state("s01r01").strikes == 0
+
+
+def test_the_medium_preset_trains_in_lockstep() -> None:
+    """d_model 512 (``--model-size medium``, the width ladder's top): two lockstep steps run and
+    the replicas of each stage stay bit-identical at that width too."""
+    cfg = SimConfig(stages=2, replicas=2, malicious_fraction=0.0, attack="none", steps=2, micro_batches_per_step=2,
+                    micro_batch_size=1, eval_every=2, eval_batches=1, model_size="medium", sync="lockstep")
+    sim = Simulation(cfg)
+    report = sim.run()
+    assert report["model"]["d_model"] == 512 and report["micro_batches"]["completed"] == 4
+    for stage in range(2):
+        assert len({r.digest() for r in _replicas(sim, stage)}) == 1

@@ -69,6 +69,7 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "tiny": {"d_model": 32, "n_heads": 4, "d_ff": 88, "seq_len": 32},
     "small": {"d_model": 64, "n_heads": 4, "d_ff": 172, "seq_len": 64},
     "base": {"d_model": 128, "n_heads": 4, "d_ff": 344, "seq_len": 64},
+    "medium": {"d_model": 512, "n_heads": 8, "d_ff": 1376, "seq_len": 64},
 }
 
 
