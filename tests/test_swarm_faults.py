@@ -116,7 +116,9 @@ def test_sigkill_verifier_mid_step_resumes_then_sigkill_bootstrap_training_goes_
     drives the interrupted step again, so its report accounts for every micro-batch of every step
     exactly once. Then the bootstrap peer, which is only the way in: once every node has joined,
     the DHT and the P2P streams run between the nodes themselves, so killing it stops nothing."""
-    cfg = SwarmConfig(stages=3, replicas=2, verifiers=2, steps=30, malicious=0, eval_every=1000,
+    # 60 steps: the survivor runs on alone while the victim restarts (tens of seconds on two
+    # loaded cores); at 30 it once finished the run before the victim was back
+    cfg = SwarmConfig(stages=3, replicas=2, verifiers=2, steps=60, malicious=0, eval_every=1000,
                       micro_batches_per_step=2)
     swarm = LocalSwarm(cfg, tmp_path)
     victim, other = swarm.verifiers
