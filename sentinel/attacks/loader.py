@@ -172,7 +172,7 @@ def default_directions(spec: str) -> str | None:
     """What a launcher attacks when the user names no direction: forward for a built-in attack
     (the demo's attack); ``None`` (the attack's own choice) for a plugin, which attacks the
     directions whose methods it defines, and for a spec that sets ``directions`` itself."""
-    head, *items = (part.strip() for part in spec.split(","))
+    _, *items = (part.strip() for part in spec.split(","))
     if is_plugin_spec(spec) or any(key == "directions" for key, _ in _parse_items(items, spec)):
         return None
     return "forward"

@@ -524,7 +524,7 @@ def plot(t: TableConfig, rows: list[Row]) -> list[Path]:
 
 
 #: The screening knobs a results header names: the ones whose defaults were chosen on clean
-#: runs of this table's swarm (docs/design.md, "Finer rules of the screen and the driver").
+#: simulator runs (BENCHMARKS.md, "One safe screening default").
 HEADLINE_SCREENING = ("fence_k", "fence_iqr_floor", "strike_limit", "forgive_after", "drift_fraction")
 
 

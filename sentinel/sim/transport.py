@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -332,7 +333,7 @@ class InProcessTransport:
                     gen = torch.Generator().manual_seed(_seed("average", self.seed, w.name, step))
                     ctx = AttackContext(step=step, stage=stage, worker=w.name, micro_batch=-1, direction="average",
                                         generator=gen, num_stages=self.num_stages, anchor=torch.zeros_like(grad),
-                                        peers=[v for v in vectors])
+                                        peers=list(vectors))
                     sent = w.attack.average(grad, ctx)
                     w.attacked_contributions += sent is not grad and not torch.equal(sent, grad)
                 w.contributions += 1
@@ -351,10 +352,7 @@ class InProcessTransport:
         behind its version) adopts a majority replica's state instead of being struck: with
         identical replicas a disagreement of state is a fault to repair, not evidence."""
         digests = {w.name: (w.runner.version, w.runner.digest()) for w in live}
-        counts: dict[tuple[int, str], int] = {}
-        for d in digests.values():
-            counts[d] = counts.get(d, 0) + 1
-        best, n = max(counts.items(), key=lambda kv: kv[1])
+        best, n = Counter(digests.values()).most_common(1)[0]
         if 2 * n <= len(live) or n == len(live):
             return
         source = next(w for w in live if digests[w.name] == best)

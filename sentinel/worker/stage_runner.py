@@ -173,13 +173,8 @@ class StageRunner:
         """Take one optimizer step with ``flat`` as every parameter's gradient, whatever this
         replica accumulated: replicas at the same version with the same optimizer state that
         apply the same gradient end bit-identical (same build, same device type)."""
-        if flat.numel() != self.num_parameters():
-            raise ValueError(f"expected a gradient of {self.num_parameters()} values, got {flat.numel()}")
-        offset = 0
-        for p in self.module.parameters():
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype).clone()
-            offset += n
+        for p, part in self._split(flat, "expected a gradient of {n} values, got {got}"):
+            p.grad = part.to(device=p.device, dtype=p.dtype).clone()
         self.step()
 
     def state(self) -> dict[str, Any]:
@@ -199,7 +194,7 @@ class StageRunner:
         """BLAKE2b of the parameters' bytes: equal digests, bit-identical replicas."""
         h = hashlib.blake2b(digest_size=16)
         for p in self.module.parameters():
-            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()
 
     def restored(self, version: int) -> None:
@@ -215,14 +210,20 @@ class StageRunner:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
 
-    def load_flat_parameters(self, flat: torch.Tensor) -> None:
+    def _split(self, flat: torch.Tensor, error: str) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """Each parameter with its slice of ``flat`` (in ``flat_parameters`` order), shaped like
+        it; ``ValueError(error.format(n=..., got=...))`` when ``flat`` has the wrong length."""
         if flat.numel() != self.num_parameters():
-            raise ValueError(f"expected {self.num_parameters()} parameters, got {flat.numel()}")
-        offset = 0
+            raise ValueError(error.format(n=self.num_parameters(), got=flat.numel()))
+        out, offset = [], 0
+        for p in self.module.parameters():
+            out.append((p, flat[offset : offset + p.numel()].view_as(p)))
+            offset += p.numel()
+        return out
+
+    def load_flat_parameters(self, flat: torch.Tensor) -> None:
         with torch.no_grad():
-            for p in self.module.parameters():
-                n = p.numel()
-                p.copy_(flat[offset : offset + n].view_as(p))  # copy_ moves it to p's device
-                offset += n
+            for p, part in self._split(flat, "expected {n} parameters, got {got}"):
+                p.copy_(part)  # copy_ moves it to p's device
         self._cache.clear()
         self.stats.averaging_rounds += 1
