@@ -11,6 +11,10 @@ from collections import defaultdict
 from statistics import mean
 from typing import Any
 
+# what a lockstep worker reports of its stage's rounds (``sentinel.worker.node``)
+LOCKSTEP_KEYS = ("lockstep_version", "params_digest", "lockstep_rounds", "lockstep_empty_rounds", "resyncs",
+                 "lockstep_left_out", "lockstep_seconds")
+
 
 def _load(path) -> dict[str, Any] | None:
     try:
@@ -110,8 +114,10 @@ def swarm_report(swarm: Any) -> dict[str, Any]:
         "workers": [{"name": w.name, "stage": w.stage, "malicious": bool(w.attack), "params": r.get("params", {}),
                      "averaging_divergence": r.get("averaging", {}).get("divergence_mean"),
                      "averaging_rounds": r.get("averaging", {}).get("rounds"),
-                     "butterfly": r.get("averaging", {}).get("butterfly", {})}
+                     "butterfly": r.get("averaging", {}).get("butterfly", {}),
+                     **{k: r[k] for k in LOCKSTEP_KEYS if k in r}}
                     for w, r in by_worker if r],
+        "replica_agreement": [r["replica_agreement"] for r in vreports if r.get("replica_agreement")],
         "verifier_reports": len(vreports),
         "worker_reports": len(wreports),
         "screen_seconds": sum(r.get("screen_seconds", 0.0) for r in vreports),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -70,3 +71,11 @@ def test_sentinel_bootstrap_refuses_an_unknown_key_anywhere_in_the_config(tmp_pa
 def test_an_out_of_range_screening_value_names_its_section() -> None:
     with pytest.raises(ManifestError, match="screening.*fence_k"):
         RunManifest.from_dict({"screening": {"fence_k": -1.0}})
+
+
+def test_the_manifest_names_the_sync_modes_it_accepts() -> None:
+    from sentinel.run.manifest import TrainingConfig
+
+    assert RunManifest.from_dict({"training": {"sync": "lockstep"}}).training.sync == "lockstep"
+    with pytest.raises(ManifestError, match=re.escape("training.sync must be async|lockstep, got 'together'")):
+        RunManifest(training=TrainingConfig(sync="together"))

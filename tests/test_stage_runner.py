@@ -75,3 +75,64 @@ def test_an_adopted_state_is_a_copy_and_a_wrong_sized_gradient_is_refused() -> N
     assert b.digest() == a.digest()
     with pytest.raises(ValueError, match="gradient of"):
         a.apply_gradient(grad[:-1])
+
+
+def _lockstep_runner(stage: int = 1, stages: int = 3) -> StageRunner:
+    from sentinel.run.manifest import TrainingConfig
+
+    model = ModelConfig(vocab_size=256, seq_len=16, d_model=16, n_layers=3, n_heads=2, d_ff=32)
+    return StageRunner(RunManifest(num_stages=stages, model=model, training=TrainingConfig(sync="lockstep")), stage)
+
+
+def _hidden(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, MODEL.seq_len, MODEL.d_model)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+def test_a_lockstep_runner_only_accumulates_until_the_agreed_gradient() -> None:
+    runner = _lockstep_runner()
+    before = runner.flat_parameters()
+    for i in range(3):
+        x, g = _hidden(i)
+        runner.forward(("mb", i), x)
+        runner.backward(("mb", i), x, g)
+    assert runner.version == 0 and runner.pending == 3
+    assert torch.equal(runner.flat_parameters(), before)
+    grad, count = runner.accumulated_gradient()
+    assert count == 3
+    runner.apply_gradient(grad)
+    assert runner.version == 1 and not torch.equal(runner.flat_parameters(), before)
+
+
+def test_a_probe_backward_answers_like_backward_and_leaves_the_update_alone() -> None:
+    a, b = _lockstep_runner(), _lockstep_runner()
+    x, g = _hidden(0)
+    probe = a.probe_backward(x, g)
+    assert all(p.grad is None for p in a.module.parameters())  # nothing accumulated
+    assert torch.equal(probe, b.backward(("mb", 0), x, g))  # the same bits a training pass returns
+    last = _lockstep_runner(2)
+    ids = torch.randint(0, MODEL.vocab_size, (2, MODEL.seq_len))
+    assert last.probe_backward(x, None, ids).shape == x.shape
+    assert _lockstep_runner(0).probe_backward(ids, g) is None  # stage 0 answers nothing
+
+
+def test_a_flat_state_round_trip_makes_a_bit_identical_replica() -> None:
+    """What a re-syncing replica adopts over the wire: parameters, AdamW moments and step
+    counts; afterwards both replicas take the next step to the same bits."""
+    a, b = _lockstep_runner(), _lockstep_runner()
+    for i in range(3):  # a is 3 versions ahead of b
+        x, g = _hidden(i)
+        a.backward(("mb", i), x, g)
+        a.apply_gradient(a.accumulated_gradient()[0])
+    flat, steps = a.flat_state()
+    assert flat.numel() == 3 * a.num_parameters() and set(steps) == {3}
+    b.load_flat_state(flat, steps, a.version)
+    assert (b.version, b.digest()) == (a.version, a.digest())
+    x, g = _hidden(9)
+    for r in (a, b):
+        r.backward(("mb", 9), x, g)
+        r.apply_gradient(r.accumulated_gradient()[0])
+    assert a.digest() == b.digest()
+    with pytest.raises(ValueError, match="expected a state"):
+        b.load_flat_state(flat[:-1], steps, 1)

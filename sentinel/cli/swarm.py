@@ -379,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a round moves parameters: each replica reduces its parts (butterfly) or "
                         "fetches every replica's whole parameters (gather); auto (the manifest's "
                         "default): gather while a stage fits in half a message")
+    p.add_argument("--sync", choices=["async", "lockstep"], default=None,
+                   help="how the replicas of a stage stay together: average parameters on their own clocks "
+                        "(async, the manifest's default) or average gradients at every step boundary and "
+                        "apply one identical update (lockstep: bit-identical replicas)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workdir", default=None, help="where logs, identities and reports go (default: runs/<time>)")
     p.add_argument("--report", default=None, help="write the final JSON report here")
@@ -395,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                       screening=not args.no_screening, frame_verifiers=args.frame_verifiers,
                       micro_batch_size=args.micro_batch_size, micro_batches_per_step=args.micro_batches_per_step,
                       lr=args.lr, warmup_steps=args.warmup_steps, averaging=args.averaging, seed=args.seed,
-                      training_overrides={"averaging_partition": args.averaging_partition}
-                      if args.averaging_partition else {})
+                      training_overrides={k: v for k, v in (("averaging_partition", args.averaging_partition),
+                                                            ("sync", args.sync)) if v})
     if cfg.data and not Path(cfg.data).is_file():
         print(f"sentinel-swarm: error: --data {cfg.data}: no such file", file=sys.stderr)
         return 2

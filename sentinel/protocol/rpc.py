@@ -22,12 +22,18 @@ REDUCE = "sentinel.reduce"  # my slice [lo, hi) of the stage's parameters + the 
 REDUCE_AUDIT = "sentinel.reduce_audit"  # (a reduction's digest, index) -> one signed slice it committed to
 COMPLAINT = "sentinel.complaint"  # a replica's signed averaging contribution, reported as poisoned -> ack
 STATUS = "sentinel.status"  # () -> a node's status header, for `sentinel-node status`
+# lockstep stages (``sentinel.worker.lockstep``), between replicas of one stage:
+GRADIENT = "sentinel.gradient"  # version=v, part=[lo, hi] -> the replica's gradient for v (that slice)
+STATE = "sentinel.state"  # part=[lo, hi] -> a slice of the replica's parameters + optimizer moments
 
 MODES = ("train", "eval")
+# a backward's modes: "train" accumulates the parameter gradient for the stage's next update;
+# "probe" only answers the input-gradient (a re-check on another replica changes nothing there)
+BACKWARD_MODES = ("train", "probe")
 
 # Requests that must be fresh (inside the sender's replay window): the pipeline's, and those that
 # change the receiver's state. Reads (parameters, status, audit slices) may be repeated.
-REPLAY_CHECKED = frozenset({FORWARD, BACKWARD, REDUCE, COMPLAINT})
+REPLAY_CHECKED = frozenset({FORWARD, BACKWARD, REDUCE, COMPLAINT, GRADIENT})
 
 Handler = Callable[[Message, str], Awaitable[Message]]
 # (rpc name, checked request, sender) -> None, or raise a ProtocolError: a role's admission rule

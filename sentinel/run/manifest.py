@@ -47,6 +47,9 @@ class OptimizerConfig:
     grad_clip: float = 1.0  # per-stage global-norm clip; stages cannot see each other's grads
 
 
+SYNC_MODES = ("async", "lockstep")
+
+
 @dataclass
 class TrainingConfig:
     """How micro-batches become optimizer steps and how replicas stay in sync."""
@@ -85,6 +88,13 @@ class TrainingConfig:
     # committed to and recomputes the reduction. A reducer's first answer is always audited; one
     # caught lying is reported to the verifiers and its parts are reduced locally from then on.
     averaging_audit: float = 0.25
+    # How a stage's replicas stay together (``sentinel.worker.lockstep``). "async": each replica
+    # steps its own optimizer after every ``accumulate`` passes and averages parameters every
+    # ``average_every`` steps, so replicas agree only approximately. "lockstep": replicas
+    # accumulate the passes of a pipeline step, average their *gradients* at the step boundary
+    # and apply one identical update, so honest replicas hold bit-identical parameters at every
+    # numbered version (and any hop can be re-checked exactly on another replica).
+    sync: str = "async"
     eval_batches: int = 4  # validation micro-batches per evaluation
     eval_every: int = 50  # verifier steps between validation evaluations
     hop_timeout_min_s: float = 20.0  # floor of the adaptive per-hop timeout
@@ -155,6 +165,8 @@ class RunManifest:
             v = getattr(t, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not 0 <= v <= hi:
                 raise ManifestError(f"training.{name} must be a number in [0, {hi:g}], got {v!r}")
+        if t.sync not in SYNC_MODES:
+            raise ManifestError(f"training.sync must be {'|'.join(SYNC_MODES)}, got {t.sync!r}")
         if t.averaging not in ("mean", "centered-clip", "trimmed-mean"):
             raise ManifestError(f"training.averaging must be mean|centered-clip|trimmed-mean, got {t.averaging!r}")
         if self.committee_size < 1:

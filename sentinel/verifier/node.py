@@ -31,6 +31,7 @@ from sentinel.protocol.keys import ban_key, progress_key, verifiers_key
 from sentinel.protocol.signing import sign_message
 from sentinel.protocol.stamps import solve_stamp, stamped_candidates
 from sentinel.run.manifest import RunManifest
+from sentinel.verifier.agreement import replica_agreement
 from sentinel.verifier.complaints import ComplaintDesk, Verdict
 from sentinel.verifier.driver import DriverConfig, FlagEvent, MicroBatchResult, PipelineDriver
 from sentinel.verifier.routing import Router, RouterConfig
@@ -94,6 +95,7 @@ class VerifierNode:
         self.message_counts: dict[str, int] = defaultdict(int)
         self.first_attack_seen: dict[str, int] = {}
         self.step = 0
+        self.agreement: list[dict[str, Any]] | None = None  # lockstep: replica_agreement after training
         self.results: list[MicroBatchResult] = []
         self.train_losses: list[tuple[int, float]] = []
         self.val_losses: list[tuple[int, float]] = []
@@ -412,6 +414,11 @@ class VerifierNode:
             self._write_progress()
             self._write_journal()
         await self.evaluate()
+        if self.manifest.training.sync == "lockstep":
+            x, y = self.val_batches[0]
+            live = [[w for w in self.transport.replicas(s) if w not in self.bans.effective]
+                    for s in range(self.manifest.num_stages)]
+            self.agreement = await replica_agreement(self.transport, live, self.step, x, y)
         report = self.report()
         self._write_progress(final=True)
         if self.report_path:
@@ -533,6 +540,7 @@ class VerifierNode:
             "banned": [vars(b) for b in self.bans.effective.values()],
             "screening": self.screening,
             "screen_seconds": round(self.driver.screen_seconds, 4),
+            "replica_agreement": self.agreement,
             "metrics": METRICS.snapshot(),
         }
 

@@ -60,6 +60,9 @@ class P2PTransport:
         meta = {"digest": resp.header["digest"], "signature": resp.header["signature"],
                 "sender": resp.header["sender"], "step": step, "micro_batch": micro_batch, "stage": stage,
                 "direction": direction}
+        for key in ("version", "params_digest"):  # lockstep stages sign both into every answer
+            if key in resp.header:
+                meta[key] = resp.header[key]
         return HopResult(next(iter(resp.tensors.values()), None), meta)
 
     async def forward(self, worker: str, stage: int, step: int, micro_batch: int, x: torch.Tensor,
@@ -71,10 +74,13 @@ class P2PTransport:
                                 mode=mode)
 
     async def backward(self, worker: str, stage: int, step: int, micro_batch: int, x: torch.Tensor,
-                       grad: torch.Tensor | None, targets: torch.Tensor | None, timeout: float) -> HopResult:
+                       grad: torch.Tensor | None, targets: torch.Tensor | None, timeout: float,
+                       mode: str = "train") -> HopResult:
         tensors = {"x": x}
         if grad is not None:
             tensors["grad"] = grad
         if targets is not None:
             tensors["targets"] = targets
-        return await self._call(worker, wire.BACKWARD, stage, step, micro_batch, "backward", tensors, timeout)
+        extra = {"mode": mode} if mode != "train" else {}
+        return await self._call(worker, wire.BACKWARD, stage, step, micro_batch, "backward", tensors, timeout,
+                                **extra)

@@ -50,6 +50,7 @@ from sentinel.worker.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from sentinel.worker.lockstep import Lockstep
 from sentinel.worker.replica import Replica
 from sentinel.worker.stage_runner import StageRunner
 from sentinel.worker.stage_selection import choose_stage, should_move
@@ -139,6 +140,11 @@ class WorkerNode:
             screen_config=self.screen_config, replica=self.replica, run_blocking=self._in_thread,
             contribution=self.poison_contribution, replicas=self.stage_replicas, banned=self.banned_peers,
             complain=self.complain_later, report_lie=self.report_reduction)
+        # lockstep stages (TrainingConfig.sync): replicas apply one agreed gradient per version
+        self.lockstep = Lockstep(
+            runtime=runtime, checker=self.checker, manifest=manifest, replica=self.replica,
+            run_blocking=self._in_thread, replicas=self._live_replicas, claimants=self.stage_replicas,
+            contribution=self.poison_gradient) if manifest.training.sync == "lockstep" else None
 
     @property
     def stage(self) -> int:
@@ -234,6 +240,8 @@ class WorkerNode:
             "stage_claim", stage_key(self.run, old), self.run, stage=old, state="OFFLINE",
             throughput=0.0, step=int(self.max_step), version=__version__))
         self.stage = target
+        if self.lockstep is not None:
+            self.lockstep.reset()
         self.runner = await self._in_thread(StageRunner, self.manifest, target, 64, self.device)
         self.runtime.announce(stage_key(self.run, target), self._claim)
         await self._join_from_replica()
@@ -263,11 +271,13 @@ class WorkerNode:
 
     def handlers(self) -> dict[str, wire.Handler]:
         """This worker's RPCs, each behind the dispatcher's message checks and :meth:`_admit`."""
-        return wire.checked_handlers(
-            {wire.FORWARD: self._on_forward, wire.BACKWARD: self._on_backward, wire.PARAMS: self._on_params,
-             wire.STATUS: self._on_status, wire.REDUCE: self.butterfly.on_reduce,
-             wire.REDUCE_AUDIT: self.butterfly.on_audit},
-            checker=self.checker, manifest=self.manifest, stage=lambda: self.stage, admit=self._admit)
+        handlers = {wire.FORWARD: self._on_forward, wire.BACKWARD: self._on_backward, wire.PARAMS: self._on_params,
+                    wire.STATUS: self._on_status, wire.REDUCE: self.butterfly.on_reduce,
+                    wire.REDUCE_AUDIT: self.butterfly.on_audit}
+        if self.lockstep is not None:
+            handlers |= {wire.GRADIENT: self.lockstep.on_gradient, wire.STATE: self.lockstep.on_state}
+        return wire.checked_handlers(handlers, checker=self.checker, manifest=self.manifest,
+                                     stage=lambda: self.stage, admit=self._admit)
 
     async def _admit(self, name: str, msg: Message, remote: str) -> None:
         """Pipeline requests must be for my stage and come from an announced verifier."""
@@ -275,6 +285,9 @@ class WorkerNode:
             return
         if msg.header.get("stage") != self.stage:
             raise ProtocolError(f"request for stage {msg.header.get('stage')} sent to a worker of stage {self.stage}")
+        modes = wire.MODES if name == wire.FORWARD else wire.BACKWARD_MODES
+        if msg.header.get("mode", "train") not in modes:
+            raise MalformedMessageError(f"mode must be one of {', '.join(modes)}, got {msg.header.get('mode')!r:.40}")
         await self._authorize(remote)
         METRICS.inc("sentinel_messages_total", kind="request", direction=name.rsplit(".", 1)[-1])
 
@@ -298,17 +311,25 @@ class WorkerNode:
         x, targets = msg.tensors["x"], msg.tensors.get("targets")
         mode = h.get("mode", "train")
         key = (remote, h["step"], h["micro_batch"])
+        if self.lockstep is not None:
+            await self.lockstep.before(int(h["step"]))
         if mode == "eval":
-            y = await self._in_thread(self.runner.evaluate, x, targets)
+            y, stamp = await self._in_thread(self._stamped, self.runner.evaluate, x, targets)
         else:
-            y = await self._in_thread(self.runner.forward, key, x, targets)
+            y, stamp = await self._in_thread(self._stamped, self.runner.forward, key, x, targets)
             self.max_step = max(self.max_step, int(h["step"]))
             self.tokens += x.shape[0] * x.shape[1]
         if self.attack is not None:
             ctx = self._attack_ctx(msg, "forward", x, targets)
             y = self.attack.forward(y, ctx)
             await self._hold_reply(ctx)
-        return sign_message(wire.reply(msg, "forward_result", {"y": y.contiguous()}), self.runtime.identity)
+        return sign_message(wire.reply(msg, "forward_result", {"y": y.contiguous()}, **stamp), self.runtime.identity)
+
+    def _stamped(self, fn, *args) -> tuple[Any, dict[str, Any]]:
+        """In the compute thread: ``fn(*args)`` and, in lockstep, the version and parameter
+        digest it ran at (signed into the reply: what an exact re-check compares against)."""
+        out = fn(*args)
+        return out, (self.lockstep.stamp() if self.lockstep is not None else {})
 
     async def _hold_reply(self, ctx: Any) -> None:
         """An availability attack (``sentinel.attacks.availability``) holds its honest reply, or
@@ -327,11 +348,21 @@ class WorkerNode:
         h = msg.header
         x, grad, targets = msg.tensors["x"], msg.tensors.get("grad"), msg.tensors.get("targets")
         key = (remote, h["step"], h["micro_batch"])
-        hold = self._round_overdue()
-        if hold:
-            METRICS.inc("sentinel_optimizer_steps_held_total")
-        grad_x = await self._in_thread(self.runner.backward, key, x, grad, targets, hold)
-        self._maybe_average()
+        if self.lockstep is not None:
+            await self.lockstep.before(int(h["step"]))
+            if h.get("mode", "train") == "probe":
+                grad_x, stamp = await self._in_thread(self._stamped, self.runner.probe_backward, x, grad, targets)
+            else:
+                grad_x, stamp = await self._in_thread(self._stamped, self.runner.backward, key, x, grad, targets)
+        else:
+            hold = self._round_overdue()
+            if hold:
+                METRICS.inc("sentinel_optimizer_steps_held_total")
+            if h.get("mode", "train") == "probe":
+                grad_x, stamp = await self._in_thread(self._stamped, self.runner.probe_backward, x, grad, targets)
+            else:
+                grad_x, stamp = await self._in_thread(self._stamped, self.runner.backward, key, x, grad, targets, hold)
+            self._maybe_average()
         if self.checkpoint_dir is not None and self.checkpoint_every > 0 and \
                 self.runner.version - self._saved_version >= self.checkpoint_every:
             self._saved_version = self.runner.version
@@ -343,7 +374,7 @@ class WorkerNode:
                 grad_x = self.attack.backward(grad_x, ctx)
                 await self._hold_reply(ctx)
             tensors["grad_x"] = grad_x.contiguous()
-        return sign_message(wire.reply(msg, "backward_result", tensors), self.runtime.identity)
+        return sign_message(wire.reply(msg, "backward_result", tensors, **stamp), self.runtime.identity)
 
     async def _on_params(self, msg: Message, remote: str) -> Message:
         if msg.header.get("stage") != self.stage:
@@ -368,6 +399,11 @@ class WorkerNode:
         return sign_message(wire.reply(msg, "params_result", {"params": flat.contiguous()}, version=self.runner.version,
                                        **extra), self.runtime.identity)
 
+    def poison_gradient(self, grad: torch.Tensor, tag: str) -> torch.Tensor:
+        """What this worker contributes to a lockstep round: its gradient, or an averaging
+        attack's poison of it."""
+        return self.poison_contribution(grad, f"gradient|{tag}")
+
     def poison_contribution(self, flat: torch.Tensor, tag: str, part: tuple[int, int] | None = None) -> torch.Tensor:
         """What this worker contributes to averaging: ``flat`` itself, or an averaging attack's
         poison of it (the whole parameters, or the reduced slice ``part`` it serves)."""
@@ -386,6 +422,8 @@ class WorkerNode:
         return self.attack.average(flat, ctx)
 
     async def _on_status(self, msg: Message, remote: str) -> Message:
+        if self.lockstep is not None and self.runner is not None:
+            await self.lockstep.digest()  # the status carries the current version's digest
         return sign_message(wire.reply(msg, "status_result", {}, **self.status()), self.runtime.identity)
 
     def status(self) -> dict[str, Any]:
@@ -397,7 +435,19 @@ class WorkerNode:
             "averaging_rounds": r.stats.averaging_rounds if r else 0,
             "held_steps": r.stats.held_steps if r else 0,
             "uptime_s": round(time.time() - self.started_at, 1),
+            **self._lockstep_status(),
         }
+
+    def _lockstep_status(self) -> dict[str, Any]:
+        ls = self.lockstep
+        if ls is None or self.runner is None:
+            return {}
+        digest = ls.stats.digests.get(self.runner.version)
+        if digest is None and self.state == "OFFLINE":  # the final report: the compute thread is idle
+            digest = self.runner.digest()
+        return {"lockstep_version": self.runner.version, "params_digest": digest, "lockstep_rounds": ls.stats.rounds,
+                "lockstep_empty_rounds": ls.stats.empty_rounds, "resyncs": ls.stats.resyncs,
+                "lockstep_left_out": ls.stats.left_out, "lockstep_seconds": round(ls.stats.round_seconds, 3)}
 
     def params_summary(self) -> dict[str, Any]:
         """Norm and finiteness of this replica's parameters, for the node's report."""
@@ -527,7 +577,13 @@ class WorkerNode:
 
     async def _join_from_replica(self) -> None:
         """A (re)joining worker adopts its live replicas' parameters instead of the initial ones,
-        unless it resumed from a checkpoint at least as far along as every one of them."""
+        unless it resumed from a checkpoint at least as far along as every one of them. In
+        lockstep it adopts the version (parameters and optimizer state) most of them hold."""
+        if self.lockstep is not None:
+            statuses = await self._replica_statuses()
+            if statuses and await self.lockstep.join(statuses):
+                logger.info("joined stage %d at version %d from its replicas", self.stage, self.runner.version)
+            return
         states = await self._fetch_replica_states()
         if not states:
             return
@@ -540,6 +596,22 @@ class WorkerNode:
         await self._in_thread(self.runner.load_flat_parameters, agg)
         logger.info("joined stage %d from %d live replica(s)%s", self.stage, len(states),
                     " (they are ahead of the checkpoint)" if self.resumed_from is not None else "")
+
+    async def _replica_statuses(self, timeout: float = 20.0) -> dict[str, dict[str, Any]]:
+        """The signed status of every live replica that answers."""
+        async def one(peer: str) -> tuple[str, dict[str, Any] | None]:
+            req = sign_message(wire.request(self.run, self.max_step, 0, self.stage, "status", {}),
+                               self.runtime.identity)
+            try:
+                resp = await self.runtime.call(peer, wire.STATUS, req, timeout)
+                self.checker.check(resp, expected_sender=peer, expected={}, check_replay=False)
+            except (PeerCallError, ProtocolError) as e:
+                logger.debug("status of %s failed: %s", peer[-8:], e)
+                return peer, None
+            return peer, dict(resp.header) if resp.header.get("stage") == self.stage else None
+
+        got = await asyncio.gather(*(one(p) for p in await self._live_replicas()))
+        return {p: h for p, h in got if h is not None}
 
     async def _resume_from_checkpoint(self) -> None:
         if self.checkpoint_dir is None:

@@ -57,6 +57,9 @@ class StageRunner:
         self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]] = OrderedDict()
         self.stats = StageRunnerStats()
         self.last_loss: float | None = None
+        # lockstep stages never step on their own: the stage's agreed gradient is applied at the
+        # step boundary (:meth:`apply_gradient`), so every pass only accumulates
+        self.lockstep = manifest.training.sync == "lockstep"
 
     @property
     def is_first(self) -> bool:
@@ -125,7 +128,7 @@ class StageRunner:
             out.backward(self._on_device(grad_out) * scale)
         self.stats.backwards += 1
         self.pending += 1
-        if self.pending >= self.manifest.training.accumulate:
+        if self.pending >= self.manifest.training.accumulate and not self.lockstep:
             if hold:
                 self.stats.held_steps += 1
             else:
@@ -133,6 +136,23 @@ class StageRunner:
         if self.is_first:
             return None
         return self._on_cpu(leaf.grad)
+
+    def probe_backward(self, x: torch.Tensor, grad_out: torch.Tensor | None,
+                       targets: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The input-gradient :meth:`backward` would return, with no parameter gradient kept:
+        a re-check of another replica's answer must not count twice in this stage's update."""
+        if self.is_first:
+            return None
+        leaf, out = self._run(x, targets)
+        scale = 1.0 / self.manifest.training.accumulate
+        if self.is_last:
+            seed = out * scale
+            (grad,) = torch.autograd.grad(seed, leaf)
+        else:
+            if grad_out is None:
+                raise ValueError("backward on a non-last stage needs grad_out")
+            (grad,) = torch.autograd.grad(out, leaf, self._on_device(grad_out) * scale)
+        return self._on_cpu(grad)
 
     def step_if_due(self) -> bool:
         """Apply the gradients of held passes (one optimizer step for all of them)."""
@@ -176,6 +196,47 @@ class StageRunner:
         for p, part in self._split(flat, "expected a gradient of {n} values, got {got}"):
             p.grad = part.to(device=p.device, dtype=p.dtype).clone()
         self.step()
+
+    def skip_step(self) -> None:
+        """Advance the version without an update: a lockstep round in which no replica of the
+        stage served a backward pass (every replica skips it alike)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending = 0
+        self.version += 1
+        self._cache.clear()
+
+    def flat_state(self) -> tuple[torch.Tensor, list[int]]:
+        """Parameters, AdamW first and second moments as one flat float32 tensor (3 x
+        :meth:`num_parameters`, in that order), and each parameter's AdamW step count: what a
+        replica sends a peer that re-syncs (no pickle on the wire)."""
+        params = list(self.module.parameters())
+        moments, steps = [], []
+        for name in ("exp_avg", "exp_avg_sq"):
+            moments.append(torch.cat([self.optimizer.state.get(p, {}).get(name, torch.zeros_like(p)).detach()
+                                      .reshape(-1).float().cpu() for p in params]))
+        for p in params:
+            step = self.optimizer.state.get(p, {}).get("step", 0)
+            steps.append(int(step.item() if torch.is_tensor(step) else step))
+        return torch.cat([self.flat_parameters().float(), *moments]), steps
+
+    def load_flat_state(self, flat: torch.Tensor, steps: list[int], version: int) -> None:
+        """Adopt a peer's :meth:`flat_state` at ``version``; held gradients and cached graphs go."""
+        n = self.num_parameters()
+        if flat.numel() != 3 * n or len(steps) != len(list(self.module.parameters())):
+            raise ValueError(f"expected a state of {3 * n} values and {len(list(self.module.parameters()))} step "
+                             f"counts, got {flat.numel()} and {len(steps)}")
+        self.load_flat_parameters(flat[:n])
+        self.stats.averaging_rounds -= 1  # a re-sync, not an averaging round
+        avg = self._split(flat[n : 2 * n], "")
+        sq = self._split(flat[2 * n :], "")
+        self.optimizer.state.clear()
+        for (p, m1), (_, m2), step in zip(avg, sq, steps, strict=True):
+            if step > 0:  # a parameter AdamW never stepped has no state, as in a fresh optimizer
+                self.optimizer.state[p] = {"step": torch.tensor(float(step)),
+                                           "exp_avg": m1.to(device=p.device, dtype=p.dtype).clone(),
+                                           "exp_avg_sq": m2.to(device=p.device, dtype=p.dtype).clone()}
+        self.optimizer.zero_grad(set_to_none=True)
+        self.restored(version)
 
     def state(self) -> dict[str, Any]:
         """A private copy of the parameters, optimizer state and version (for a replica to adopt)."""

@@ -1,0 +1,417 @@
+"""Lockstep stages: a stage's replicas apply one agreed gradient per numbered version.
+
+Honest replicas of a stage then hold bit-identical parameters and optimizer state at every
+version, so any hop can be re-checked exactly on another replica. The rules, from one replica's
+side (``TrainingConfig.sync = "lockstep"``):
+
+1. Backward passes served at version ``v`` only accumulate gradients.
+2. Version ``v`` closes when a pipeline request of a later step than any seen before arrives
+   (its verifier finished the step), or when a replica asks for my version-``v`` gradient.
+   Closing snapshots the accumulated gradient and the digest of the parameters at ``v``.
+3. The round for ``v``: fetch every live replica's version-``v`` gradient (asking closes ``v``
+   there too), combine the non-empty ones in peer-id order with the run's rule (so every replica
+   computes the same bits), apply that one gradient: version ``v + 1``. A round no replica
+   served a pass in advances the version without an update.
+4. Requests wait while a round is in flight: no pass is computed at a half-applied version.
+5. A replica whose digest at ``v`` differs from a strict majority of the round's, or that finds
+   its replicas already past ``v``, re-syncs: it adopts a majority replica's parameters,
+   optimizer moments and version (``sentinel.state``). Divergence is repaired, never struck.
+6. A joining replica adopts the version most live replicas share.
+
+Gradient contributions are not screened as outliers here: measured in the simulator, an honest
+replica downstream of a corrupted hop carries the corruption in its gradient and was banned
+(BENCHMARKS.md, "Lockstep stages in the simulator").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from sentinel.metrics import METRICS
+from sentinel.net.runtime import PeerCallError, SwarmRuntime
+from sentinel.protocol import rpc as wire
+from sentinel.protocol.aggregation import aggregate, partition
+from sentinel.protocol.checks import MessageChecker, TensorSpec
+from sentinel.protocol.codec import Message
+from sentinel.protocol.errors import MalformedMessageError, ProtocolError, WrongSenderError
+from sentinel.protocol.signing import sign_message
+from sentinel.run.manifest import RunManifest
+from sentinel.worker.replica import Replica
+
+logger = logging.getLogger(__name__)
+
+# Closed versions whose gradient a replica keeps for peers still running that round.
+KEPT_VERSIONS = 4
+# A replica's "I closed this version on step s" moves my own boundary at most this far ahead.
+OPENED_AHEAD = 16
+# A round waits this long for a replica's gradient before leaving it out (it re-syncs later).
+ROUND_TIMEOUT_S = 20.0
+
+
+@dataclass
+class Snapshot:
+    """One replica's contribution to the round of ``version``."""
+
+    version: int
+    grad: torch.Tensor  # mean parameter gradient of its passes, flat float32
+    count: int  # backward passes it averages (0: an empty contribution)
+    digest: str  # of the parameters at ``version``
+
+
+@dataclass
+class LockstepStats:
+    rounds: int = 0
+    empty_rounds: int = 0
+    resyncs: int = 0
+    left_out: int = 0  # replicas a round went without (no answer, behind)
+    round_seconds: float = 0.0
+    digests: dict[int, str] = field(default_factory=dict)  # recent version -> my digest there
+
+
+class NotReplicaError(WrongSenderError):
+    reason = "not_a_replica"
+
+
+class Lockstep:
+    """One worker's side of its stage's lockstep rounds; the worker routes requests through it."""
+
+    def __init__(self, runtime: SwarmRuntime, checker: MessageChecker, manifest: RunManifest, replica: Replica,
+                 run_blocking: Callable[..., Awaitable], replicas: Callable[[], Awaitable[list[str]]],
+                 claimants: Callable[[], Awaitable[list[str]]],
+                 contribution: Callable[[torch.Tensor, str], torch.Tensor] | None = None):
+        self.runtime = runtime
+        self.checker = checker
+        self.manifest = manifest
+        self.run = manifest.run_id
+        self.replica = replica
+        self._in_thread = run_blocking
+        self._live_replicas = replicas  # the other ONLINE, non-banned replicas of my stage
+        self._claimants = claimants  # every peer claiming my stage (who may ask for my gradient)
+        self._contribution = contribution  # what an averaging attacker makes of its gradient
+        self.open_step = 0  # the newest pipeline step this replica accumulates passes for
+        self._snapshots: dict[int, asyncio.Future] = {}
+        self._round: asyncio.Task | None = None
+        self._digest: tuple[int, str] | None = None  # (version, digest) of the current parameters
+        self.stats = LockstepStats()
+        self._claimants_at = (0.0, frozenset())
+
+    @property
+    def runner(self):
+        return self.replica.runner
+
+    @property
+    def part_numel(self) -> int:
+        return self.manifest.training.averaging_part_numel
+
+    # -- the worker's hooks ------------------------------------------------------------------------
+    async def before(self, step: int) -> None:
+        """Call before computing a pipeline request of ``step``: close the current version if
+        ``step`` is new, then wait for any round in flight. The caller submits its compute right
+        after this returns (no await between), so the pass lands at the settled version."""
+        if step > self.open_step:
+            if self.open_step > 0:
+                self.close(self.runner.version)
+            self.open_step = step
+        await self.settled()
+
+    def stamp(self) -> dict[str, object]:
+        """In the compute thread, right after a pass: the version it ran at and the digest of the
+        parameters there, for the signed reply."""
+        version = self.runner.version
+        if self._digest is None or self._digest[0] != version:
+            self._digest = (version, self.runner.digest())
+            self.stats.digests[version] = self._digest[1]
+        return {"version": version, "params_digest": self._digest[1]}
+
+    async def settled(self) -> None:
+        while self._round is not None and not self._round.done():
+            await asyncio.wait([self._round])
+
+    async def digest(self) -> str:
+        """The digest of the parameters at the current version (computed once per version)."""
+        version = self.runner.version
+        if self._digest is None or self._digest[0] != version:
+            d = await self._in_thread(self.runner.digest)
+            if self.runner.version != version:  # a round applied meanwhile: hash again
+                return await self.digest()
+            self._digest = (version, d)
+            self.stats.digests[version] = d
+            for old in [v for v in self.stats.digests if v < version - KEPT_VERSIONS]:
+                del self.stats.digests[old]
+        return self._digest[1]
+
+    def reset(self) -> None:
+        """After a move to another stage: nothing of the old stage's rounds carries over."""
+        if self._round is not None:
+            self._round.cancel()
+        self._round, self._digest, self._snapshots = None, None, {}
+        self.open_step = 0
+
+    # -- closing a version and its round -----------------------------------------------------------
+    def close(self, version: int) -> asyncio.Future:
+        """Snapshot ``version`` (once) and start its round; returns the snapshot's future."""
+        snap = self._snapshots.get(version)
+        if snap is not None:
+            return snap
+        snap = asyncio.ensure_future(self._snapshot(version))
+        self._snapshots[version] = snap
+        for old in [v for v in self._snapshots if v < version - KEPT_VERSIONS]:
+            del self._snapshots[old]
+        self._round = asyncio.create_task(self._run_round(version, snap, self._round))
+        return snap
+
+    async def _snapshot(self, version: int) -> Snapshot:
+        runner = self.runner
+
+        def take() -> tuple[torch.Tensor, int, str]:
+            if runner.version != version:
+                raise RuntimeError(f"version {version} was already left (now {runner.version})")
+            grad, count = runner.accumulated_gradient()
+            return grad, count, runner.digest()
+
+        grad, count, digest = await self._in_thread(take)
+        self._digest = (version, digest)
+        self.stats.digests[version] = digest
+        return Snapshot(version, grad, count, digest)
+
+    async def _run_round(self, version: int, snap: asyncio.Future, previous: asyncio.Task | None) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        t0 = time.perf_counter()
+        try:
+            own = await snap
+            peers = await self._live_replicas()
+            got = await asyncio.gather(*(self._fetch_gradient(p, version) for p in peers))
+            contributions = {self.runtime.peer_id: own}
+            ahead: list[str] = []
+            for peer, answer in zip(peers, got, strict=True):
+                if isinstance(answer, Snapshot):
+                    contributions[peer] = answer
+                elif isinstance(answer, int) and answer > version:
+                    ahead.append(peer)
+                else:
+                    self.stats.left_out += 1
+            await self._apply(version, contributions)
+            source = self._resync_source(own.digest, contributions, ahead)
+            if source:
+                await self._resync(source)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failed round leaves this replica behind; it re-syncs next
+            logger.warning("lockstep round for version %d failed: %s", version, e)
+            METRICS.inc("sentinel_lockstep_failures_total")
+        finally:
+            self.stats.round_seconds += time.perf_counter() - t0
+
+    async def _apply(self, version: int, contributions: dict[str, Snapshot]) -> None:
+        used = [contributions[p] for p in sorted(contributions) if contributions[p].count > 0]
+        runner = self.runner
+        if not used:
+            def skip() -> None:
+                if runner.version == version:
+                    runner.skip_step()
+            await self._in_thread(skip)
+            self.stats.empty_rounds += 1
+        else:
+            rule = self.manifest.training.averaging
+            if rule == "mean":  # weighted by passes: the mean gradient of every pass the stage served
+                total = sum(s.count for s in used)
+                grad = torch.zeros_like(used[0].grad)
+                for s in used:
+                    grad += s.grad * (s.count / total)
+            else:
+                grad = aggregate([s.grad for s in used], rule)
+
+            def apply() -> None:
+                if runner.version == version:
+                    runner.apply_gradient(grad)
+            await self._in_thread(apply)
+        self.stats.rounds += 1
+        METRICS.inc("sentinel_lockstep_rounds_total")
+
+    def _resync_source(self, mine: str, contributions: dict[str, Snapshot], ahead: list[str]) -> list[str]:
+        """Replicas to re-sync from, best first (empty: this replica agrees with its stage)."""
+        if ahead:
+            return ahead
+        counts = Counter(s.digest for s in contributions.values())
+        digest, n = counts.most_common(1)[0]
+        if digest != mine and n * 2 > len(contributions):
+            logger.warning("stage %d version %d: my parameters differ from %d of %d replicas; re-syncing",
+                           self.replica.stage, next(iter(contributions.values())).version, n, len(contributions))
+            return sorted(p for p, s in contributions.items() if s.digest == digest)
+        return []
+
+    # -- re-sync and join ------------------------------------------------------------------------------
+    async def _resync(self, sources: list[str]) -> bool:
+        for peer in sources:
+            try:
+                flat, steps, version, digest = await self._fetch_state(peer)
+            except (PeerCallError, ProtocolError, ValueError) as e:
+                logger.info("re-sync from %s failed: %s", peer[-8:], e)
+                continue
+            runner = self.runner
+            await self._in_thread(runner.load_flat_state, flat, steps, version)
+            mine = await self.digest()
+            if mine != digest:
+                logger.warning("state from %s does not hash to the digest it signed; trying another", peer[-8:])
+                continue
+            self._snapshots = {v: f for v, f in self._snapshots.items() if v < version}
+            self.stats.resyncs += 1
+            METRICS.inc("sentinel_lockstep_resyncs_total")
+            logger.info("stage %d re-synced from %s at version %d", self.replica.stage, peer[-8:], version)
+            return True
+        return False
+
+    async def join(self, statuses: dict[str, dict]) -> bool:
+        """Adopt the (version, digest) most live replicas report, if it is ahead of mine."""
+        held = Counter((s["lockstep_version"], s["params_digest"]) for s in statuses.values()
+                       if isinstance(s.get("lockstep_version"), int) and isinstance(s.get("params_digest"), str))
+        if not held:
+            return False
+        (version, digest), _ = max(held.items(), key=lambda kv: (kv[1], kv[0][0]))
+        if version <= self.runner.version and digest == await self.digest():
+            return False
+        self.open_step = max([self.open_step, *(int(s.get("step", 0)) for s in statuses.values())])
+        return await self._resync(sorted(p for p, s in statuses.items()
+                                         if (s.get("lockstep_version"), s.get("params_digest")) == (version, digest)))
+
+    # -- calls to replicas ---------------------------------------------------------------------------
+    async def _fetch_gradient(self, peer: str, version: int) -> Snapshot | int | None:
+        """``peer``'s version-``version`` gradient; the version it is at if it has none (an int);
+        None when it did not answer properly."""
+        n = self.runner.num_parameters()
+        parts, count, digest = [], 0, ""
+        for lo, hi in partition(n, 1, self.part_numel):
+            req = sign_message(wire.request(self.run, self.replica.step, 0, self.replica.stage, "gradient", {},
+                                            version=version, opened=self.open_step, part=[lo, hi]),
+                               self.runtime.identity)
+            try:
+                resp = await self.runtime.call(peer, wire.GRADIENT, req, ROUND_TIMEOUT_S)
+                h = resp.header
+                have = h.get("have") is True
+                spec = {"grad": TensorSpec("float32", (hi - lo,))} if have else {}
+                self.checker.check(resp, expected_sender=peer, expected=spec, check_replay=False)
+                if h.get("in_reply_to") != req.header["digest"] or h.get("direction") != "gradient_result":
+                    raise ProtocolError("gradient reply is not bound to this request")
+                at = h.get("version")
+                if not isinstance(at, int) or isinstance(at, bool):
+                    raise MalformedMessageError("gradient reply without an integer version")
+                if not have:
+                    return at
+                c, d = h.get("count"), h.get("params_digest")
+                if at != version or not isinstance(c, int) or c < 0 or not isinstance(d, str) or \
+                        (parts and (c, d) != (count, digest)):
+                    raise MalformedMessageError("gradient reply parts disagree on version, count or digest")
+            except (PeerCallError, ProtocolError) as e:
+                logger.debug("gradient of version %d from %s failed: %s", version, peer[-8:], e)
+                return None
+            parts.append(resp.tensors["grad"])
+            count, digest = c, d
+        return Snapshot(version, torch.cat(parts), count, digest)
+
+    async def _fetch_state(self, peer: str) -> tuple[torch.Tensor, list[int], int, str]:
+        n = self.runner.num_parameters()
+        chunks, first = [], None
+        for lo, hi in partition(3 * n, 1, self.part_numel):
+            req = sign_message(wire.request(self.run, self.replica.step, 0, self.replica.stage, "state", {},
+                                            part=[lo, hi]), self.runtime.identity)
+            resp = await self.runtime.call(peer, wire.STATE, req, ROUND_TIMEOUT_S)
+            self.checker.check(resp, expected_sender=peer, expected={"state": TensorSpec("float32", (hi - lo,))},
+                               check_replay=False)
+            h = resp.header
+            if h.get("in_reply_to") != req.header["digest"] or h.get("direction") != "state_result":
+                raise ProtocolError("state reply is not bound to this request")
+            meta = (h.get("version"), h.get("params_digest"), h.get("adam_steps"))
+            if first is None:
+                first = meta
+            elif meta != first:  # the peer stepped between two parts: start over from it later
+                raise ValueError("the replica's version changed while its state was fetched")
+            chunks.append(resp.tensors["state"])
+        version, digest, steps = first
+        if not (isinstance(version, int) and isinstance(digest, str) and isinstance(steps, list)
+                and all(isinstance(s, int) for s in steps)):
+            raise MalformedMessageError("state reply without version, params_digest and adam_steps")
+        return torch.cat(chunks), steps, version, digest
+
+    # -- handlers ----------------------------------------------------------------------------------
+    def _part(self, msg: Message, total: int) -> tuple[int, int]:
+        part = msg.header.get("part")
+        if not (isinstance(part, list) and len(part) == 2 and tuple(part) in partition(total, 1, self.part_numel)):
+            raise MalformedMessageError(f"part must be one of the parts of {total} values a round fetches, "
+                                        f"got {part!r:.80}")
+        return part[0], part[1]
+
+    async def _check_replica(self, remote: str) -> None:
+        at, known = self._claimants_at
+        if remote not in known and time.monotonic() - at > 1.0:
+            known = frozenset(await self._claimants())
+            self._claimants_at = (time.monotonic(), known)
+        if remote not in known:
+            raise NotReplicaError(f"{remote[-8:]} does not claim stage {self.replica.stage}")
+
+    async def on_gradient(self, msg: Message, remote: str) -> Message:
+        await self._check_replica(remote)
+        version = msg.header.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise MalformedMessageError(f"version must be an integer >= 0, got {version!r:.40}")
+        lo, hi = self._part(msg, self.runner.num_parameters())
+        if version > self.runner.version:  # finish the round in flight, then look again
+            await self.settled()
+        current = self.runner.version
+        snap = self._snapshots.get(version)
+        if snap is None and version == current:
+            # the requester closed ``version`` on seeing step ``opened``: passes of that step
+            # belong to the next version here too (bounded, so no replica can freeze my steps)
+            opened = msg.header.get("opened")
+            if isinstance(opened, int) and not isinstance(opened, bool) and \
+                    self.open_step < opened <= self.open_step + OPENED_AHEAD:
+                self.open_step = opened
+            snap = self.close(version)
+        if snap is None:
+            if version > current:  # my replicas are past me: I fell behind
+                logger.info("stage %d: a replica is at version %d, I am at %d; re-syncing",
+                            self.replica.stage, version, current)
+                self._schedule_resync(remote)
+            return sign_message(wire.reply(msg, "gradient_result", {}, have=False, version=current),
+                                self.runtime.identity)
+        s: Snapshot = await snap
+        grad = s.grad[lo:hi]
+        if self._contribution is not None:
+            grad = self._contribution(grad, f"{version}|{lo}")
+        return sign_message(wire.reply(msg, "gradient_result", {"grad": grad.contiguous()}, have=True,
+                                       version=version, count=s.count, params_digest=s.digest),
+                            self.runtime.identity)
+
+    def _schedule_resync(self, peer: str) -> None:
+        if self._round is None or self._round.done():
+            previous = self._round
+            self._round = asyncio.create_task(self._resync_after(previous, peer))
+
+    async def _resync_after(self, previous: asyncio.Task | None, peer: str) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        try:
+            await self._resync([peer])
+        except Exception as e:  # noqa: BLE001 - it tries again at the next round
+            logger.warning("re-sync failed: %s", e)
+
+    async def on_state(self, msg: Message, remote: str) -> Message:
+        await self._check_replica(remote)
+        runner = self.runner
+        lo, hi = self._part(msg, 3 * runner.num_parameters())
+        await self.settled()
+
+        def take() -> tuple[torch.Tensor, list[int], int, str]:
+            flat, steps = runner.flat_state()
+            return flat[lo:hi].clone(), steps, runner.version, runner.digest()
+
+        flat, steps, version, digest = await self._in_thread(take)
+        return sign_message(wire.reply(msg, "state_result", {"state": flat.contiguous()}, version=version,
+                                       params_digest=digest, adam_steps=steps), self.runtime.identity)
