@@ -47,7 +47,7 @@ class Arithmetic:
             y[0, 0, 0] = float("nan")
         return HopResult(y)
 
-    async def backward(self, worker, stage, step, micro_batch, x, grad, targets, timeout):
+    async def backward(self, worker, stage, step, micro_batch, x, grad, targets, timeout, mode="train"):
         return HopResult(torch.ones(HIDDEN) if stage == 1 else None)
 
 
@@ -486,3 +486,62 @@ def test_spot_check_rate_and_follow_up() -> None:
     struck = [e for e in events if e.struck]
     assert len(struck) >= 3 and all(e.worker == "pusher" for e in struck)
     assert driver.spot_checks < 0.1 * 160 + 3 * driver.config.spot_follow_up
+
+
+class Lockstep(Arithmetic):
+    """Identical replicas (lockstep): every answer signs version 3 and one parameter digest;
+    ``nudger`` adds a 1e-6 relative push (far inside any statistical tolerance) and signs the
+    stage's digest; ``stray`` signs another digest (it diverged and has not re-synced yet)."""
+
+    async def forward(self, worker, stage, step, micro_batch, x, targets, mode, timeout):
+        await asyncio.sleep(0.001)
+        if stage == 1:
+            return HopResult(x.pow(2).mean())
+        y = x @ W
+        if worker == "nudger":
+            y = y + 1e-6 * y.pow(2).mean().sqrt() * PUSH
+        digest = "other" if worker == "stray" else "stage"
+        return HopResult(y, {"sender": worker, "version": 3, "params_digest": digest, "device": "cpu"})
+
+
+def _drive_exact(stage0: list[str]) -> tuple[StrikeLedger, list[FlagEvent], PipelineDriver]:
+    ledger = StrikeLedger(strike_limit=3, forgive_after=100)
+    events: list[FlagEvent] = []
+    driver = PipelineDriver(2, Lockstep(stage0), screener=Scripted(set()), ledger=ledger, is_banned=ledger.is_banned,
+                            config=DriverConfig(poll_s=0.0, wait_for_replica_s=0.0, spot_check=1.0, spot_seed=0),
+                            on_flag=events.append, hidden_shape=HIDDEN)
+    gen = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(HIDDEN, generator=gen) for _ in range(24)]
+
+    async def run():
+        return await asyncio.gather(*(driver.train_micro_batch(i // 4, i, x, torch.zeros(2, 8))
+                                      for i, x in enumerate(inputs)))
+
+    assert all(r.completed for r in asyncio.run(run()))
+    return ledger, events, driver
+
+
+def test_replicas_at_one_version_and_digest_are_compared_exactly() -> None:
+    """A 1e-6 push that no fence or statistical tolerance sees is a disagreement between
+    identical replicas: struck and banned, the honest ones never; the evidence says exact."""
+    ledger, events, driver = _drive_exact(["nudger", "honest-b", "honest-c", "honest-d"])
+    assert ledger.is_banned("nudger")
+    struck = [e for e in events if e.struck]
+    assert struck and all(e.worker == "nudger" and e.meta["spot_exact"] for e in struck)
+    assert all(e.meta["spot_tolerance"] == 0.0 and 0 < e.meta["spot_distance"] < 1e-5 for e in struck)
+    assert all(set(e.meta["checked_by"]) >= {"honest-b", "honest-c", "honest-d"} for e in struck)  # a majority
+    assert not any(ledger.state(w).strikes for w in ("honest-b", "honest-c", "honest-d"))
+
+
+def test_an_exact_disagreement_without_a_stage_majority_strikes_nobody() -> None:
+    """Two replicas, one answer each: nothing shows which of them computed wrong."""
+    ledger, events, driver = _drive_exact(["nudger", "honest-b"])
+    assert driver.spot_inconclusive > 0 and driver.spot_struck == 0 and ledger.banned() == []
+
+
+def test_answers_under_another_digest_are_not_compared() -> None:
+    """A replica that signs another digest at the same version has diverged: its answers and
+    the others' are never compared (inconclusive), so nobody is struck for it; the stage re-syncs it."""
+    ledger, events, driver = _drive_exact(["stray", "honest-b", "honest-c"])
+    assert driver.spot_unmatched > 0 and driver.spot_struck == 0
+    assert not any(e.struck for e in events) and ledger.banned() == []

@@ -208,3 +208,16 @@ def test_quorum_property(committee: list[str], yes: set[str]) -> None:
     assert ban_quorum(votes, committee) == (members_yes * 2 > len(committee))
     seats = len(PEERS) // 2
     assert ban_quorum(votes, committee, seats) == (members_yes * 2 > max(len(committee), seats))
+
+
+def test_a_proven_fault_bans_on_its_first_strike_within_the_majority_bound() -> None:
+    """An exact disagreement with the stage's majority is proof, not noise: one is enough, but
+    the honest-majority hold still applies."""
+    ledger = StrikeLedger(strike_limit=5, forgive_after=50)
+    for _ in range(10):
+        ledger.record("w", False)
+    assert ledger.record("w", True, proven=True).banned_now
+    held = StrikeLedger(strike_limit=5, forgive_after=50, may_ban=lambda w: False)
+    st = held.record("w", True, proven=True)
+    assert st.held and not st.banned
+    assert not StrikeLedger(strike_limit=5, forgive_after=50).record("w", True).banned  # an ordinary strike

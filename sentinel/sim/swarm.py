@@ -475,6 +475,7 @@ class Simulation:
                       "witness_hops": self.driver.witness_hops, "retroactive": self.retroactive_flags,
                       "spot_checks": self.driver.spot_checks, "spot_hops": self.driver.spot_hops,
                       "spot_struck": self.driver.spot_struck, "spot_inconclusive": self.driver.spot_inconclusive,
+                      "spot_unmatched": self.driver.spot_unmatched,
                       "by_boundary": dict(sorted(self.flags_by_boundary.items()))},
             "flag_rates": flag_rates,
             "honest_workers_flagged": sorted(n for n in self.flags_by_worker if n not in self.malicious),

@@ -214,6 +214,7 @@ class InProcessTransport:
         self.duplicate = duplicate
         self.interleave = interleave
         self.lockstep = lockstep
+        self._digests: dict[str, tuple[int, str]] = {}  # worker -> (version, digest) last signed
         self.num_stages = manifest.num_stages
         self._by_stage: dict[int, list[str]] = {s: [] for s in range(self.num_stages)}
         for name, w in self.workers.items():
@@ -283,21 +284,37 @@ class InProcessTransport:
         w.attacked_messages += attacked
         self.latest[(stage, "forward", worker)] = _Sent(sent, attacked, expected)
         return HopResult(sent, {"sender": worker, "step": step, "micro_batch": micro_batch, "stage": stage,
-                                "direction": "forward"})
+                                "direction": "forward", **self._stamp(w)})
+
+    def _stamp(self, w: SimWorker) -> dict[str, Any]:
+        """What a lockstep replica signs into its answers: version and parameter digest (one
+        process, one build: the arithmetic is the same everywhere)."""
+        if not self.lockstep:
+            return {}
+        version = w.runner.version
+        cached = self._digests.get(w.name)
+        if cached is None or cached[0] != version:
+            cached = self._digests[w.name] = (version, w.runner.digest())
+        return {"version": version, "params_digest": cached[1], "device": "sim"}
 
     async def backward(self, worker: str, stage: int, step: int, micro_batch: int, x: torch.Tensor,
-                       grad: torch.Tensor | None, targets: torch.Tensor | None, timeout: float) -> HopResult:
+                       grad: torch.Tensor | None, targets: torch.Tensor | None, timeout: float,
+                       mode: str = "train") -> HopResult:
         if self.interleave:
             await asyncio.sleep(0)
         w = self.workers[worker]
         key = (step, micro_batch)
         tokens = x.shape[0] * x.shape[1]
         expected = self._check_backward(w, key, x, grad, targets) if self.duplicate else None
-        recomputes = w.runner.stats.recomputes
-        grad_x = w.runner.backward(key, x, grad, targets, hold=self.lockstep)
-        self.compute.add(2.0 + (w.runner.stats.recomputes - recomputes), w.flops_per_token, tokens)
-        if not self.lockstep:
-            self._maybe_average(w, step)
+        if mode == "probe":  # a re-check: the input-gradient only, nothing accumulated
+            grad_x = w.runner.probe_backward(x, grad, targets)
+            self.compute.add(3.0, w.flops_per_token, tokens)
+        else:
+            recomputes = w.runner.stats.recomputes
+            grad_x = w.runner.backward(key, x, grad, targets, hold=self.lockstep)
+            self.compute.add(2.0 + (w.runner.stats.recomputes - recomputes), w.flops_per_token, tokens)
+            if not self.lockstep:
+                self._maybe_average(w, step)
         if grad_x is None:  # stage 0: token ids have no gradient; nothing is sent back
             self.latest[(stage, "backward", worker)] = _Sent(None, False)
             return HopResult(None, {"sender": worker})
@@ -306,7 +323,7 @@ class InProcessTransport:
         w.attacked_messages += attacked
         self.latest[(stage, "backward", worker)] = _Sent(sent, attacked, expected)
         return HopResult(sent, {"sender": worker, "step": step, "micro_batch": micro_batch, "stage": stage,
-                                "direction": "backward"})
+                                "direction": "backward", **self._stamp(w)})
 
     # -- lockstep: one agreed gradient per stage and step ---------------------------------------------
     def step_boundary(self, step: int) -> None:

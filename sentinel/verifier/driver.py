@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -65,7 +66,7 @@ class StageTransport(Protocol):
 
     async def backward(
         self, worker: str, stage: int, step: int, micro_batch: int, x: torch.Tensor,
-        grad: torch.Tensor | None, targets: torch.Tensor | None, timeout: float,
+        grad: torch.Tensor | None, targets: torch.Tensor | None, timeout: float, mode: str = "train",
     ) -> HopResult: ...
 
 
@@ -135,9 +136,41 @@ class DriverConfig:
     # (and its ban) at the follow-up rate, not at ``spot_check``'s, and an honest replica that
     # diverged for a moment clears itself by agreeing again.
     spot_follow_up: int = 10
+    # Replicas whose answers sign the same parameter version and digest (lockstep stages) are
+    # compared exactly, not with the screen's statistical ``spot_tolerance``: on the same build
+    # and device their answers must be bit-identical, and any difference is a disagreement.
+    # Answers computed on different devices or builds (the signed ``device`` differs) may differ
+    # by this relative L2 distance: float32 kernels differ in summation order, about 1e-6
+    # relative per reduction; 1e-3 leaves room for deep stages while a push the fences pass
+    # (0.1-0.2 rms and up) is far beyond it. Answers at different versions or digests are not
+    # compared (inconclusive): the stage re-syncs such a replica.
+    spot_mixed_rtol: float = 1e-3
     # Seed of the spot-check draw (None: unpredictable). The simulator seeds it for
     # reproducible runs; a live verifier must not, or workers could predict which hops are checked.
     spot_seed: int | None = None
+
+
+@dataclass
+class SpotComparison:
+    """Two answers to one hop, compared (``PipelineDriver._compare``)."""
+
+    flagged: bool  # they disagree
+    distance: float  # relative L2 when exact, else the screen's spot distance
+    tolerance: float
+    exact: bool  # compared as identical replicas (same version and digest), not statistically
+
+    @property
+    def distances(self) -> dict[str, float]:
+        return {"spot": self.distance}
+
+    @property
+    def fences(self) -> dict[str, float]:
+        return {"spot": self.tolerance}
+
+
+def _relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 class PipelineDriver:
@@ -174,6 +207,7 @@ class PipelineDriver:
         self.spot_hops = 0  # recomputations those checks made
         self.spot_struck = 0  # checked workers struck (two checkers agreed against them)
         self.spot_inconclusive = 0  # first checker disagreed, second did not settle it
+        self.spot_unmatched = 0  # checker answers at another version or digest (not compared)
         self._spot_rng = random.Random(self.config.spot_seed)
         self._spot_follow: dict[str, int] = {}  # worker -> accepted hops still to spot-check
         self._spot_struck_at: dict[str, int] = {}  # worker -> pipeline step of its last spot strike
@@ -183,14 +217,17 @@ class PipelineDriver:
     async def _hop(
         self, stage: int, direction: str, call: Callable[[str, float], Any], result: MicroBatchResult,
         prefer: str | None = None, screen_like: torch.Tensor | None = None, screen: bool = True,
-        source: torch.Tensor | None = None,
+        source: torch.Tensor | None = None, recheck: Callable[[str, float], Any] | None = None,
     ) -> tuple[HopResult, str | None]:
         """Run one hop until a replica returns an unflagged tensor; returns (result, worker).
 
         ``worker`` is None when the tensor is the screen's substitute (no clean replica left).
         ``source`` is what went into the hop (input activation / output gradient), screened
-        against the reply by the ``skip`` distance.
+        against the reply by the ``skip`` distance. ``recheck`` computes the same hop without
+        side effects on the replica (a backward that accumulates nothing), for spot checks and
+        witnesses; default ``call``.
         """
+        recheck = recheck or call
         flagged: set[str] = set()
         pending: list[tuple[str, Any, dict[str, Any], torch.Tensor]] = []  # fence flags awaiting confirmation
         failed_here: set[str] = set()
@@ -264,10 +301,10 @@ class PipelineDriver:
                                hop.tensor, source=source)
                 continue
             if pending and self.config.second_witness:
-                await self._tie_break(stage, direction, call, pending, result, verdict, worker, live(), source)
+                await self._tie_break(stage, direction, recheck, pending, result, verdict, worker, live(), source)
             self._settle(stage, direction, pending, result, verdict, worker, source)
             if self.config.spot_check and self._spot_due(worker):
-                replaced = await self._spot_check(stage, direction, call, result, hop, verdict, worker, live(),
+                replaced = await self._spot_check(stage, direction, recheck, result, hop, verdict, worker, live(),
                                                   source)
                 if replaced is not None:  # the agreeing checker's answer goes on, and counts as its clean message
                     hop, worker = replaced
@@ -420,7 +457,8 @@ class PipelineDriver:
         checked worker was struck, else None (the accepted tensor stands). Checkers are drawn by
         the router from ``live`` less the checked worker; a checker whose own answer is over
         the fences, malformed, or which fails, is skipped (at most three tries). The first
-        usable checker that agrees ends the check (``BoundaryScreen.disagree``); one that
+        usable checker that agrees ends the check (:meth:`_compare`: exact between replicas
+        that signed one parameter version and digest, else ``BoundaryScreen.disagree``); one that
         disagrees puts the worker under follow-up and calls a second, and the worker is struck
         only if the second agrees with the first and disagrees with the worker. Then its tensor
         is replaced by the first checker's, even when the strike itself is not counted (below).
@@ -457,21 +495,29 @@ class PipelineDriver:
             seen = judge(stage, direction, checker, answered.tensor, source)
             if seen is None or seen.flagged:
                 continue
-            against = disagree(stage, direction, hop.tensor, answered.tensor)
+            against = self._compare(stage, direction, hop, answered)
+            if against is None:  # another version or digest: nothing to compare exactly
+                self.spot_unmatched += 1
+                continue
             if not checks:
                 if not against.flagged:
                     return None  # the usual outcome: an honest pair agrees
                 self._spot_follow[worker] = max(self._spot_follow.get(worker, 0), self.config.spot_follow_up)
+                if against.exact:  # identical replicas disagree: the stage's majority settles it
+                    return await self._settle_exact(stage, direction, call, result, verdict, live,
+                                                    [(worker, hop), (checker, answered)], tried, source)
                 checks.append((checker, answered, against))
                 continue
             first_by, first_hop, pair = checks[0]
-            if against.flagged and not disagree(stage, direction, first_hop.tensor, answered.tensor).flagged:
+            between = self._compare(stage, direction, first_hop, answered)
+            if against.flagged and between is not None and not between.flagged:
                 once = self._spot_struck_at.get(worker) != result.step
                 self._spot_struck_at[worker] = result.step
                 self.spot_struck += once
                 self._flag(stage, direction, worker, ("spot",), result, verdict,
                            {**hop.meta, "spot_check": True, "checked_by": [first_by, checker],
-                            "spot_distance": pair.distances.get("spot"), "spot_tolerance": pair.fences["spot"]},
+                            "spot_distance": pair.distances.get("spot"), "spot_tolerance": pair.fences["spot"],
+                            "spot_exact": pair.exact},
                            hop.tensor, strike=once, source=source)
                 logger.info("spot check at stage %d %s: %s disagrees with %s and %s (distance %s)", stage,
                             direction, worker[-8:], first_by[-8:], checker[-8:], pair.distances.get("spot"))
@@ -480,6 +526,94 @@ class PipelineDriver:
         if checks:
             self.spot_inconclusive += 1
         return None
+
+    async def _settle_exact(self, stage: int, direction: str, call: Callable[[str, float], Any],
+                            result: MicroBatchResult, verdict: Any, live: list[str],
+                            answers: list[tuple[str, HopResult]], tried: set[str],
+                            source: torch.Tensor | None) -> tuple[HopResult, str] | None:
+        """Two identical replicas (one version, one digest) answered one hop differently: ask
+        more replicas at that version until a strict majority of the stage's live replicas
+        agree exactly. Every signer outside that majority is proven wrong (it signed an answer
+        its own signed state does not compute) and banned at once; the worker's tensor is
+        replaced if it was one of them. Without a majority nobody is struck.
+
+        The first two answers are the checked worker's and its checker's; a lying checker
+        cannot frame an honest worker, since a strict majority of the stage must agree against
+        it, and pays for the attempt like any other proven lie."""
+        worker = answers[0][0]
+        need = len(live) // 2 + 1
+        groups: list[list[tuple[str, HopResult]]] = []
+
+        def place(who: str, hop: HopResult) -> None:
+            for g in groups:
+                same = self._compare(stage, direction, g[0][1], hop)
+                if same is not None and not same.flagged:
+                    g.append((who, hop))
+                    return
+            groups.append([(who, hop)])
+
+        for who, hop in answers:
+            place(who, hop)
+        pool = [w for w in live if w not in tried and w != worker]
+        while max(len(g) for g in groups) < need:
+            # enough answers are still possible only if the replicas left can make up a majority
+            if max(len(g) for g in groups) + len(pool) < need:
+                break
+            checker = self.router.pick(pool)
+            if checker is None:
+                break
+            pool.remove(checker)
+            tried.add(checker)
+            answered = await self._recompute(call, checker, [*pool, checker])
+            if answered is None or answered.tensor is None:
+                continue
+            self.spot_hops += 1
+            if self._compare(stage, direction, answers[0][1], answered) is None:  # another version
+                self.spot_unmatched += 1
+                continue
+            place(checker, answered)
+        majority = max(groups, key=len)
+        if len(majority) < need:
+            self.spot_inconclusive += 1
+            return None
+        agreeing = {who for who, _ in majority}
+        for group in groups:
+            if group is majority:
+                continue
+            for who, hop in group:
+                pair = self._compare(stage, direction, hop, majority[0][1])
+                self.spot_struck += 1
+                self._flag(stage, direction, who, ("spot",), result, verdict if who == worker else None,
+                           {**hop.meta, "spot_check": True, "spot_exact": True, "checked_by": sorted(agreeing),
+                            "spot_distance": pair.distance if pair else None, "spot_tolerance": pair.tolerance if pair else None},
+                           hop.tensor, source=source, proven=True)
+                logger.info("spot check at stage %d %s: %s disagrees exactly with %d of %d replicas at its version",
+                            stage, direction, who[-8:], len(majority), len(live))
+        if worker in agreeing:
+            return None
+        return majority[0][1], majority[0][0]
+
+    def _compare(self, stage: int, direction: str, a: HopResult, b: HopResult) -> SpotComparison | None:
+        """Do two replicas' answers to one hop disagree? Exactly when both signed the same
+        parameter version and digest (``spot_mixed_rtol`` across devices); None when they
+        signed different ones; the screen's statistical ``disagree`` when neither signed any
+        (asynchronous replicas)."""
+        va, vb = a.meta.get("version"), b.meta.get("version")
+        if va is None and vb is None:
+            d = self.screener.disagree(stage, direction, a.tensor, b.tensor)
+            return SpotComparison(bool(d.flagged), float(d.distances.get("spot", 0.0)), float(d.fences["spot"]),
+                                  False)
+        if va != vb or a.meta.get("params_digest") is None or a.meta.get("params_digest") != b.meta.get("params_digest"):
+            return None
+        rtol = 0.0 if a.meta.get("device") == b.meta.get("device") else self.config.spot_mixed_rtol
+        if a.tensor.shape != b.tensor.shape:
+            return SpotComparison(True, math.inf, rtol, True)
+        if rtol == 0.0:
+            same = a.tensor.dtype == b.tensor.dtype and torch.equal(a.tensor, b.tensor)
+            dist = 0.0 if same else _relative_l2(a.tensor, b.tensor)
+            return SpotComparison(not same, dist, 0.0, True)
+        dist = _relative_l2(a.tensor, b.tensor)
+        return SpotComparison(dist > rtol, dist, rtol, True)
 
     def _confirmable(self, verdict: Any) -> bool:
         """Fence flags wait for confirmation; provable faults (no profile) are struck at once."""
@@ -561,10 +695,12 @@ class PipelineDriver:
 
     def _flag(self, stage: int, direction: str, worker: str, reasons: tuple[str, ...], result: MicroBatchResult,
               verdict: Any, meta: dict[str, Any], tensor: torch.Tensor | None = None, strike: bool = True,
-              source: torch.Tensor | None = None) -> None:
-        struck = strike and not result.tainted
+              source: torch.Tensor | None = None, proven: bool = False) -> None:
+        """Report a flag; strike the worker unless the micro-batch is tainted or ``strike`` is
+        off. A ``proven`` fault (an exact disagreement with its stage's majority) bans at once."""
+        struck = strike and (proven or not result.tainted)
         if struck and self.ledger is not None:
-            self.ledger.record(worker, True)
+            self.ledger.record(worker, True, proven=proven)
         if self.on_flag is not None:
             self.on_flag(FlagEvent(result.step, result.micro_batch, stage, direction, worker, reasons, struck,
                                    verdict, meta, tensor, source))
@@ -607,11 +743,14 @@ class PipelineDriver:
                 x = acts[s]
                 tg = targets if s == S - 1 else None
 
-                def bcall(w: str, timeout: float, s=s, x=x, g=grad, tg=tg) -> Any:
-                    return self.transport.backward(w, s, step, micro_batch, x, g, tg, timeout)
+                def bcall(w: str, timeout: float, s=s, x=x, g=grad, tg=tg, mode: str = "train") -> Any:
+                    return self.transport.backward(w, s, step, micro_batch, x, g, tg, timeout, mode=mode)
+
+                def probe(w: str, timeout: float, call=bcall) -> Any:
+                    return call(w, timeout, mode="probe")
 
                 hop, _ = await self._hop(s, "backward", bcall, res, prefer=route[s],
-                                         screen_like=acts[s] if s > 0 else None, source=grad)
+                                         screen_like=acts[s] if s > 0 else None, source=grad, recheck=probe)
                 grad = hop.tensor
             res.completed = True
         except HopError as e:

@@ -60,8 +60,11 @@ class StrikeLedger:
         self._units: dict[str, int] = {}
         self._states: dict[str, StrikeState] = {}
 
-    def record(self, worker: str, flagged: bool) -> StrikeState:
-        """Count one screened message of ``worker``; returns a copy of its new state."""
+    def record(self, worker: str, flagged: bool, proven: bool = False) -> StrikeState:
+        """Count one screened message of ``worker``; returns a copy of its new state. A
+        ``proven`` flag (an exact disagreement with its stage's majority: no honest replica
+        makes one) takes the worker to the strike limit at once; the honest-majority hold
+        still applies."""
         st = self._states.setdefault(worker, StrikeState())
         units = self._units.get(worker, 0)
         st.messages += 1
@@ -71,6 +74,8 @@ class StrikeLedger:
             st.clean_streak = 0
             if not st.banned:
                 units += self.forgive_after
+                if proven:
+                    units = max(units, self.strike_limit * self.forgive_after)
         else:
             st.clean_streak += 1
             if not st.banned:

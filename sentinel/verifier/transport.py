@@ -60,7 +60,7 @@ class P2PTransport:
         meta = {"digest": resp.header["digest"], "signature": resp.header["signature"],
                 "sender": resp.header["sender"], "step": step, "micro_batch": micro_batch, "stage": stage,
                 "direction": direction}
-        for key in ("version", "params_digest"):  # lockstep stages sign both into every answer
+        for key in ("version", "params_digest", "device"):  # lockstep stages sign these into every answer
             if key in resp.header:
                 meta[key] = resp.header[key]
         return HopResult(next(iter(resp.tensors.values()), None), meta)

@@ -43,6 +43,7 @@ from sentinel.protocol.codec import Message
 from sentinel.protocol.errors import MalformedMessageError, ProtocolError, WrongSenderError
 from sentinel.protocol.signing import sign_message
 from sentinel.run.manifest import RunManifest
+from sentinel.worker.device import arithmetic_signature
 from sentinel.worker.replica import Replica
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Lockstep:
         self._digest: tuple[int, str] | None = None  # (version, digest) of the current parameters
         self.stats = LockstepStats()
         self._claimants_at = (0.0, frozenset())
+        self._arithmetic: str | None = None
 
     @property
     def runner(self):
@@ -128,7 +130,9 @@ class Lockstep:
         if self._digest is None or self._digest[0] != version:
             self._digest = (version, self.runner.digest())
             self.stats.digests[version] = self._digest[1]
-        return {"version": version, "params_digest": self._digest[1]}
+        if self._arithmetic is None:  # answers of equal (version, digest, arithmetic) must be bit-identical
+            self._arithmetic = arithmetic_signature(self.runner.device)
+        return {"version": version, "params_digest": self._digest[1], "device": self._arithmetic}
 
     async def settled(self) -> None:
         while self._round is not None and not self._round.done():
