@@ -498,17 +498,20 @@ class Lockstep(Arithmetic):
         if stage == 1:
             return HopResult(x.pow(2).mean())
         y = x @ W
-        if worker == "nudger":
+        if worker.startswith("nudger"):  # nudgers push alike, as a deterministic attack does
             y = y + 1e-6 * y.pow(2).mean().sqrt() * PUSH
         digest = "other" if worker == "stray" else "stage"
         return HopResult(y, {"sender": worker, "version": 3, "params_digest": digest, "device": "cpu"})
 
 
-def _drive_exact(stage0: list[str]) -> tuple[StrikeLedger, list[FlagEvent], PipelineDriver]:
+def _drive_exact(stage0: list[str], flag: frozenset[str] = frozenset(), spot_check: float = 1.0,
+                 ) -> tuple[StrikeLedger, list[FlagEvent], PipelineDriver]:
     ledger = StrikeLedger(strike_limit=3, forgive_after=100)
     events: list[FlagEvent] = []
-    driver = PipelineDriver(2, Lockstep(stage0), screener=Scripted(set()), ledger=ledger, is_banned=ledger.is_banned,
-                            config=DriverConfig(poll_s=0.0, wait_for_replica_s=0.0, spot_check=1.0, spot_seed=0),
+    driver = PipelineDriver(2, Lockstep(stage0), screener=Scripted(set(flag)), ledger=ledger,
+                            is_banned=ledger.is_banned,
+                            config=DriverConfig(poll_s=0.0, wait_for_replica_s=0.0, spot_check=spot_check,
+                                                spot_seed=0),
                             on_flag=events.append, hidden_shape=HIDDEN)
     gen = torch.Generator().manual_seed(5)
     inputs = [torch.randn(HIDDEN, generator=gen) for _ in range(24)]
@@ -545,3 +548,31 @@ def test_answers_under_another_digest_are_not_compared() -> None:
     ledger, events, driver = _drive_exact(["stray", "honest-b", "honest-c"])
     assert driver.spot_unmatched > 0 and driver.spot_struck == 0
     assert not any(e.struck for e in events) and ledger.banned() == []
+
+
+def test_a_fence_flag_on_an_identical_replica_is_cleared_exactly() -> None:
+    """The fences flag an honest replica on every message (a false positive); its recomputation
+    on another replica at the same version gives the same bits, so the flag is cleared, provably."""
+    ledger, events, _ = _drive_exact(["honest-a", "honest-b", "honest-c"], flag=frozenset({"honest-a"}),
+                                     spot_check=0.0)
+    mine = [e for e in events if e.worker == "honest-a"]
+    assert mine and all(not e.struck and e.meta.get("cleared_exactly") for e in mine)
+    assert ledger.state("honest-a").strikes == 0
+
+
+def test_a_fence_flag_backed_by_an_exact_disagreement_bans_by_the_stage_majority() -> None:
+    ledger, events, _ = _drive_exact(["nudger", "honest-b", "honest-c"], flag=frozenset({"nudger"}), spot_check=0.0)
+    assert ledger.is_banned("nudger")
+    assert all(e.worker == "nudger" for e in events if e.struck)
+    assert not any(ledger.state(w).strikes for w in ("honest-b", "honest-c"))
+
+
+def test_attackers_answering_alike_cannot_outvote_honest_replicas_the_fences_flagged() -> None:
+    """Two of five replicas push alike; the fences (wrongly) flag two honest ones on every hop.
+    The majority that settles an exact disagreement is of every unbanned replica of the stage,
+    so the two alike answers never make one and no honest replica is struck."""
+    stage0 = ["nudger-a", "nudger-b", "honest-c", "honest-d", "honest-e"]
+    ledger, events, _ = _drive_exact(stage0, flag=frozenset({"honest-c", "honest-d"}))
+    assert not any(e.struck for e in events if e.worker.startswith("honest")), \
+        [(e.worker, e.reasons) for e in events if e.struck]
+    assert {w for w in stage0 if ledger.is_banned(w)} <= {"nudger-a", "nudger-b"}

@@ -49,3 +49,24 @@ def test_a_diverged_replica_resyncs_instead_of_being_struck(lockstep_report) -> 
     (nudged,) = [w for w in r["workers"] if w["malicious"]]
     assert nudged["resyncs"] >= 1, nudged
     assert r["banned"] == [], r["banned"]
+
+
+@pytest.fixture(scope="module")
+def spot_report(tmp_path_factory, shakespeare) -> dict:
+    # an attacker the fences cannot see (1 % relative noise on stage 0's output) against exact
+    # spot checks; the share is raised from the default 5 % so that a 40-step run checks the
+    # attacker's hops many times over, whatever the routing
+    cfg = SwarmConfig(stages=2, replicas=3, verifiers=1, committee_size=1, steps=40, data=str(shakespeare),
+                      malicious=1, attack="invisible,eps=0.01", attack_direction="forward", attack_start=10,
+                      eval_every=1000, training_overrides={"sync": "lockstep"},
+                      screening_overrides={"spot_check": 0.25})
+    return run_swarm(LocalSwarm(cfg, tmp_path_factory.mktemp("lockstep-spot")))
+
+
+def test_exact_spot_checks_ban_an_attacker_the_fences_pass(spot_report) -> None:
+    r = spot_report
+    (attacker,) = r["malicious"]
+    assert [b["peer"] for b in r["banned"]] == [attacker], r["banned"]
+    assert r["honest_banned"] == []
+    (rows,) = r["replica_agreement"]  # the two honest replicas of stage 0 still agree exactly
+    assert all(row["forward_identical"] is True and row["digests"] == 1 for row in rows), rows

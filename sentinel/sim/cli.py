@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "DriverConfig.second_witness)")
     p.add_argument("--spot-check", type=float, default=d.spot_check, metavar="SHARE",
                    help="share of accepted hops also recomputed on another replica and compared "
-                        "(DriverConfig.spot_check; default %(default)s = off)")
+                        "(default: the screening's spot_check, 0.05, in lockstep; none in async; 0 = off)")
     p.add_argument("--report", type=Path, help="write the JSON report here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p

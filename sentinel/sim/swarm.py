@@ -135,7 +135,9 @@ class SimConfig:
     #: Torch intra-op threads; tiny tensors run fastest on one.
     threads: int = 1
     second_witness: bool = False  # DriverConfig.second_witness: tie-break disputed confirmations
-    spot_check: float = 0.0  # DriverConfig.spot_check: share of accepted hops recomputed elsewhere
+    #: DriverConfig.spot_check: share of accepted hops recomputed elsewhere. None: the screening
+    #: default (``ScreeningConfig.spot_check``) in lockstep, none in async; 0 turns checks off.
+    spot_check: float | None = None
 
     def __post_init__(self) -> None:
         if self.defense not in DEFENSES:
@@ -158,7 +160,7 @@ class SimConfig:
             raise ValueError(f"routing_seed must be None or an integer >= 0; got {self.routing_seed!r}")
         if self.attack_start < 0:
             raise ValueError(f"attack_start must be >= 0; got {self.attack_start}")
-        if not 0.0 <= self.spot_check <= 1.0:
+        if self.spot_check is not None and not 0.0 <= self.spot_check <= 1.0:
             raise ValueError(f"spot_check must be in [0, 1]; got {self.spot_check}")
         per_stage = self.malicious_per_stage
         if per_stage and 2 * per_stage >= self.replicas:
@@ -271,7 +273,7 @@ class Simulation:
             is_banned=self._is_banned,
             config=DriverConfig(max_hop_attempts=4 * cfg.replicas + 4, wait_for_replica_s=0.0, poll_s=0.0,
                                 second_witness=cfg.second_witness,
-                                spot_check=cfg.spot_check if cfg.defense == "sentinel" else 0.0,
+                                spot_check=self._spot_share() if cfg.defense == "sentinel" else 0.0,
                                 spot_seed=cfg.seed),
             on_flag=self._on_flag,
             hidden_shape=model.hidden_shape(cfg.micro_batch_size),
@@ -307,6 +309,13 @@ class Simulation:
         stage = self.workers[worker].stage
         banned = sum(1 for r in range(self.cfg.replicas) if self.ledger.is_banned(worker_name(stage, r)))
         return majority_allows_ban(self.cfg.replicas, banned)
+
+    def _spot_share(self) -> float:
+        """The spot-check share: the run's, else the screening default for identical (lockstep)
+        replicas and none for asynchronous ones, whose honest answers differ."""
+        if self.cfg.spot_check is not None:
+            return self.cfg.spot_check
+        return self.screen_config.spot_check if self.cfg.sync == "lockstep" else 0.0
 
     def _on_flag(self, ev: FlagEvent) -> None:
         self.flags_by_boundary[f"stage{ev.stage}/{ev.direction}"] += 1

@@ -300,6 +300,10 @@ class PipelineDriver:
                     self._flag(stage, direction, worker, tuple(verdict.reasons), result, verdict, hop.meta,
                                hop.tensor, source=source)
                 continue
+            if pending:
+                replaced = await self._confirm_exact(stage, direction, recheck, pending, result, hop, worker, source)
+                if replaced is not None:  # the stage's majority proved the accepted answer wrong
+                    hop, worker = replaced
             if pending and self.config.second_witness:
                 await self._tie_break(stage, direction, recheck, pending, result, verdict, worker, live(), source)
             self._settle(stage, direction, pending, result, verdict, worker, source)
@@ -504,7 +508,7 @@ class PipelineDriver:
                     return None  # the usual outcome: an honest pair agrees
                 self._spot_follow[worker] = max(self._spot_follow.get(worker, 0), self.config.spot_follow_up)
                 if against.exact:  # identical replicas disagree: the stage's majority settles it
-                    return await self._settle_exact(stage, direction, call, result, verdict, live,
+                    return await self._settle_exact(stage, direction, call, result, {worker: verdict},
                                                     [(worker, hop), (checker, answered)], tried, source)
                 checks.append((checker, answered, against))
                 continue
@@ -527,10 +531,41 @@ class PipelineDriver:
             self.spot_inconclusive += 1
         return None
 
+    async def _confirm_exact(self, stage: int, direction: str, call: Callable[[str, float], Any],
+                             pending: list[tuple[str, Any, dict[str, Any], torch.Tensor]], result: MicroBatchResult,
+                             accepted: HopResult, accepted_by: str, source: torch.Tensor | None) -> tuple[HopResult, str] | None:
+        """Settle fence flags exactly where the flagged answer and the accepted recomputation
+        sign one version and digest: the same bits clear the flag (a false positive of the
+        fences, provably), different bits go to the stage's majority (:meth:`_settle_exact`),
+        which strikes whoever it outvotes. Flags it cannot compare stay for the statistical
+        confirmation. Returns the majority's answer when it outvoted the accepted one."""
+        replacement = None
+        for item in list(pending):
+            worker, verdict, meta, tensor = item
+            flagged = HopResult(tensor, meta)
+            same = self._compare(stage, direction, flagged, accepted)
+            if same is None or not same.exact:
+                continue
+            pending.remove(item)
+            if not same.flagged:
+                self.flags_cleared += 1
+                self._flag(stage, direction, worker, tuple(verdict.reasons), result, verdict,
+                           {**meta, "cleared_by": accepted_by, "cleared_exactly": True}, tensor, strike=False,
+                           source=source)
+                continue
+            self.spot_checks += 1
+            settled = await self._settle_exact(stage, direction, call, result, {worker: verdict},
+                                               [(worker, flagged), (accepted_by, accepted)], {worker, accepted_by},
+                                               source, checked=accepted_by)
+            if settled is not None:
+                replacement = settled
+        return replacement
+
     async def _settle_exact(self, stage: int, direction: str, call: Callable[[str, float], Any],
-                            result: MicroBatchResult, verdict: Any, live: list[str],
+                            result: MicroBatchResult, verdicts: dict[str, Any],
                             answers: list[tuple[str, HopResult]], tried: set[str],
-                            source: torch.Tensor | None) -> tuple[HopResult, str] | None:
+                            source: torch.Tensor | None, checked: str | None = None,
+                            ) -> tuple[HopResult, str] | None:
         """Two identical replicas (one version, one digest) answered one hop differently: ask
         more replicas at that version until a strict majority of the stage's live replicas
         agree exactly. Every signer outside that majority is proven wrong (it signed an answer
@@ -539,8 +574,13 @@ class PipelineDriver:
 
         The first two answers are the checked worker's and its checker's; a lying checker
         cannot frame an honest worker, since a strict majority of the stage must agree against
-        it, and pays for the attempt like any other proven lie."""
-        worker = answers[0][0]
+        it, and pays for the attempt like any other proven lie. ``checked`` is the signer whose
+        answer goes on unless outvoted (default: the first); its replacement is returned."""
+        worker = checked or answers[0][0]
+        # the majority is of every replica of the stage that is not banned, flagged in this hop
+        # or not: counted among fewer, identical attackers (a deterministic attack answers alike)
+        # could outvote the honest replicas the fences happened to flag
+        live = [w for w in self.transport.replicas(stage) if not self.is_banned(w)]
         need = len(live) // 2 + 1
         groups: list[list[tuple[str, HopResult]]] = []
 
@@ -554,7 +594,7 @@ class PipelineDriver:
 
         for who, hop in answers:
             place(who, hop)
-        pool = [w for w in live if w not in tried and w != worker]
+        pool = [w for w in live if w not in tried and w not in {who for who, _ in answers}]
         while max(len(g) for g in groups) < need:
             # enough answers are still possible only if the replicas left can make up a majority
             if max(len(g) for g in groups) + len(pool) < need:
@@ -583,7 +623,7 @@ class PipelineDriver:
             for who, hop in group:
                 pair = self._compare(stage, direction, hop, majority[0][1])
                 self.spot_struck += 1
-                self._flag(stage, direction, who, ("spot",), result, verdict if who == worker else None,
+                self._flag(stage, direction, who, ("spot",), result, verdicts.get(who),
                            {**hop.meta, "spot_check": True, "spot_exact": True, "checked_by": sorted(agreeing),
                             "spot_distance": pair.distance if pair else None, "spot_tolerance": pair.tolerance if pair else None},
                            hop.tensor, source=source, proven=True)

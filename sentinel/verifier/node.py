@@ -86,7 +86,9 @@ class VerifierNode:
         self.driver = PipelineDriver(
             manifest.num_stages, self.transport, self.router, self.screener, self.ledger if screening else None,
             is_banned=lambda w: w in self.bans.effective,
-            config=DriverConfig(max_hop_attempts=t.max_hop_retries, hedge=True),
+            # exact spot checks where the replicas are identical (lockstep stages)
+            config=DriverConfig(max_hop_attempts=t.max_hop_retries, hedge=True,
+                                spot_check=manifest.screening.spot_check if t.sync == "lockstep" else 0.0),
             on_flag=self._on_flag,
             hidden_shape=manifest.model.hidden_shape(t.micro_batch_size),
         )
@@ -418,7 +420,9 @@ class VerifierNode:
             x, y = self.val_batches[0]
             live = [[w for w in self.transport.replicas(s) if w not in self.bans.effective]
                     for s in range(self.manifest.num_stages)]
-            self.agreement = await replica_agreement(self.transport, live, self.step, x, y)
+            # one step past training: every replica closes its last version in one more round,
+            # which also repairs a replica that the last training round left diverged
+            self.agreement = await replica_agreement(self.transport, live, self.step + 1, x, y)
         report = self.report()
         self._write_progress(final=True)
         if self.report_path:

@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 KEPT_VERSIONS = 4
 # A replica's "I closed this version on step s" moves my own boundary at most this far ahead.
 OPENED_AHEAD = 16
+# A re-sync asks a replica still applying the round this many times for the newer state.
+RESYNC_TRIES = 5
 # A round waits this long for a replica's gradient before leaving it out (it re-syncs later).
 ROUND_TIMEOUT_S = 20.0
 
@@ -99,7 +101,8 @@ class Lockstep:
         self.open_step = 0  # the newest pipeline step this replica accumulates passes for
         self._snapshots: dict[int, asyncio.Future] = {}
         self._round: asyncio.Task | None = None
-        self._digest: tuple[int, str] | None = None  # (version, digest) of the current parameters
+        # ((version, in-place write count), digest) of the current parameters
+        self._digest: tuple[tuple[int, int], str] | None = None
         self.stats = LockstepStats()
         self._claimants_at = (0.0, frozenset())
         self._arithmetic: str | None = None
@@ -123,33 +126,36 @@ class Lockstep:
             self.open_step = step
         await self.settled()
 
+    def current_digest(self) -> str:
+        """In the compute thread: the digest of the parameters as they are now. Hashed again
+        whenever the version moved or any parameter changed in place since (torch counts
+        in-place writes per tensor), so a signed digest always describes the parameters that
+        computed the answer: a replica changed between rounds (a fault) signs another digest,
+        is re-synced, and is never taken for a liar by an exact check."""
+        runner = self.runner
+        key = (runner.version, runner.param_epoch())
+        if self._digest is None or self._digest[0] != key:
+            self._digest = (key, runner.digest())
+            self.stats.digests[runner.version] = self._digest[1]
+            for old in [v for v in self.stats.digests if v < runner.version - KEPT_VERSIONS]:
+                del self.stats.digests[old]
+        return self._digest[1]
+
     def stamp(self) -> dict[str, object]:
         """In the compute thread, right after a pass: the version it ran at and the digest of the
         parameters there, for the signed reply."""
-        version = self.runner.version
-        if self._digest is None or self._digest[0] != version:
-            self._digest = (version, self.runner.digest())
-            self.stats.digests[version] = self._digest[1]
+        digest = self.current_digest()
         if self._arithmetic is None:  # answers of equal (version, digest, arithmetic) must be bit-identical
             self._arithmetic = arithmetic_signature(self.runner.device)
-        return {"version": version, "params_digest": self._digest[1], "device": self._arithmetic}
+        return {"version": self.runner.version, "params_digest": digest, "device": self._arithmetic}
 
     async def settled(self) -> None:
         while self._round is not None and not self._round.done():
             await asyncio.wait([self._round])
 
     async def digest(self) -> str:
-        """The digest of the parameters at the current version (computed once per version)."""
-        version = self.runner.version
-        if self._digest is None or self._digest[0] != version:
-            d = await self._in_thread(self.runner.digest)
-            if self.runner.version != version:  # a round applied meanwhile: hash again
-                return await self.digest()
-            self._digest = (version, d)
-            self.stats.digests[version] = d
-            for old in [v for v in self.stats.digests if v < version - KEPT_VERSIONS]:
-                del self.stats.digests[old]
-        return self._digest[1]
+        """The digest of the parameters now (:meth:`current_digest`, in the compute thread)."""
+        return await self._in_thread(self.current_digest)
 
     def reset(self) -> None:
         """After a move to another stage: nothing of the old stage's rounds carries over."""
@@ -178,11 +184,9 @@ class Lockstep:
             if runner.version != version:
                 raise RuntimeError(f"version {version} was already left (now {runner.version})")
             grad, count = runner.accumulated_gradient()
-            return grad, count, runner.digest()
+            return grad, count, self.current_digest()
 
         grad, count, digest = await self._in_thread(take)
-        self._digest = (version, digest)
-        self.stats.digests[version] = digest
         return Snapshot(version, grad, count, digest)
 
     async def _run_round(self, version: int, snap: asyncio.Future, previous: asyncio.Task | None) -> None:
@@ -202,10 +206,12 @@ class Lockstep:
                     ahead.append(peer)
                 else:
                     self.stats.left_out += 1
+                    if answer is not None:
+                        logger.info("version %d round without %s: it is at version %d", version, peer[-8:], answer)
             await self._apply(version, contributions)
             source = self._resync_source(own.digest, contributions, ahead)
             if source:
-                await self._resync(source)
+                await self._resync(source, at_least=version + 1)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a failed round leaves this replica behind; it re-syncs next
@@ -253,12 +259,21 @@ class Lockstep:
         return []
 
     # -- re-sync and join ------------------------------------------------------------------------------
-    async def _resync(self, sources: list[str]) -> bool:
+    async def _resync(self, sources: list[str], at_least: int = 0) -> bool:
+        """Adopt the state of the first of ``sources`` that serves one at version ``at_least``
+        or later (a replica still applying the round is asked again shortly)."""
         for peer in sources:
-            try:
-                flat, steps, version, digest = await self._fetch_state(peer)
-            except (PeerCallError, ProtocolError, ValueError) as e:
-                logger.info("re-sync from %s failed: %s", peer[-8:], e)
+            for attempt in range(RESYNC_TRIES):
+                try:
+                    flat, steps, version, digest = await self._fetch_state(peer)
+                except (PeerCallError, ProtocolError, ValueError) as e:
+                    logger.info("re-sync from %s failed: %s", peer[-8:], e)
+                    version = -1
+                    break
+                if version >= at_least:
+                    break
+                await asyncio.sleep(0.2 * (attempt + 1))
+            if version < at_least:
                 continue
             runner = self.runner
             await self._in_thread(runner.load_flat_state, flat, steps, version)
@@ -297,7 +312,13 @@ class Lockstep:
                                             version=version, opened=self.open_step, part=[lo, hi]),
                                self.runtime.identity)
             try:
-                resp = await self.runtime.call(peer, wire.GRADIENT, req, ROUND_TIMEOUT_S)
+                try:
+                    resp = await self.runtime.call(peer, wire.GRADIENT, req, ROUND_TIMEOUT_S)
+                except PeerCallError:  # one more try: a replica left out must re-sync later
+                    req = sign_message(wire.request(self.run, self.replica.step, 0, self.replica.stage, "gradient",
+                                                    {}, version=version, opened=self.open_step, part=[lo, hi]),
+                                       self.runtime.identity)
+                    resp = await self.runtime.call(peer, wire.GRADIENT, req, ROUND_TIMEOUT_S)
                 h = resp.header
                 have = h.get("have") is True
                 spec = {"grad": TensorSpec("float32", (hi - lo,))} if have else {}
@@ -314,7 +335,7 @@ class Lockstep:
                         (parts and (c, d) != (count, digest)):
                     raise MalformedMessageError("gradient reply parts disagree on version, count or digest")
             except (PeerCallError, ProtocolError) as e:
-                logger.debug("gradient of version %d from %s failed: %s", version, peer[-8:], e)
+                logger.info("gradient of version %d from %s failed: %s", version, peer[-8:], e)
                 return None
             parts.append(resp.tensors["grad"])
             count, digest = c, d
@@ -382,7 +403,7 @@ class Lockstep:
             if version > current:  # my replicas are past me: I fell behind
                 logger.info("stage %d: a replica is at version %d, I am at %d; re-syncing",
                             self.replica.stage, version, current)
-                self._schedule_resync(remote)
+                self._schedule_resync(remote, version)
             return sign_message(wire.reply(msg, "gradient_result", {}, have=False, version=current),
                                 self.runtime.identity)
         s: Snapshot = await snap
@@ -393,16 +414,16 @@ class Lockstep:
                                        version=version, count=s.count, params_digest=s.digest),
                             self.runtime.identity)
 
-    def _schedule_resync(self, peer: str) -> None:
+    def _schedule_resync(self, peer: str, at_least: int) -> None:
         if self._round is None or self._round.done():
             previous = self._round
-            self._round = asyncio.create_task(self._resync_after(previous, peer))
+            self._round = asyncio.create_task(self._resync_after(previous, peer, at_least))
 
-    async def _resync_after(self, previous: asyncio.Task | None, peer: str) -> None:
+    async def _resync_after(self, previous: asyncio.Task | None, peer: str, at_least: int) -> None:
         if previous is not None and not previous.done():
             await asyncio.wait([previous])
         try:
-            await self._resync([peer])
+            await self._resync([peer], at_least)
         except Exception as e:  # noqa: BLE001 - it tries again at the next round
             logger.warning("re-sync failed: %s", e)
 
@@ -414,7 +435,7 @@ class Lockstep:
 
         def take() -> tuple[torch.Tensor, list[int], int, str]:
             flat, steps = runner.flat_state()
-            return flat[lo:hi].clone(), steps, runner.version, runner.digest()
+            return flat[lo:hi].clone(), steps, runner.version, self.current_digest()
 
         flat, steps, version, digest = await self._in_thread(take)
         return sign_message(wire.reply(msg, "state_result", {"state": flat.contiguous()}, version=version,

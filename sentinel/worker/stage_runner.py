@@ -258,6 +258,11 @@ class StageRunner:
             h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()
 
+    def param_epoch(self) -> int:
+        """Changes whenever any parameter is written in place (torch's per-tensor counters):
+        a cheap test of "same parameters as when last hashed" for :meth:`digest`'s callers."""
+        return sum(p._version for p in self.module.parameters())
+
     def restored(self, version: int) -> None:
         """After parameters and optimizer state were loaded from a checkpoint taken at ``version``."""
         self.version = version
