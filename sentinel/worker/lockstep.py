@@ -15,7 +15,9 @@ side (``TrainingConfig.sync = "lockstep"``):
 4. Requests wait while a round is in flight: no pass is computed at a half-applied version.
 5. A replica whose digest at ``v`` differs from a strict majority of the round's, or that finds
    its replicas already past ``v``, re-syncs: it adopts a majority replica's parameters,
-   optimizer moments and version (``sentinel.state``). Divergence is repaired, never struck.
+   optimizer moments and version (``sentinel.state``). Without a strict majority (a stage of
+   two) the replica with the smallest peer id is the reference. Divergence is repaired, never
+   struck.
 6. A joining replica adopts the version most live replicas share.
 
 Gradient contributions are not screened as outliers here: measured in the simulator, an honest
@@ -252,9 +254,15 @@ class Lockstep:
             return ahead
         counts = Counter(s.digest for s in contributions.values())
         digest, n = counts.most_common(1)[0]
-        if digest != mine and n * 2 > len(contributions):
+        if n * 2 <= len(contributions):
+            # no strict majority (two honest replicas, one of which missed the other's gradient
+            # once): every replica takes the state of the smallest peer id, so the stage
+            # converges; with an honest majority per stage no attacker can hold such a tie
+            digest = contributions[min(contributions)].digest
+        if digest != mine:
             logger.warning("stage %d version %d: my parameters differ from %d of %d replicas; re-syncing",
-                           self.replica.stage, next(iter(contributions.values())).version, n, len(contributions))
+                           self.replica.stage, next(iter(contributions.values())).version, counts[digest],
+                           len(contributions))
             return sorted(p for p, s in contributions.items() if s.digest == digest)
         return []
 
@@ -314,7 +322,7 @@ class Lockstep:
             try:
                 try:
                     resp = await self.runtime.call(peer, wire.GRADIENT, req, ROUND_TIMEOUT_S)
-                except PeerCallError:  # one more try: a replica left out must re-sync later
+                except (PeerCallError, ProtocolError):  # a cut stream: try once more, or both must re-sync
                     req = sign_message(wire.request(self.run, self.replica.step, 0, self.replica.stage, "gradient",
                                                     {}, version=version, opened=self.open_step, part=[lo, hi]),
                                        self.runtime.identity)
