@@ -214,7 +214,6 @@ class InProcessTransport:
         self.duplicate = duplicate
         self.interleave = interleave
         self.lockstep = lockstep
-        self._digests: dict[str, tuple[int, str]] = {}  # worker -> (version, digest) last signed
         self.num_stages = manifest.num_stages
         self._by_stage: dict[int, list[str]] = {s: [] for s in range(self.num_stages)}
         for name, w in self.workers.items():
@@ -291,11 +290,7 @@ class InProcessTransport:
         process, one build: the arithmetic is the same everywhere)."""
         if not self.lockstep:
             return {}
-        version = w.runner.version
-        cached = self._digests.get(w.name)
-        if cached is None or cached[0] != version:
-            cached = self._digests[w.name] = (version, w.runner.digest())
-        return {"version": version, "params_digest": cached[1], "device": "sim"}
+        return {"version": w.runner.version, "params_digest": w.runner.digest(), "device": "sim"}
 
     async def backward(self, worker: str, stage: int, step: int, micro_batch: int, x: torch.Tensor,
                        grad: torch.Tensor | None, targets: torch.Tensor | None, timeout: float,

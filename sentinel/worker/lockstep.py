@@ -32,7 +32,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -77,7 +77,6 @@ class LockstepStats:
     resyncs: int = 0
     left_out: int = 0  # replicas a round went without (no answer, behind)
     round_seconds: float = 0.0
-    digests: dict[int, str] = field(default_factory=dict)  # recent version -> my digest there
 
 
 class NotReplicaError(WrongSenderError):
@@ -103,8 +102,9 @@ class Lockstep:
         self.open_step = 0  # the newest pipeline step this replica accumulates passes for
         self._snapshots: dict[int, asyncio.Future] = {}
         self._round: asyncio.Task | None = None
-        # ((version, in-place write count), digest) of the current parameters
-        self._digest: tuple[tuple[int, int], str] | None = None
+        # the flat state last served to a re-syncing replica, by (version, parameter epoch):
+        # one copy serves every part of a fetch
+        self._state: tuple[tuple[int, int], torch.Tensor, list[int]] | None = None
         self.stats = LockstepStats()
         self._claimants_at = (0.0, frozenset())
         self._arithmetic: str | None = None
@@ -128,25 +128,12 @@ class Lockstep:
             self.open_step = step
         await self.settled()
 
-    def current_digest(self) -> str:
-        """In the compute thread: the digest of the parameters as they are now. Hashed again
-        whenever the version moved or any parameter changed in place since (torch counts
-        in-place writes per tensor), so a signed digest always describes the parameters that
-        computed the answer: a replica changed between rounds (a fault) signs another digest,
-        is re-synced, and is never taken for a liar by an exact check."""
-        runner = self.runner
-        key = (runner.version, runner.param_epoch())
-        if self._digest is None or self._digest[0] != key:
-            self._digest = (key, runner.digest())
-            self.stats.digests[runner.version] = self._digest[1]
-            for old in [v for v in self.stats.digests if v < runner.version - KEPT_VERSIONS]:
-                del self.stats.digests[old]
-        return self._digest[1]
-
     def stamp(self) -> dict[str, object]:
         """In the compute thread, right after a pass: the version it ran at and the digest of the
-        parameters there, for the signed reply."""
-        digest = self.current_digest()
+        parameters that computed it (``StageRunner.digest``: a replica changed between rounds,
+        a fault, signs another digest, is re-synced, and is never taken for a liar by an exact
+        check), for the signed reply."""
+        digest = self.runner.digest()
         if self._arithmetic is None:  # answers of equal (version, digest, arithmetic) must be bit-identical
             self._arithmetic = arithmetic_signature(self.runner.device)
         return {"version": self.runner.version, "params_digest": digest, "device": self._arithmetic}
@@ -156,14 +143,14 @@ class Lockstep:
             await asyncio.wait([self._round])
 
     async def digest(self) -> str:
-        """The digest of the parameters now (:meth:`current_digest`, in the compute thread)."""
-        return await self._in_thread(self.current_digest)
+        """The digest of the parameters now (``StageRunner.digest``, in the compute thread)."""
+        return await self._in_thread(self.runner.digest)
 
     def reset(self) -> None:
         """After a move to another stage: nothing of the old stage's rounds carries over."""
         if self._round is not None:
             self._round.cancel()
-        self._round, self._digest, self._snapshots = None, None, {}
+        self._round, self._state, self._snapshots = None, None, {}
         self.open_step = 0
 
     # -- closing a version and its round -----------------------------------------------------------
@@ -174,6 +161,7 @@ class Lockstep:
             return snap
         snap = asyncio.ensure_future(self._snapshot(version))
         self._snapshots[version] = snap
+        self._state = None  # a served state copy is stale from this round on
         for old in [v for v in self._snapshots if v < version - KEPT_VERSIONS]:
             del self._snapshots[old]
         self._round = asyncio.create_task(self._run_round(version, snap, self._round))
@@ -186,7 +174,7 @@ class Lockstep:
             if runner.version != version:
                 raise RuntimeError(f"version {version} was already left (now {runner.version})")
             grad, count = runner.accumulated_gradient()
-            return grad, count, self.current_digest()
+            return grad, count, runner.digest()
 
         grad, count, digest = await self._in_thread(take)
         return Snapshot(version, grad, count, digest)
@@ -225,26 +213,25 @@ class Lockstep:
     async def _apply(self, version: int, contributions: dict[str, Snapshot]) -> None:
         used = [contributions[p] for p in sorted(contributions) if contributions[p].count > 0]
         runner = self.runner
-        if not used:
-            def skip() -> None:
-                if runner.version == version:
-                    runner.skip_step()
-            await self._in_thread(skip)
-            self.stats.empty_rounds += 1
-        else:
-            rule = self.manifest.training.averaging
-            if rule == "mean":  # weighted by passes: the mean gradient of every pass the stage served
-                total = sum(s.count for s in used)
-                grad = torch.zeros_like(used[0].grad)
-                for s in used:
-                    grad += s.grad * (s.count / total)
-            else:
-                grad = aggregate([s.grad for s in used], rule)
+        grad = None
+        rule = self.manifest.training.averaging
+        if used and rule == "mean":  # weighted by passes: the mean gradient of every pass the stage served
+            total = sum(s.count for s in used)
+            grad = torch.zeros_like(used[0].grad)
+            for s in used:
+                grad += s.grad * (s.count / total)
+        elif used:
+            grad = aggregate([s.grad for s in used], rule)
+        self.stats.empty_rounds += grad is None
 
-            def apply() -> None:
-                if runner.version == version:
-                    runner.apply_gradient(grad)
-            await self._in_thread(apply)
+        def step() -> None:
+            if runner.version != version:
+                return
+            if grad is None:
+                runner.skip_step()
+            else:
+                runner.apply_gradient(grad)
+        await self._in_thread(step)
         self.stats.rounds += 1
         METRICS.inc("sentinel_lockstep_rounds_total")
 
@@ -316,17 +303,17 @@ class Lockstep:
         n = self.runner.num_parameters()
         parts, count, digest = [], 0, ""
         for lo, hi in partition(n, 1, self.part_numel):
-            req = sign_message(wire.request(self.run, self.replica.step, 0, self.replica.stage, "gradient", {},
-                                            version=version, opened=self.open_step, part=[lo, hi]),
-                               self.runtime.identity)
             try:
-                try:
-                    resp = await self.runtime.call(peer, wire.GRADIENT, req, ROUND_TIMEOUT_S)
-                except (PeerCallError, ProtocolError):  # a cut stream: try once more, or both must re-sync
+                for attempt in range(2):  # a cut stream: try once more, or both replicas must re-sync
                     req = sign_message(wire.request(self.run, self.replica.step, 0, self.replica.stage, "gradient",
                                                     {}, version=version, opened=self.open_step, part=[lo, hi]),
                                        self.runtime.identity)
-                    resp = await self.runtime.call(peer, wire.GRADIENT, req, ROUND_TIMEOUT_S)
+                    try:
+                        resp = await self.runtime.call(peer, wire.GRADIENT, req, ROUND_TIMEOUT_S)
+                        break
+                    except (PeerCallError, ProtocolError):
+                        if attempt:
+                            raise
                 h = resp.header
                 have = h.get("have") is True
                 spec = {"grad": TensorSpec("float32", (hi - lo,))} if have else {}
@@ -442,8 +429,11 @@ class Lockstep:
         await self.settled()
 
         def take() -> tuple[torch.Tensor, list[int], int, str]:
-            flat, steps = runner.flat_state()
-            return flat[lo:hi].clone(), steps, runner.version, self.current_digest()
+            key = (runner.version, runner.param_epoch())
+            if self._state is None or self._state[0] != key:
+                self._state = (key, *runner.flat_state())
+            _, flat, steps = self._state
+            return flat[lo:hi].clone(), steps, runner.version, runner.digest()
 
         flat, steps, version, digest = await self._in_thread(take)
         return sign_message(wire.reply(msg, "state_result", {"state": flat.contiguous()}, version=version,

@@ -348,20 +348,18 @@ class WorkerNode:
         h = msg.header
         x, grad, targets = msg.tensors["x"], msg.tensors.get("grad"), msg.tensors.get("targets")
         key = (remote, h["step"], h["micro_batch"])
+        hold = False
         if self.lockstep is not None:
-            await self.lockstep.before(int(h["step"]))
-            if h.get("mode", "train") == "probe":
-                grad_x, stamp = await self._in_thread(self._stamped, self.runner.probe_backward, x, grad, targets)
-            else:
-                grad_x, stamp = await self._in_thread(self._stamped, self.runner.backward, key, x, grad, targets)
+            await self.lockstep.before(int(h["step"]))  # nothing may await between this and the pass
         else:
             hold = self._round_overdue()
             if hold:
                 METRICS.inc("sentinel_optimizer_steps_held_total")
-            if h.get("mode", "train") == "probe":
-                grad_x, stamp = await self._in_thread(self._stamped, self.runner.probe_backward, x, grad, targets)
-            else:
-                grad_x, stamp = await self._in_thread(self._stamped, self.runner.backward, key, x, grad, targets, hold)
+        if h.get("mode", "train") == "probe":
+            grad_x, stamp = await self._in_thread(self._stamped, self.runner.probe_backward, x, grad, targets)
+        else:
+            grad_x, stamp = await self._in_thread(self._stamped, self.runner.backward, key, x, grad, targets, hold)
+        if self.lockstep is None:
             self._maybe_average()
         if self.checkpoint_dir is not None and self.checkpoint_every > 0 and \
                 self.runner.version - self._saved_version >= self.checkpoint_every:
@@ -442,7 +440,7 @@ class WorkerNode:
         ls = self.lockstep
         if ls is None or self.runner is None:
             return {}
-        digest = ls.stats.digests.get(self.runner.version)
+        digest = self.runner.digest_if_known()
         if digest is None and self.state == "OFFLINE":  # the final report: the compute thread is idle
             digest = self.runner.digest()
         return {"lockstep_version": self.runner.version, "params_digest": digest, "lockstep_rounds": ls.stats.rounds,

@@ -60,6 +60,7 @@ class StageRunner:
         # lockstep stages never step on their own: the stage's agreed gradient is applied at the
         # step boundary (:meth:`apply_gradient`), so every pass only accumulates
         self.lockstep = manifest.training.sync == "lockstep"
+        self._digest: tuple[tuple[int, int], str] | None = None  # ((version, param_epoch), digest)
 
     @property
     def is_first(self) -> bool:
@@ -119,13 +120,7 @@ class StageRunner:
         else:
             leaf, out = self._run(x, targets)
             self.stats.recomputes += 1
-        scale = 1.0 / self.manifest.training.accumulate
-        if self.is_last:
-            (out * scale).backward()
-        else:
-            if grad_out is None:
-                raise ValueError("backward on a non-last stage needs grad_out")
-            out.backward(self._on_device(grad_out) * scale)
+        torch.autograd.backward(*self._seed(out, grad_out))
         self.stats.backwards += 1
         self.pending += 1
         if self.pending >= self.manifest.training.accumulate and not self.lockstep:
@@ -144,15 +139,19 @@ class StageRunner:
         if self.is_first:
             return None
         leaf, out = self._run(x, targets)
+        output, grad_output = self._seed(out, grad_out)
+        (grad,) = torch.autograd.grad(output, leaf, grad_output)
+        return self._on_cpu(grad)
+
+    def _seed(self, out: torch.Tensor, grad_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What back-propagation starts from, scaled by ``1 / accumulate``: the loss on the last
+        stage, else the stage output with the gradient the next stage sent back."""
         scale = 1.0 / self.manifest.training.accumulate
         if self.is_last:
-            seed = out * scale
-            (grad,) = torch.autograd.grad(seed, leaf)
-        else:
-            if grad_out is None:
-                raise ValueError("backward on a non-last stage needs grad_out")
-            (grad,) = torch.autograd.grad(out, leaf, self._on_device(grad_out) * scale)
-        return self._on_cpu(grad)
+            return out * scale, None
+        if grad_out is None:
+            raise ValueError("backward on a non-last stage needs grad_out")
+        return out, self._on_device(grad_out) * scale
 
     def step_if_due(self) -> bool:
         """Apply the gradients of held passes (one optimizer step for all of them)."""
@@ -221,16 +220,15 @@ class StageRunner:
 
     def load_flat_state(self, flat: torch.Tensor, steps: list[int], version: int) -> None:
         """Adopt a peer's :meth:`flat_state` at ``version``; held gradients and cached graphs go."""
-        n = self.num_parameters()
-        if flat.numel() != 3 * n or len(steps) != len(list(self.module.parameters())):
-            raise ValueError(f"expected a state of {3 * n} values and {len(list(self.module.parameters()))} step "
-                             f"counts, got {flat.numel()} and {len(steps)}")
-        self.load_flat_parameters(flat[:n])
-        self.stats.averaging_rounds -= 1  # a re-sync, not an averaging round
-        avg = self._split(flat[n : 2 * n], "")
-        sq = self._split(flat[2 * n :], "")
+        n, count = self.num_parameters(), len(list(self.module.parameters()))
+        if flat.numel() != 3 * n or len(steps) != count:
+            raise ValueError(f"expected a state of {3 * n} values and {count} step counts, "
+                             f"got {flat.numel()} and {len(steps)}")
         self.optimizer.state.clear()
-        for (p, m1), (_, m2), step in zip(avg, sq, steps, strict=True):
+        parts = zip(*(self._split(flat[i * n : (i + 1) * n], "") for i in range(3)), steps, strict=True)
+        for (p, value), (_, m1), (_, m2), step in parts:
+            with torch.no_grad():
+                p.copy_(value)
             if step > 0:  # a parameter AdamW never stepped has no state, as in a fresh optimizer
                 self.optimizer.state[p] = {"step": torch.tensor(float(step)),
                                            "exp_avg": m1.to(device=p.device, dtype=p.dtype).clone(),
@@ -252,11 +250,22 @@ class StageRunner:
         self.restored(int(state["version"]))
 
     def digest(self) -> str:
-        """BLAKE2b of the parameters' bytes: equal digests, bit-identical replicas."""
-        h = hashlib.blake2b(digest_size=16)
-        for p in self.module.parameters():
-            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        return h.hexdigest()
+        """BLAKE2b of the parameters' bytes: equal digests, bit-identical replicas. Hashed again
+        only when the version moved or a parameter was written in place since (so a digest
+        always describes the parameters as they are, at the cost of one hash per version)."""
+        key = (self.version, self.param_epoch())
+        if self._digest is None or self._digest[0] != key:
+            h = hashlib.blake2b(digest_size=16)
+            for p in self.module.parameters():
+                h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            self._digest = (key, h.hexdigest())
+        return self._digest[1]
+
+    def digest_if_known(self) -> str | None:
+        """:meth:`digest` when it is already hashed for the parameters as they are, else None:
+        cheap and safe outside the compute thread."""
+        d = self._digest
+        return d[1] if d is not None and d[0] == (self.version, self.param_epoch()) else None
 
     def param_epoch(self) -> int:
         """Changes whenever any parameter is written in place (torch's per-tensor counters):
