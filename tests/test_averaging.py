@@ -47,11 +47,11 @@ def test_averaging_log_measures_drift_and_keeps_the_largest_gaps():
 # -- bounded staleness: a worker holds optimizer steps while an overdue round is in flight ------
 
 def _stage_runner(stage: int = 1):
-    from sentinel.run.manifest import RunManifest
+    from sentinel.run.manifest import RunManifest, TrainingConfig
     from sentinel.worker.stage_runner import StageRunner
 
-    torch.manual_seed(0)
-    return StageRunner(RunManifest(), stage)
+    torch.manual_seed(0)  # bounded staleness is the asynchronous replicas' rule: they step on their own
+    return StageRunner(RunManifest(training=TrainingConfig(sync="async")), stage)
 
 
 def _backward(runner, i: int, hold: bool) -> None:

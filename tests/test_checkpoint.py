@@ -9,7 +9,7 @@ import torch
 
 from sentinel.model.config import ModelConfig
 from sentinel.model.corpus import TextCorpus
-from sentinel.run.manifest import RunManifest
+from sentinel.run.manifest import RunManifest, TrainingConfig
 from sentinel.worker import checkpoint as ckpt
 from sentinel.worker.checkpoint import (
     CheckpointError,
@@ -25,7 +25,8 @@ MODEL = ModelConfig(vocab_size=256, seq_len=32, d_model=32, n_layers=2, n_heads=
 
 
 def manifest(stages: int = 1, model: ModelConfig = MODEL) -> RunManifest:
-    return RunManifest(num_stages=stages, model=model)
+    # the runner steps on its own after every pass (asynchronous replicas): one pass, one version
+    return RunManifest(num_stages=stages, model=model, training=TrainingConfig(sync="async"))
 
 
 def corpus() -> TextCorpus:

@@ -81,3 +81,48 @@ def test_the_medium_preset_trains_in_lockstep() -> None:
     assert report["model"]["d_model"] == 512 and report["micro_batches"]["completed"] == 4
     for stage in range(2):
         assert len({r.digest() for r in _replicas(sim, stage)}) == 1
+
+
+def test_a_poisoned_gradient_contribution_is_proven_and_left_out() -> None:
+    """A stage-1 replica honest on the pipeline sends its stage a gradient it did not compute
+    (``avg_scaling``: -10 x its own). Its replicas recompute its passes at their identical
+    version, get other bits, and a strict majority proves it wrong: banned, left out of the round,
+    no honest replica struck; the clean run of the same seed re-checks contributions and finds
+    none wrong."""
+    cfg = dict(stages=3, replicas=3, steps=12, micro_batches_per_step=3, micro_batch_size=2, eval_every=12,
+               eval_batches=1, attack_start=4, sync="lockstep")
+    poisoned = Simulation(SimConfig(**cfg, malicious_fraction=0.34, attack="avg_scaling"))
+    report = poisoned.run()
+    assert report["recall"] == 1.0 and report["honest_banned"] == [], report["banned"]
+    checks = report["averaging"]["checks"]
+    assert checks["proven"] == 3 and checks["inconclusive"] == 0, checks
+    assert all(b["step"] <= cfg["attack_start"] + 1 for b in report["banned"]), report["banned"]
+    for stage in range(3):  # the honest replicas left applied the same, unpoisoned gradient
+        honest = [w.runner for w in poisoned.workers.values() if w.stage == stage and not w.malicious]
+        assert len({r.digest() for r in honest}) == 1
+    clean = Simulation(SimConfig(**cfg, malicious_fraction=0.0, attack="none", spot_check=1.0)).run()
+    assert clean["averaging"]["checks"]["checked"] > 0 and clean["averaging"]["checks"]["proven"] == 0
+    assert clean["banned"] == []
+
+
+def test_a_recomputed_contribution_matches_the_accumulated_one_bit_for_bit() -> None:
+    """``StageRunner.recompute_gradient`` is what the re-check runs on another replica: the same
+    passes at the same version give the same bits as the replica's own accumulation, and the
+    checker's own accumulated gradient is left untouched."""
+    sim = Simulation(SimConfig(stages=2, replicas=2, malicious_fraction=0.0, attack="none", steps=1,
+                               micro_batches_per_step=1, micro_batch_size=2, sync="lockstep"))
+    a, b = (sim.workers[n].runner for n in ("s01r00", "s01r01"))
+    model = sim.manifest.model
+    g = torch.Generator().manual_seed(5)
+    passes = [(torch.randn(*model.hidden_shape(2), generator=g), None,
+               torch.randint(0, model.vocab_size, (2, model.seq_len), generator=g)) for _ in range(3)]
+    for i, (x, grad, targets) in enumerate(passes):
+        a.forward(("p", i), x, targets)
+        a.backward(("p", i), x, grad, targets, hold=True)
+    b.backward(("own", 0), *passes[0], hold=True)
+    own_before, n_before = b.accumulated_gradient()
+    expected, n = a.accumulated_gradient()
+    got, m = b.recompute_gradient(passes)
+    assert (n, m) == (3, 3) and torch.equal(got, expected)
+    own_after, n_after = b.accumulated_gradient()
+    assert n_after == n_before == 1 and torch.equal(own_after, own_before)

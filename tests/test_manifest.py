@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from sentinel.cli.swarm import LocalSwarm, SwarmConfig
+from sentinel.cli.swarm import SCHEDULES, LocalSwarm, SwarmConfig
 from sentinel.run.manifest import ManifestError, OptimizerConfig, RunManifest
 from sentinel.run.screening import ScreeningConfig
 
@@ -17,22 +17,29 @@ from sentinel.run.screening import ScreeningConfig
 def test_the_launcher_trains_with_the_manifest_defaults() -> None:
     swarm = SwarmConfig(stages=3, replicas=3, verifiers=2, steps=1)
     manifest = RunManifest()
-    assert swarm.lr == OptimizerConfig().lr == manifest.optimizer.lr
+    assert swarm.sync == manifest.training.sync
+    assert swarm.averaging == manifest.training.averaging
     assert swarm.micro_batch_size == manifest.training.micro_batch_size
     assert swarm.micro_batches_per_step == manifest.training.micro_batches_per_step
     assert (swarm.eval_every, swarm.eval_batches) == (manifest.training.eval_every, manifest.training.eval_batches)
 
 
-def test_the_launcher_warms_up_and_the_manifest_does_not(tmp_path) -> None:
-    # deliberate: the warm-up counts a replica's own optimizer steps, so its length depends on the
-    # swarm's shape; the launcher knows its shape, a manifest default does not (SwarmConfig.warmup_steps)
+def test_the_launcher_schedule_follows_the_sync_mode_and_the_manifest_has_no_warmup(tmp_path) -> None:
+    # deliberate: the warm-up counts a replica's own optimizer steps (versions in lockstep), so its
+    # length depends on the swarm's shape; the launcher knows its shape, a manifest default does not
     assert RunManifest().optimizer.warmup_steps == 0
-    swarm = SwarmConfig(warmup_steps=40)
-    assert SwarmConfig().warmup_steps == 40
-    manifest = RunManifest.from_dict(LocalSwarm(swarm, tmp_path).manifest_dict())
-    assert manifest.optimizer.warmup_steps == 40
-    assert RunManifest.from_dict(LocalSwarm(SwarmConfig(warmup_steps=0), tmp_path / "off").manifest_dict()
-                                 ).optimizer.warmup_steps == 0
+    lockstep = SwarmConfig(sync="lockstep")
+    assert (lockstep.lr, lockstep.warmup_steps) == SCHEDULES["lockstep"]
+    asynchronous = SwarmConfig()
+    assert (asynchronous.lr, asynchronous.warmup_steps) == SCHEDULES["async"] == (OptimizerConfig().lr, 40)
+    manifest = RunManifest.from_dict(LocalSwarm(lockstep, tmp_path).manifest_dict())
+    assert (manifest.optimizer.lr, manifest.optimizer.warmup_steps) == SCHEDULES["lockstep"]
+    assert manifest.training.sync == "lockstep"
+    off = SwarmConfig(sync="async", warmup_steps=0, lr=5e-4)
+    manifest = RunManifest.from_dict(LocalSwarm(off, tmp_path / "off").manifest_dict())
+    assert (manifest.optimizer.lr, manifest.optimizer.warmup_steps, manifest.training.sync) == (5e-4, 0, "async")
+    with pytest.raises(ValueError, match=re.escape("sync must be lockstep|async")):
+        SwarmConfig(sync="together")
 
 
 def test_the_launcher_rejects_a_negative_warmup_before_starting_anything(tmp_path, capsys) -> None:

@@ -47,9 +47,12 @@ def test_obvious_attack_is_caught_without_honest_bans():
 def test_the_defended_model_ends_within_5_percent_of_the_clean_one_and_the_undefended_does_not():
     """The validation-loss bound where it is not noise: clean, defended and undefended runs share
     the seed (init, data order, routing), so they differ only by the attack and the defence. A
-    sign flip on a fifth of every stage costs the undefended model well over 5 %; defended, the
-    attackers are banned and the model ends within 5 % of the clean one."""
-    cfg = dict(SMALL, steps=60, eval_every=60, eval_batches=4, attack="sign_flip", direction="forward")
+    sign flip on two of the five replicas of every stage costs the undefended model well over 5 %
+    (at the table's learning rate, where this small model learns enough in 60 steps for damage to
+    show: lockstep replicas average every pass's gradient, so one corrupted replica of five is
+    diluted); defended, the attackers are banned and the model ends within 5 % of the clean one."""
+    cfg = dict(SMALL, steps=60, eval_every=60, eval_batches=4, attack="sign_flip", direction="forward",
+               malicious_fraction=0.4, lr=3e-3)
     clean = run_simulation(SimConfig(**{**cfg, "attack": "none"}))["val_loss_final"]
     defended = run_simulation(SimConfig(**cfg, defense="sentinel"))
     undefended = run_simulation(SimConfig(**cfg, defense="none"))["val_loss_final"]

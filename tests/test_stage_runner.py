@@ -8,15 +8,16 @@ import torch
 
 from sentinel.model.config import ModelConfig
 from sentinel.model.corpus import TextCorpus
-from sentinel.run.manifest import ManifestError, OptimizerConfig, RunManifest
+from sentinel.run.manifest import ManifestError, OptimizerConfig, RunManifest, TrainingConfig
 from sentinel.worker.stage_runner import StageRunner
 
 MODEL = ModelConfig(vocab_size=256, seq_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+ASYNC = TrainingConfig(sync="async")  # the runner steps on its own after each pass
 
 
 def _lrs(warmup: int, steps: int, lr: float = 1e-3) -> list[float]:
     """The learning rate each of ``steps`` optimizer steps of a one-stage runner applied."""
-    runner = StageRunner(RunManifest(num_stages=1, model=MODEL,
+    runner = StageRunner(RunManifest(num_stages=1, model=MODEL, training=ASYNC,
                                      optimizer=OptimizerConfig(lr=lr, warmup_steps=warmup)), 0)
     data = TextCorpus.default()
     seen = []
@@ -40,7 +41,7 @@ def test_no_warmup_keeps_the_learning_rate() -> None:
 def test_a_warmed_up_runner_moves_less_in_its_first_step() -> None:
     def first_step(warmup: int) -> float:
         torch.manual_seed(0)
-        runner = StageRunner(RunManifest(num_stages=1, model=MODEL,
+        runner = StageRunner(RunManifest(num_stages=1, model=MODEL, training=ASYNC,
                                          optimizer=OptimizerConfig(warmup_steps=warmup)), 0)
         before = runner.flat_parameters().clone()
         x, y = TextCorpus.default().batch("train", 2, MODEL.seq_len, seed=0, index=0)

@@ -61,14 +61,20 @@ class SwarmConfig:
     committee_size: int = 3
     micro_batch_size: int = 8
     micro_batches_per_step: int = 4
-    lr: float = 1e-3  # the manifest's default (OptimizerConfig.lr; not imported here: it pulls in torch)
-    # Linear learning-rate warm-up over each replica's first N optimizer steps (about 10 verifier
-    # steps in the 3 x 3 shape with 3 verifiers). The manifest's default is 0: the warm-up counts a
-    # replica's own steps, so its length depends on the swarm's shape, and the simulator's tables
-    # were measured without one. Here it narrows the run-to-run spread of the validation loss
-    # (BENCHMARKS.md, "Live screening test").
-    warmup_steps: int = 40
-    averaging: str = "mean"  # within-stage aggregation rule (TrainingConfig.averaging)
+    # How a stage's replicas stay together (TrainingConfig.sync): "async" (the manifest's
+    # default) or "lockstep".
+    sync: str = "async"
+    # None: the schedule measured for ``sync`` (SCHEDULES). A lockstep replica applies one update
+    # per verifier step covering every replica's passes of that step (12 micro-batches in the
+    # 3 x 3 demo shape with 3 verifiers): warm-up over its first 10 versions, twice async's rate.
+    # An async replica steps once per pass: warm-up over 40 of its own optimizer steps (about
+    # 10 verifier steps in the same shape) at the manifest's 1e-3. Both narrow the run-to-run
+    # spread of the validation loss (BENCHMARKS.md, "Live screening test", "Lockstep stages in
+    # the live swarm"); the manifest's warm-up default is 0 because the right length depends on
+    # the swarm's shape, which the launcher knows.
+    lr: float | None = None
+    warmup_steps: int | None = None
+    averaging: str = "centered-clip"  # within-stage aggregation rule (TrainingConfig.averaging)
     training_overrides: dict[str, Any] = field(default_factory=dict)  # other TrainingConfig fields
     eval_every: int = 50
     eval_batches: int = 4
@@ -78,6 +84,17 @@ class SwarmConfig:
     screening_overrides: dict[str, Any] = field(default_factory=dict)
     startup_timeout_s: float = 300.0
     run_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        if self.sync not in SCHEDULES:
+            raise ValueError(f"sync must be {'|'.join(SCHEDULES)}, got {self.sync!r}")
+        lr, warmup = SCHEDULES[self.sync]
+        self.lr = lr if self.lr is None else self.lr
+        self.warmup_steps = warmup if self.warmup_steps is None else self.warmup_steps
+
+
+#: sync -> (lr, warm-up steps) the launcher uses unless told otherwise (SwarmConfig.lr).
+SCHEDULES: dict[str, tuple[float, int]] = {"lockstep": (2e-3, 10), "async": (1e-3, 40)}
 
 
 def _malicious_slots(cfg: SwarmConfig) -> list[tuple[int, int]]:
@@ -154,7 +171,7 @@ class LocalSwarm:
             "optimizer": {"lr": c.lr, "warmup_steps": c.warmup_steps},
             "training": {"micro_batch_size": c.micro_batch_size, "micro_batches_per_step": c.micro_batches_per_step,
                          "eval_every": c.eval_every, "eval_batches": c.eval_batches, "averaging": c.averaging,
-                         **c.training_overrides},
+                         "sync": c.sync, **c.training_overrides},
             "screening": c.screening_overrides,
         }
 
@@ -369,20 +386,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-verifiers", type=int, default=0, help="byzantine verifiers that frame an honest worker")
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
     p.add_argument("--micro-batches-per-step", type=int, default=d.micro_batches_per_step)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                   help="linear learning-rate warm-up over each replica's first N optimizer steps "
-                        "(default %(default)s; 0 = off)")
+    lrs = ", ".join(f"{lr:g} in {m}" for m, (lr, _) in SCHEDULES.items())
+    warmups = ", ".join(f"{w} in {m}" for m, (_, w) in SCHEDULES.items())
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {lrs})")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear learning-rate warm-up over each replica's first N optimizer steps (versions "
+                        f"in lockstep; default: {warmups}; 0 = off)")
     p.add_argument("--averaging", choices=["mean", "trimmed-mean", "centered-clip"], default=d.averaging,
-                   help="how the replicas of a stage aggregate their parameters")
+                   help="how the replicas of a stage aggregate their gradients (lockstep) or parameters (async)")
     p.add_argument("--averaging-partition", choices=["auto", "butterfly", "gather"], default=None,
                    help="how a round moves parameters: each replica reduces its parts (butterfly) or "
                         "fetches every replica's whole parameters (gather); auto (the manifest's "
                         "default): gather while a stage fits in half a message")
-    p.add_argument("--sync", choices=["async", "lockstep"], default=None,
+    p.add_argument("--sync", choices=tuple(SCHEDULES), default=d.sync,
                    help="how the replicas of a stage stay together: average parameters on their own clocks "
-                        "(async, the manifest's default) or average gradients at every step boundary and "
-                        "apply one identical update (lockstep: bit-identical replicas)")
+                        "(async, the manifest's default) or aggregate gradients at every step boundary and apply "
+                        "one identical update (lockstep: bit-identical replicas, exact checks)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workdir", default=None, help="where logs, identities and reports go (default: runs/<time>)")
     p.add_argument("--report", default=None, help="write the final JSON report here")
@@ -398,9 +417,9 @@ def main(argv: list[str] | None = None) -> int:
                       attack_direction=args.attack_direction, attack_start=args.attack_start,
                       screening=not args.no_screening, frame_verifiers=args.frame_verifiers,
                       micro_batch_size=args.micro_batch_size, micro_batches_per_step=args.micro_batches_per_step,
-                      lr=args.lr, warmup_steps=args.warmup_steps, averaging=args.averaging, seed=args.seed,
-                      training_overrides={k: v for k, v in (("averaging_partition", args.averaging_partition),
-                                                            ("sync", args.sync)) if v})
+                      sync=args.sync, lr=args.lr, warmup_steps=args.warmup_steps, averaging=args.averaging,
+                      seed=args.seed, training_overrides={"averaging_partition": args.averaging_partition}
+                      if args.averaging_partition else {})
     if cfg.data and not Path(cfg.data).is_file():
         print(f"sentinel-swarm: error: --data {cfg.data}: no such file", file=sys.stderr)
         return 2

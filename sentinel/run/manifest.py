@@ -62,7 +62,11 @@ class TrainingConfig:
     accumulate: int = 1  # backward passes a worker accumulates before its optimizer step
     average_every: int = 2  # a worker averages parameters with its stage's replicas every N optimizer steps
     # (replicas that drift apart between rounds look different to the screen: keep rounds frequent)
-    averaging: str = "mean"  # aggregation rule for within-stage averaging
+    # Aggregation rule of a stage's round: its replicas' gradients in lockstep, their parameters
+    # in async. CenteredClip bounds what a minority of poisoned contributions does before they
+    # are proven wrong (a lockstep stage applies the aggregate on every replica at once) and
+    # costs a clean run almost nothing (BENCHMARKS.md, "Lockstep as the default").
+    averaging: str = "centered-clip"
     # Bounded staleness: once this many optimizer steps have passed since the averaging round in
     # flight began (a slow replica, a loaded machine), the worker holds further steps, keeps
     # accumulating gradients, and applies them when the round ends. Unchecked, a stalled round
@@ -88,12 +92,13 @@ class TrainingConfig:
     # committed to and recomputes the reduction. A reducer's first answer is always audited; one
     # caught lying is reported to the verifiers and its parts are reduced locally from then on.
     averaging_audit: float = 0.25
-    # How a stage's replicas stay together (``sentinel.worker.lockstep``). "async": each replica
-    # steps its own optimizer after every ``accumulate`` passes and averages parameters every
-    # ``average_every`` steps, so replicas agree only approximately. "lockstep": replicas
-    # accumulate the passes of a pipeline step, average their *gradients* at the step boundary
-    # and apply one identical update, so honest replicas hold bit-identical parameters at every
-    # numbered version (and any hop can be re-checked exactly on another replica).
+    # How a stage's replicas stay together (``sentinel.worker.lockstep``). "lockstep" (default):
+    # replicas accumulate the passes of a pipeline step, aggregate their *gradients* at the step
+    # boundary and apply one identical update, so honest replicas hold bit-identical parameters
+    # at every numbered version and any hop or gradient contribution can be re-checked exactly
+    # on another replica (the screening's ``spot_check``). "async", the measured baseline: each
+    # replica steps its own optimizer after every ``accumulate`` passes and averages parameters
+    # every ``average_every`` steps, so replicas agree only approximately and no check is exact.
     sync: str = "async"
     eval_batches: int = 4  # validation micro-batches per evaluation
     eval_every: int = 50  # verifier steps between validation evaluations

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                    help="linear learning-rate warm-up over each replica's first N optimizer steps "
-                        "(default %(default)s = off; the live launcher uses 40)")
+                        "(versions in lockstep; default %(default)s = off; the live launcher uses 10 in lockstep, "
+                        "40 in async)")
     p.add_argument("--sync", choices=SYNC_MODES, default=d.sync,
                    help="lockstep: replicas of a stage apply one aggregated gradient per step and stay identical; "
                         "async: each steps alone and averages parameters every --average-every steps "

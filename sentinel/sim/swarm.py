@@ -43,6 +43,7 @@ from sentinel.report import detection_scores
 from sentinel.run.manifest import OptimizerConfig, RunManifest, TrainingConfig
 from sentinel.run.screening import ScreeningConfig
 from sentinel.sim.transport import (
+    ContributionChecks,
     DuplicateScreen,
     InProcessTransport,
     LatencyModel,
@@ -115,12 +116,12 @@ class SimConfig:
     warmup_steps: int = OptimizerConfig.warmup_steps
     average_every: int = TrainingConfig.average_every
     averaging: str = TrainingConfig.averaging
-    #: ``async``: each replica steps its own optimizer per micro-batch and averages parameters
-    #: every ``average_every`` steps, as the live swarm does today; ``lockstep``: a stage's
-    #: replicas accumulate gradients over the step, aggregate them with ``averaging`` and apply
-    #: the same optimizer update, so honest replicas stay bit-identical (docs/design.md,
-    #: "Lockstep stages"). The default follows the live swarm's.
-    sync: str = "async"
+    #: ``lockstep`` (default): a stage's replicas accumulate
+    #: gradients over the step, aggregate them with ``averaging`` and apply the same optimizer
+    #: update, so honest replicas stay bit-identical (docs/design.md, "Lockstep stages");
+    #: ``async``, the baseline: each replica steps its own optimizer per micro-batch and averages
+    #: parameters every ``average_every`` steps.
+    sync: str = "lockstep"
     #: Validation of the consensus model (see the module docstring).
     eval_every: int = 25
     eval_batches: int = 16
@@ -284,7 +285,12 @@ class Simulation:
         self.flags_by_worker: dict[str, int] = defaultdict(int)
         self._struck_version: dict[str, int] = {}  # optimizer step of each worker's last averaging strike
         self.averaging_flags = {"honest": 0, "attacked": 0}
-        if cfg.defense == "sentinel" and self.screen_config.averaging_outlier_ratio > 0:
+        if cfg.defense == "sentinel" and cfg.sync == "lockstep":
+            sc = self.screen_config
+            self.transport.contribution_checks = ContributionChecks(
+                share=self._spot_share(), ratio=sc.averaging_outlier_ratio, floor=sc.averaging_outlier_floor,
+                on_proven=self._contribution_proven)
+        elif cfg.defense == "sentinel" and self.screen_config.averaging_outlier_ratio > 0:
             self.transport.contribution_screen = self._screen_contributions
         self.flagged_attacked = 0
         self.flagged_honest = 0
@@ -329,6 +335,14 @@ class Simulation:
         else:
             self.flagged_honest += 1
             self.struck_honest += ev.struck
+
+    def _contribution_proven(self, worker: str, step: int) -> None:
+        """A lockstep contribution that a strict majority of its stage recomputed differently:
+        proof, so one strike bans (the honest-majority hold still applies)."""
+        w = self.workers[worker]
+        self.averaging_flags["attacked" if w.malicious and step >= self.cfg.attack_start else "honest"] += 1
+        self.flags_by_worker[worker] += 1
+        self.ledger.record(worker, True, proven=True)
 
     def _screen_contributions(self, stage: int, step: int, names: list[str], vectors: list[torch.Tensor]) -> None:
         """The verifier's view of one averaging round: a replica whose contribution is an
@@ -496,7 +510,8 @@ class Simulation:
                           "contributions": sum(w.contributions for w in self.workers.values()),
                           "attacked": sum(w.attacked_contributions for w in attackers),
                           "flagged_honest": self.averaging_flags["honest"],
-                          "flagged_attacked": self.averaging_flags["attacked"]},
+                          "flagged_attacked": self.averaging_flags["attacked"],
+                          "checks": dict(self.transport.contribution_stats)},
             "honest_optimizer_steps": sum(w.runner.stats.optimizer_steps for w in honest),
             "code": CODE_VERSION,
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

@@ -7,6 +7,8 @@ Parts (all by default):
 
 * ``matrix`` — the clean run (undefended and defended) and every built-in attack in both
   directions, undefended and defended, at ``stages x replicas`` with ``malicious_fraction``;
+* ``lu`` — Lu et al.'s protocol: forward sign flip and backward Gaussian replacement on 30 % and
+  70 % of a malicious worker's messages;
 * ``wide`` — the headline rows at 16 x 11 (176 workers, 4 malicious per stage = 36.4 %);
 * ``cost`` — ``sentinel`` vs ``duplicate`` (Lu et al.) on the same run: tokens/s and compute;
 * ``wikitext`` — the headline rows on wikitext-2 with the same defaults (no re-tuning);
@@ -70,11 +72,18 @@ HEADLINE: tuple[tuple[str, str], ...] = (
     ("ema_mimic", "forward"),
 )
 
+#: Lu et al.'s protocol (arXiv 2312.00843): forward sign flip and backward replacement by Gaussian
+#: noise of the same scale, each on a share (the attack rate) of a malicious worker's messages.
+LU_RATES: tuple[float, ...] = (0.3, 0.7)
+LU: tuple[tuple[str, str], ...] = tuple(
+    (f"intermittent,inner={inner},p={rate}", direction)
+    for inner, direction in (("sign_flip", "forward"), ("random", "backward")) for rate in LU_RATES)
+
 #: Attacks on within-stage averaging (honest on the pipeline), run with each aggregation rule.
 AVERAGING_ATTACKS: tuple[str, ...] = ("avg_scaling", "avg_random", "avg_alie")
 AVERAGING_RULES: tuple[str, ...] = ("mean", "centered-clip")
 
-PARTS = ("matrix", "wide", "cost", "wikitext", "noise", "averaging")
+PARTS = ("matrix", "lu", "wide", "cost", "wikitext", "noise", "averaging")
 
 
 @dataclass
@@ -157,6 +166,8 @@ def plan(t: TableConfig) -> list[Row]:
 
     if "matrix" in t.parts:
         block("matrix", [(a, d) for a in t.attacks for d in ("forward", "backward")])
+    if "lu" in t.parts:
+        block("lu", LU)
     if "wide" in t.parts:
         # as many micro-batches in flight as replicas: every worker still serves ~1 per step
         block("wide", HEADLINE, replicas=t.wide_replicas, malicious_fraction=t.wide_fraction,
@@ -391,6 +402,14 @@ def render(t: TableConfig, rows: list[Row], seconds: float, command: str) -> str
                          f"{', '.join(_f(v) for v in vals)} (range {spread:.1%} of clean)")
         lines += ["", f"## Matrix: {t.stages} x {t.replicas}", "", *table, "",
                   "![loss curves](loss_curves.png)", "", "![detection latency](detection_latency.png)", ""]
+    lu = _by(rows, "lu")
+    if lu:
+        table, stats = _attack_table(lu, list(LU))
+        lines += [f"## Lu et al.'s attacks at {t.stages} x {t.replicas}: a share of the messages attacked", "",
+                  "Forward sign flip and backward replacement by Gaussian noise of the tensor's own scale "
+                  f"(`random`), each on {' and '.join(f'{r:.0%}' for r in LU_RATES)} of a malicious worker's "
+                  "messages (`intermittent,p=RATE`); the clean runs are the matrix's.", "",
+                  *table, "", *_goals(stats), ""]
     wide = _by(rows, "wide")
     if wide:
         table, stats = _attack_table(wide, list(HEADLINE))

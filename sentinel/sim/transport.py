@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from sentinel.attacks.base import AttackContext
-from sentinel.protocol.aggregation import aggregate
+from sentinel.protocol.aggregation import aggregate, contribution_outliers
 from sentinel.run.manifest import RunManifest
 from sentinel.verifier.driver import HopResult
 from sentinel.verifier.routing import Router
@@ -123,6 +123,17 @@ class SimWorker:
     @property
     def malicious(self) -> bool:
         return self.attack is not None
+
+
+@dataclass
+class ContributionChecks:
+    """How a lockstep stage re-checks its replicas' gradient contributions (the screen's
+    settings): every outlier above ``ratio`` (scored with ``floor``) and a ``share`` of the rest."""
+
+    share: float
+    ratio: float
+    floor: float
+    on_proven: Callable[[str, int], None]  # (worker, step): a contribution its passes do not compute
 
 
 @dataclass
@@ -225,10 +236,16 @@ class InProcessTransport:
         #: ``(stage, step, names, vectors)``: every asynchronous averaging round's contributions,
         #: the averaging worker's own first (set by a defended simulation, which screens them)
         self.contribution_screen: Callable[..., None] | None = None
+        #: lockstep: how contributions are re-checked exactly (set by a defended simulation)
+        self.contribution_checks: ContributionChecks | None = None
+        # lockstep: the inputs of every backward pass each replica accumulated since its last
+        # step, in order: what a re-check of its contribution recomputes
+        self._passes: dict[str, list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]] = {}
         self.latest: dict[tuple[int, str, str], _Sent] = {}
         self.honest_loss: dict[tuple[int, int], float] = {}
         self.averaging_rounds = 0
         self.resyncs = 0  # lockstep replicas that adopted their stage majority's state
+        self.contribution_stats = {"checked": 0, "outliers": 0, "proven": 0, "inconclusive": 0}
         # the checking replica's activation cache (duplicate defense): key -> (leaf, out, version)
         self._check_cache: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor, int]] = {}
 
@@ -307,6 +324,8 @@ class InProcessTransport:
         else:
             recomputes = w.runner.stats.recomputes
             grad_x = w.runner.backward(key, x, grad, targets, hold=self.lockstep)
+            if self.lockstep:
+                self._passes.setdefault(worker, []).append((x, grad, targets))
             self.compute.add(2.0 + (w.runner.stats.recomputes - recomputes), w.flops_per_token, tokens)
             if not self.lockstep:
                 self._maybe_average(w, step)
@@ -327,10 +346,10 @@ class InProcessTransport:
         being its update), the contributions are aggregated with the run's rule, and every live
         replica applies the aggregate, so all take the same optimizer step from the same state.
 
-        The contributions are not screened for outliers: a replica's gradient is a function of
-        the gradients sent back to it, so an honest replica upstream of an attacker carries the
-        attacker's corruption, and striking outliers banned such victims (BENCHMARKS.md,
-        "Lockstep stages in the simulator"). The robust rule bounds a poisoned contribution."""
+        Contributions are re-checked exactly (:meth:`_check_contributions`) before they are
+        aggregated: an outlier is never struck for being one, since an honest replica upstream of
+        an attacker carries the attacker's corruption in its gradient (BENCHMARKS.md, "Lockstep
+        stages in the simulator"); a contribution its own passes do not compute is proven wrong."""
         t = self.manifest.training
         for stage in range(self.num_stages):
             live = [self.workers[n] for n in self._by_stage[stage] if not self.is_banned(n)]
@@ -351,6 +370,13 @@ class InProcessTransport:
                 w.contributions += 1
                 names.append(w.name)
                 vectors.append(sent)
+            if self.contribution_checks is not None and vectors:
+                wrong = self._check_contributions(stage, step, names, vectors)
+                kept = [i for i, n in enumerate(names) if n not in wrong]
+                names, vectors = [names[i] for i in kept], [vectors[i] for i in kept]
+                live = [w for w in live if not self.is_banned(w.name)]
+            for n in self._by_stage[stage]:
+                self._passes.pop(n, None)
             if not vectors:
                 continue  # no traffic this step: every replica stays at its version
             agg = aggregate(vectors, t.averaging) if len(vectors) > 1 else vectors[0]
@@ -358,6 +384,70 @@ class InProcessTransport:
                 w.runner.apply_gradient(agg)
             self.averaging_rounds += 1
             self._resync(live)
+
+    def _check_contributions(self, stage: int, step: int, names: list[str], vectors: list[torch.Tensor]) -> set[str]:
+        """Re-check contributions on other replicas at the same version, exactly: every outlier
+        (``contribution_scores`` above the screen's ratio: cheap, and where a gross poison shows)
+        and an unpredictable share of the rest. A disagreement goes to more replicas until a
+        strict majority of the stage's unbanned replicas computes one value; every replica
+        outside it is proven wrong (reported to ``on_proven``), and a proven-wrong contribution
+        is left out of this round. Returns the contributions left out."""
+        policy = self.contribution_checks
+        assert policy is not None
+        outliers = contribution_outliers(vectors, policy.ratio, policy.floor)
+        rng = random.Random(_seed("contribution-check", self.seed, stage, step))
+        wrong: set[str] = set()
+        for name, vector, outlier in zip(names, vectors, outliers, strict=True):
+            if not outlier and rng.random() >= policy.share:
+                continue
+            passes = self._passes.get(name, [])
+            live = [n for n in self._by_stage[stage] if not self.is_banned(n)]
+            need = len(live) // 2 + 1
+            pool = [n for n in live if n != name]
+            rng.shuffle(pool)
+            self.contribution_stats["checked"] += 1
+            self.contribution_stats["outliers"] += outlier
+            if not pool:
+                continue
+            checker = pool.pop()
+            answer = self._recompute_contribution(self.workers[checker], passes, step)
+            if torch.equal(answer, vector):
+                continue  # one replica at the same version computes the same bits: confirmed
+            groups: list[tuple[torch.Tensor, list[str]]] = [(vector, [name]), (answer, [checker])]
+            while pool and (top := max(len(members) for _, members in groups)) < need <= top + len(pool):
+                checker = pool.pop()
+                answer = self._recompute_contribution(self.workers[checker], passes, step)
+                for value, members in groups:
+                    if torch.equal(value, answer):
+                        members.append(checker)
+                        break
+                else:
+                    groups.append((answer, [checker]))
+            _, majority = max(groups, key=lambda g: len(g[1]))
+            if len(majority) < need:
+                self.contribution_stats["inconclusive"] += 1
+                continue
+            for _, members in groups:
+                if members is not majority:
+                    for who in members:
+                        wrong.add(who)
+                        self.contribution_stats["proven"] += 1
+                        policy.on_proven(who, step)
+        return wrong
+
+    def _recompute_contribution(self, checker: SimWorker, passes: list, step: int) -> torch.Tensor:
+        """``checker``'s answer to "what do these passes contribute at your version": honest
+        recomputation, or what a malicious checker's attack makes of it (as of its own)."""
+        grad, _ = checker.runner.recompute_gradient(passes)
+        for x, _, _ in passes:
+            self.compute.add(3.0, checker.flops_per_token, x.shape[0] * x.shape[1], check=True)
+        if checker.attack is not None and step >= self.attack_start:
+            gen = torch.Generator().manual_seed(_seed("recheck", self.seed, checker.name, step))
+            ctx = AttackContext(step=step, stage=checker.stage, worker=checker.name, micro_batch=-1,
+                                direction="average", generator=gen, num_stages=self.num_stages,
+                                anchor=torch.zeros_like(grad), peers=[])
+            grad = checker.attack.average(grad, ctx)
+        return grad
 
     def _resync(self, live: list[SimWorker]) -> None:
         """A replica whose parameters differ from its stage's strict majority (or that fell

@@ -188,6 +188,29 @@ class StageRunner:
                           for p in self.module.parameters()]).cpu().float()
         return flat * (acc / n), self.pending  # backward scaled each pass by 1/accumulate
 
+    def recompute_gradient(
+        self, passes: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+    ) -> tuple[torch.Tensor, int]:
+        """What :meth:`accumulated_gradient` returns on a replica at this version that served
+        ``passes`` (``(x, grad_out, targets)`` each, in the order they were accumulated): the
+        exact re-check of another replica's lockstep contribution. This replica's own
+        accumulated gradients are left as they were."""
+        params = list(self.module.parameters())
+        saved = [q.grad for q in params]
+        pending = self.pending
+        for q in params:
+            q.grad = None
+        try:
+            for x, grad_out, targets in passes:
+                _, out = self._run(x, targets)
+                torch.autograd.backward(*self._seed(out, grad_out))
+            self.pending = len(passes)
+            return self.accumulated_gradient()
+        finally:
+            self.pending = pending
+            for q, g in zip(params, saved, strict=True):
+                q.grad = g
+
     def apply_gradient(self, flat: torch.Tensor) -> None:
         """Take one optimizer step with ``flat`` as every parameter's gradient, whatever this
         replica accumulated: replicas at the same version with the same optimizer state that
