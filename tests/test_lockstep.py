@@ -87,8 +87,7 @@ def test_a_poisoned_gradient_contribution_is_proven_and_left_out() -> None:
     """A stage-1 replica honest on the pipeline sends its stage a gradient it did not compute
     (``avg_scaling``: -10 x its own). Its replicas recompute its passes at their identical
     version, get other bits, and a strict majority proves it wrong: banned, left out of the round,
-    no honest replica struck; the clean run of the same seed re-checks contributions and finds
-    none wrong."""
+    no honest replica struck; a clean run that re-checks most contributions finds none wrong."""
     cfg = dict(stages=3, replicas=3, steps=12, micro_batches_per_step=3, micro_batch_size=2, eval_every=12,
                eval_batches=1, attack_start=4, sync="lockstep")
     poisoned = Simulation(SimConfig(**cfg, malicious_fraction=0.34, attack="avg_scaling"))
@@ -100,8 +99,9 @@ def test_a_poisoned_gradient_contribution_is_proven_and_left_out() -> None:
     for stage in range(3):  # the honest replicas left applied the same, unpoisoned gradient
         honest = [w.runner for w in poisoned.workers.values() if w.stage == stage and not w.malicious]
         assert len({r.digest() for r in honest}) == 1
-    clean = Simulation(SimConfig(**cfg, malicious_fraction=0.0, attack="none", spot_check=1.0)).run()
-    assert clean["averaging"]["checks"]["checked"] > 0 and clean["averaging"]["checks"]["proven"] == 0
+    clean = Simulation(SimConfig(**cfg, malicious_fraction=0.0, attack="none",
+                                 screening={"averaging_outlier_ratio": 1.0})).run()  # re-check most of them
+    assert clean["averaging"]["checks"]["checked"] > 10 and clean["averaging"]["checks"]["proven"] == 0
     assert clean["banned"] == []
 
 

@@ -16,6 +16,12 @@ Backward across machines (what a worker does, statelessly):
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -125,6 +131,66 @@ def stage_parameters_count(config: ModelConfig, stage: int, num_stages: int) -> 
     if stage == num_stages - 1:
         count += d + (0 if config.tie_embeddings else v * d)
     return count
+
+
+def arithmetic_signature(device: torch.device) -> str:
+    """What decides a stage's bits besides its parameters: the torch build, the device model
+    and, on a CPU, the thread count (parallel reductions sum in another order). Two replicas
+    with the same signature, version and digest must answer one input bit-identically."""
+    if device.type == "cuda":
+        return f"torch {torch.__version__} cuda:{torch.cuda.get_device_name(device)}"
+    model = platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"torch {torch.__version__} cpu:{model}:{torch.get_num_threads()}threads"
+
+
+def parameters_digest(module: nn.Module) -> str:
+    """BLAKE2b of the parameters' bytes, in order: equal digests, bit-identical stages. What a
+    lockstep replica signs with every answer and what a re-check is held to."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in module.parameters():
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+#: One backward pass a replica served: (input, gradient from the next stage or None on the last
+#: stage, targets on the last stage else None).
+Pass = tuple[Tensor, "Tensor | None", "Tensor | None"]
+
+
+def recompute_gradient(module: StageModule, passes: Sequence[Pass], accumulate: int = 1) -> tuple[Tensor, int]:
+    """The mean parameter gradient of ``passes``, flat float32 on the CPU, as a replica holding
+    these parameters accumulates it (the same operations in the same order, so the same bits on
+    the same arithmetic), and how many passes it averages. The module's own accumulated
+    gradients are left as they were: this is the re-check of another replica's contribution."""
+    params = list(module.parameters())
+    device = params[0].device
+    saved = [q.grad for q in params]
+    scale = 1.0 / accumulate
+    for q in params:
+        q.grad = None
+    try:
+        for x, grad_out, targets in passes:
+            x = x.to(device)
+            leaf = x if module.is_first else x.detach().requires_grad_(True)
+            out = module(leaf, targets.to(device) if module.is_last and targets is not None else None)
+            if module.is_last:
+                torch.autograd.backward(out * scale)
+            elif grad_out is None:
+                raise ValueError("a pass on a non-last stage needs the gradient from the next stage")
+            else:
+                torch.autograd.backward(out, grad_out.to(device) * scale)
+        n = max(1, len(passes))
+        flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).detach().reshape(-1)
+                          for q in params]).cpu().float()
+        return flat * (accumulate / n), len(passes)
+    finally:
+        for q, g in zip(params, saved, strict=True):
+            q.grad = g
 
 
 def merge_stage_states(stages: list[StageModule]) -> dict[str, Tensor]:

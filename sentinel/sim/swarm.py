@@ -288,8 +288,7 @@ class Simulation:
         if cfg.defense == "sentinel" and cfg.sync == "lockstep":
             sc = self.screen_config
             self.transport.contribution_checks = ContributionChecks(
-                share=self._spot_share(), ratio=sc.averaging_outlier_ratio, floor=sc.averaging_outlier_floor,
-                on_proven=self._contribution_proven)
+                ratio=sc.averaging_outlier_ratio, floor=sc.averaging_outlier_floor, on_proven=self._contribution_proven)
         elif cfg.defense == "sentinel" and self.screen_config.averaging_outlier_ratio > 0:
             self.transport.contribution_screen = self._screen_contributions
         self.flagged_attacked = 0

@@ -128,9 +128,8 @@ class SimWorker:
 @dataclass
 class ContributionChecks:
     """How a lockstep stage re-checks its replicas' gradient contributions (the screen's
-    settings): every outlier above ``ratio`` (scored with ``floor``) and a ``share`` of the rest."""
+    settings): every outlier above ``ratio`` (scored with ``floor``)."""
 
-    share: float
     ratio: float
     floor: float
     on_proven: Callable[[str, int], None]  # (worker, step): a contribution its passes do not compute
@@ -245,7 +244,7 @@ class InProcessTransport:
         self.honest_loss: dict[tuple[int, int], float] = {}
         self.averaging_rounds = 0
         self.resyncs = 0  # lockstep replicas that adopted their stage majority's state
-        self.contribution_stats = {"checked": 0, "outliers": 0, "proven": 0, "inconclusive": 0}
+        self.contribution_stats = {"checked": 0, "proven": 0, "inconclusive": 0}
         # the checking replica's activation cache (duplicate defense): key -> (leaf, out, version)
         self._check_cache: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor, int]] = {}
 
@@ -386,36 +385,26 @@ class InProcessTransport:
             self._resync(live)
 
     def _check_contributions(self, stage: int, step: int, names: list[str], vectors: list[torch.Tensor]) -> set[str]:
-        """Re-check contributions on other replicas at the same version, exactly: every outlier
-        (``contribution_scores`` above the screen's ratio: cheap, and where a gross poison shows)
-        and an unpredictable share of the rest. A disagreement goes to more replicas until a
-        strict majority of the stage's unbanned replicas computes one value; every replica
-        outside it is proven wrong (reported to ``on_proven``), and a proven-wrong contribution
-        is left out of this round. Returns the contributions left out."""
+        """Re-check every outlier contribution (``contribution_scores`` above the screen's ratio)
+        exactly, as the live replicas do: every other live replica of the stage recomputes it at
+        the same version from the inputs of the passes it claims. If a strict majority of the
+        stage's unbanned replicas computes one value, every replica outside it (the contributor
+        or a lying checker) is proven wrong (reported to ``on_proven``), and a proven-wrong
+        contribution is left out of this round. Returns the contributions left out."""
         policy = self.contribution_checks
         assert policy is not None
         outliers = contribution_outliers(vectors, policy.ratio, policy.floor)
-        rng = random.Random(_seed("contribution-check", self.seed, stage, step))
         wrong: set[str] = set()
         for name, vector, outlier in zip(names, vectors, outliers, strict=True):
-            if not outlier and rng.random() >= policy.share:
+            if not outlier:
                 continue
             passes = self._passes.get(name, [])
             live = [n for n in self._by_stage[stage] if not self.is_banned(n)]
-            need = len(live) // 2 + 1
-            pool = [n for n in live if n != name]
-            rng.shuffle(pool)
+            groups: list[tuple[torch.Tensor, list[str]]] = [(vector, [name])]
             self.contribution_stats["checked"] += 1
-            self.contribution_stats["outliers"] += outlier
-            if not pool:
-                continue
-            checker = pool.pop()
-            answer = self._recompute_contribution(self.workers[checker], passes, step)
-            if torch.equal(answer, vector):
-                continue  # one replica at the same version computes the same bits: confirmed
-            groups: list[tuple[torch.Tensor, list[str]]] = [(vector, [name]), (answer, [checker])]
-            while pool and (top := max(len(members) for _, members in groups)) < need <= top + len(pool):
-                checker = pool.pop()
+            for checker in live:
+                if checker == name:
+                    continue
                 answer = self._recompute_contribution(self.workers[checker], passes, step)
                 for value, members in groups:
                     if torch.equal(value, answer):
@@ -424,7 +413,7 @@ class InProcessTransport:
                 else:
                     groups.append((answer, [checker]))
             _, majority = max(groups, key=lambda g: len(g[1]))
-            if len(majority) < need:
+            if 2 * len(majority) <= len(live):
                 self.contribution_stats["inconclusive"] += 1
                 continue
             for _, members in groups:

@@ -10,12 +10,10 @@ Petals does the same for its blocks (``--throughput auto``, cached in the user's
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -52,21 +50,6 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return f"cpu:{os.cpu_count()}x:{torch.get_num_threads()}threads"
-
-
-def arithmetic_signature(device: torch.device) -> str:
-    """What decides a stage's bits besides its parameters: the torch build, the device model
-    and, on a CPU, the thread count (parallel reductions sum in another order). Two replicas
-    with the same signature, version and digest must answer one input bit-identically."""
-    if device.type == "cuda":
-        return f"torch {torch.__version__} cuda:{torch.cuda.get_device_name(device)}"
-    model = platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"torch {torch.__version__} cpu:{model}:{torch.get_num_threads()}threads"
 
 
 def measure_throughput(manifest: Any, device: torch.device, budget_s: float = 1.5) -> float:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from sentinel.metrics import METRICS
+from sentinel.model.stages import arithmetic_signature
 from sentinel.net.runtime import PeerCallError, SwarmRuntime
 from sentinel.protocol import rpc as wire
 from sentinel.protocol.aggregation import aggregate, partition
@@ -45,7 +46,6 @@ from sentinel.protocol.codec import Message
 from sentinel.protocol.errors import MalformedMessageError, ProtocolError, WrongSenderError
 from sentinel.protocol.signing import sign_message
 from sentinel.run.manifest import RunManifest
-from sentinel.worker.device import arithmetic_signature
 from sentinel.worker.replica import Replica
 
 logger = logging.getLogger(__name__)

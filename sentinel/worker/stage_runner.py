@@ -13,7 +13,6 @@ between forward and backward loses nothing: the verifier re-sends the input to a
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sentinel.model.stages import StageModule, build_stage
+from sentinel.model.stages import Pass, StageModule, build_stage, parameters_digest, recompute_gradient
 from sentinel.run.manifest import RunManifest
 
 
@@ -188,28 +187,11 @@ class StageRunner:
                           for p in self.module.parameters()]).cpu().float()
         return flat * (acc / n), self.pending  # backward scaled each pass by 1/accumulate
 
-    def recompute_gradient(
-        self, passes: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
-    ) -> tuple[torch.Tensor, int]:
+    def recompute_gradient(self, passes: list[Pass]) -> tuple[torch.Tensor, int]:
         """What :meth:`accumulated_gradient` returns on a replica at this version that served
-        ``passes`` (``(x, grad_out, targets)`` each, in the order they were accumulated): the
-        exact re-check of another replica's lockstep contribution. This replica's own
-        accumulated gradients are left as they were."""
-        params = list(self.module.parameters())
-        saved = [q.grad for q in params]
-        pending = self.pending
-        for q in params:
-            q.grad = None
-        try:
-            for x, grad_out, targets in passes:
-                _, out = self._run(x, targets)
-                torch.autograd.backward(*self._seed(out, grad_out))
-            self.pending = len(passes)
-            return self.accumulated_gradient()
-        finally:
-            self.pending = pending
-            for q, g in zip(params, saved, strict=True):
-                q.grad = g
+        ``passes`` in that order (``sentinel.model.stages.recompute_gradient``): the exact
+        re-check of another replica's lockstep contribution. My own accumulation is kept."""
+        return recompute_gradient(self.module, passes, self.manifest.training.accumulate)
 
     def apply_gradient(self, flat: torch.Tensor) -> None:
         """Take one optimizer step with ``flat`` as every parameter's gradient, whatever this
@@ -278,10 +260,7 @@ class StageRunner:
         always describes the parameters as they are, at the cost of one hash per version)."""
         key = (self.version, self.param_epoch())
         if self._digest is None or self._digest[0] != key:
-            h = hashlib.blake2b(digest_size=16)
-            for p in self.module.parameters():
-                h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-            self._digest = (key, h.hexdigest())
+            self._digest = (key, parameters_digest(self.module))
         return self._digest[1]
 
     def digest_if_known(self) -> str | None:
