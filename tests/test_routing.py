@@ -79,3 +79,22 @@ def test_a_straggler_estimate_from_a_lost_hedge_does_not_age() -> None:
     clock.t += 60.0
     assert router.expected_finish("silent", workers) == router.expected_finish("b", workers) or \
         router.expected_finish("silent", workers) <= 2 * 0.05
+
+
+def test_a_straggler_does_not_raise_the_bar_it_is_hedged_at() -> None:
+    """Of two replicas the faster one sets the hedge delay: a silent replica's learnt latency
+    (the waits it caused) must not lengthen the next wait, or hedges drift towards the timeout."""
+    router = Router(RouterConfig(hedge_floor_s=0.5, hedge_factor=4.0), clock=Clock(), salt="t")
+    for w, lat in (("fast", 0.2), ("silent", 10.0)):
+        router.started(w)
+        router.finished(w, lat)
+    first = router.hedge_after(["fast", "silent"])
+    for _ in range(5):  # the silent replica is hedged, then abandoned after each wait
+        router.started("silent")
+        router.abandoned("silent", router.hedge_after(["fast", "silent"]) + 0.2)
+    assert first == router.hedge_after(["fast", "silent"]) == 0.8
+    three = {"a": 0.2, "b": 0.3, "silent": 10.0}
+    for w, lat in three.items():
+        router.started(w)
+        router.finished(w, lat)
+    assert router.hedge_after(list(three)) <= 4.0 * 0.3

@@ -9,6 +9,8 @@ same version must agree bit for bit and sign the same parameter digest.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import torch
@@ -39,8 +41,18 @@ def _stamps(results: dict[str, HopResult]) -> dict[str, list]:
             "digests": len({r.meta.get("params_digest") for r in results.values()})}
 
 
+async def _ask_all(workers: list[str], call: Callable[[str], Awaitable[HopResult]]) -> dict[str, HopResult]:
+    """Every worker at once (a silent one costs the probe one timeout, not one per replica); the
+    answers of those that answered."""
+    got = await asyncio.gather(*(call(w) for w in workers), return_exceptions=True)
+    for r in got:
+        if isinstance(r, BaseException) and not isinstance(r, (HopError, asyncio.TimeoutError)):
+            raise r
+    return {w: r for w, r in zip(workers, got, strict=True) if isinstance(r, HopResult)}
+
+
 async def replica_agreement(transport: ProbeTransport, replicas: list[list[str]], step: int, x: torch.Tensor,
-                            targets: torch.Tensor, timeout: float = 60.0) -> list[dict[str, Any]]:
+                            targets: torch.Tensor, timeout: float = 20.0) -> list[dict[str, Any]]:
     """Per stage: how many replicas answered, the versions and distinct digests they signed, and
     whether their forward and backward answers to the same input are bit-identical (None where
     fewer than two answered, or on stage 0's backward, which returns nothing)."""
@@ -50,12 +62,8 @@ async def replica_agreement(transport: ProbeTransport, replicas: list[list[str]]
     h = x
     for s in range(num_stages):
         tg = targets if s == num_stages - 1 else None
-        answers: dict[str, HopResult] = {}
-        for w in replicas[s]:
-            try:
-                answers[w] = await transport.forward(w, s, step, PROBE_MICRO_BATCH, h, tg, "eval", timeout)
-            except HopError:
-                continue
+        answers = await _ask_all(replicas[s], lambda w, s=s, h=h, tg=tg: transport.forward(
+            w, s, step, PROBE_MICRO_BATCH, h, tg, "eval", timeout))
         inputs.append(h)
         rows.append({"stage": s, "replicas": len(replicas[s]), "answered": len(answers),
                      "forward_identical": _identical(answers), **_stamps(answers)})
@@ -65,13 +73,8 @@ async def replica_agreement(transport: ProbeTransport, replicas: list[list[str]]
     grad: torch.Tensor | None = None
     for s in reversed(range(num_stages)):
         tg = targets if s == num_stages - 1 else None
-        answers = {}
-        for w in replicas[s]:
-            try:
-                answers[w] = await transport.backward(w, s, step, PROBE_MICRO_BATCH, inputs[s], grad, tg, timeout,
-                                                      mode="probe")
-            except HopError:
-                continue
+        answers = await _ask_all(replicas[s], lambda w, s=s, grad=grad, tg=tg: transport.backward(
+            w, s, step, PROBE_MICRO_BATCH, inputs[s], grad, tg, timeout, mode="probe"))
         rows[s]["backward_identical"] = _identical(answers) if s > 0 else None
         rows[s]["backward_answered"] = len(answers)
         if s > 0:

@@ -432,12 +432,20 @@ class PipelineDriver:
         the router's bookkeeping; None when it failed (an availability fault, never struck:
         the hop itself was already answered)."""
         timeout = self.router.timeout_for(pool)
+        hedge = self.router.hedge_after(pool) if self.config.hedge else None
+        if hedge is not None:
+            # extra work on a hop already answered: a replica slower than the hedge delay is not
+            # waited for (the check goes without it; the step must not wait out a hop timeout)
+            timeout = min(timeout, hedge)
         self.router.started(worker)
         t0 = time.perf_counter()
         try:
             hop = await call(worker, timeout)
         except HopError as e:
-            self.router.failed(worker)
+            if hedge is not None and e.reason == "timeout":
+                self.router.abandoned(worker, time.perf_counter() - t0)  # slow, not failed: no back-off
+            else:
+                self.router.failed(worker)
             self.hop_failures[e.reason] = self.hop_failures.get(e.reason, 0) + 1
             return None
         self.router.finished(worker, time.perf_counter() - t0)

@@ -30,7 +30,7 @@ class RouterConfig:
     backoff_max_s: float = 30.0
     timeout_floor_s: float = 20.0  # adaptive timeouts never go below this (loaded 2-core hosts stall)
     timeout_factor: float = 8.0  # timeout = max(floor, factor x slowest latency EMA of the stage)
-    hedge_floor_s: float = 2.0  # a hop is hedged after max(floor, factor x the stage's median latency)
+    hedge_floor_s: float = 2.0  # a hop is hedged after max(floor, factor x the stage's lower-median latency)
     hedge_factor: float = 4.0  # 0 = never hedge
     reprobe_after_s: float = 5.0  # an answered worker unmeasured this long borrows the stage median (0 = never)
 
@@ -113,11 +113,14 @@ class Router:
 
     def hedge_after(self, candidates: Iterable[str]) -> float | None:
         """Seconds after which an unanswered hop goes to a second replica too (None = never).
-        The median, not the slowest, sets it: one straggler must not raise its own bar."""
+        The lower median, not the slowest, sets it: one straggler must not raise its own bar. Of
+        two replicas that is the faster one; a plain median would average in the straggler,
+        whose learnt latency (the waits it caused) then raises the bar it is hedged at, step
+        after step (measured: hedges after 26 s in a 2-replica stage, BENCHMARKS.md "Faults")."""
         if self.config.hedge_factor <= 0:
             return None
         lats = [self._workers[c].latency for c in candidates if c in self._workers and self._workers[c].latency]
-        typical = statistics.median(lats) if lats else self.config.default_latency_s
+        typical = statistics.median_low(lats) if lats else self.config.default_latency_s
         return max(self.config.hedge_floor_s, self.config.hedge_factor * typical)
 
     def abandoned(self, worker: str, waited_s: float) -> None:
