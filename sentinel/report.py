@@ -13,7 +13,8 @@ from typing import Any
 
 # what a lockstep worker reports of its stage's rounds (``sentinel.worker.node``)
 LOCKSTEP_KEYS = ("lockstep_version", "params_digest", "lockstep_rounds", "lockstep_empty_rounds", "resyncs",
-                 "lockstep_left_out", "lockstep_seconds")
+                 "lockstep_left_out", "lockstep_seconds", "lockstep_checked", "lockstep_proven",
+                 "lockstep_unverified")
 
 
 def _load(path) -> dict[str, Any] | None:

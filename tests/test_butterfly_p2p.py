@@ -34,8 +34,8 @@ async def _scenario(daemons: set[int]) -> tuple[list[torch.Tensor], list[WorkerN
         maddr = (await runtimes[0].visible_maddrs())[0]
         for _ in range(2):
             runtimes.append(await SwarmRuntime.create(NetworkConfig(initial_peers=[maddr], startup_timeout=120)))
-        manifest = RunManifest(run_id="butterfly-p2p", training=TrainingConfig(
-            averaging="centered-clip", averaging_partition="butterfly", averaging_part_numel=PART,
+        manifest = RunManifest(run_id="butterfly-p2p", training=TrainingConfig(  # parameter averaging: async
+            sync="async", averaging="centered-clip", averaging_partition="butterfly", averaging_part_numel=PART,
             averaging_audit=0.0))
         g = torch.Generator().manual_seed(0)
         base = torch.randn(NUMEL, generator=g)

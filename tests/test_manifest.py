@@ -28,9 +28,9 @@ def test_the_launcher_schedule_follows_the_sync_mode_and_the_manifest_has_no_war
     # deliberate: the warm-up counts a replica's own optimizer steps (versions in lockstep), so its
     # length depends on the swarm's shape; the launcher knows its shape, a manifest default does not
     assert RunManifest().optimizer.warmup_steps == 0
-    lockstep = SwarmConfig(sync="lockstep")
-    assert (lockstep.lr, lockstep.warmup_steps) == SCHEDULES["lockstep"]
-    asynchronous = SwarmConfig()
+    lockstep = SwarmConfig()
+    assert lockstep.sync == "lockstep" and (lockstep.lr, lockstep.warmup_steps) == SCHEDULES["lockstep"]
+    asynchronous = SwarmConfig(sync="async")
     assert (asynchronous.lr, asynchronous.warmup_steps) == SCHEDULES["async"] == (OptimizerConfig().lr, 40)
     manifest = RunManifest.from_dict(LocalSwarm(lockstep, tmp_path).manifest_dict())
     assert (manifest.optimizer.lr, manifest.optimizer.warmup_steps) == SCHEDULES["lockstep"]

@@ -26,7 +26,7 @@ def lockstep_report(tmp_path_factory, shakespeare) -> dict:
     # hops are checked many times over in 40 steps, whatever the routing.
     cfg = SwarmConfig(stages=2, replicas=3, verifiers=1, committee_size=1, steps=50, data=str(shakespeare),
                       malicious=2, attack=f"{PLUGIN}:DivergeOrLie", attack_direction="forward", attack_start=0,
-                      eval_every=1000, sync="lockstep",
+                      eval_every=1000,
                       screening_overrides={"spot_check": 0.25})
     return run_swarm(LocalSwarm(cfg, tmp_path_factory.mktemp("lockstep")))
 

@@ -61,9 +61,9 @@ class SwarmConfig:
     committee_size: int = 3
     micro_batch_size: int = 8
     micro_batches_per_step: int = 4
-    # How a stage's replicas stay together (TrainingConfig.sync): "async" (the manifest's
-    # default) or "lockstep".
-    sync: str = "async"
+    # How a stage's replicas stay together (TrainingConfig.sync): "lockstep" (the manifest's
+    # default) or the "async" baseline.
+    sync: str = "lockstep"
     # None: the schedule measured for ``sync`` (SCHEDULES). A lockstep replica applies one update
     # per verifier step covering every replica's passes of that step (12 micro-batches in the
     # 3 x 3 demo shape with 3 verifiers): warm-up over its first 10 versions, twice async's rate.
@@ -399,9 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fetches every replica's whole parameters (gather); auto (the manifest's "
                         "default): gather while a stage fits in half a message")
     p.add_argument("--sync", choices=tuple(SCHEDULES), default=d.sync,
-                   help="how the replicas of a stage stay together: average parameters on their own clocks "
-                        "(async, the manifest's default) or aggregate gradients at every step boundary and apply "
-                        "one identical update (lockstep: bit-identical replicas, exact checks)")
+                   help="how the replicas of a stage stay together: aggregate gradients at every step boundary "
+                        "and apply one identical update (lockstep, the default: bit-identical replicas, exact "
+                        "checks) or average parameters on their own clocks (async, the baseline)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workdir", default=None, help="where logs, identities and reports go (default: runs/<time>)")
     p.add_argument("--report", default=None, help="write the final JSON report here")

@@ -25,6 +25,7 @@ STATUS = "sentinel.status"  # () -> a node's status header, for `sentinel-node s
 # lockstep stages (``sentinel.worker.lockstep``), between replicas of one stage:
 GRADIENT = "sentinel.gradient"  # version=v, part=[lo, hi] -> the replica's gradient for v (that slice)
 STATE = "sentinel.state"  # part=[lo, hi] -> a slice of the replica's parameters + optimizer moments
+PASSES = "sentinel.passes"  # version=v, index=i -> the i-th backward request it accumulated at v, as signed
 
 MODES = ("train", "eval")
 # a backward's modes: "train" accumulates the parameter gradient for the stage's next update;
@@ -66,8 +67,22 @@ def request_tensors(name: str, manifest: RunManifest, stage: int, header: Mappin
     if name == COMPLAINT:
         if header.get("kind") == "reduction":  # a reducer's answer and the slices it committed to
             return {"part": TensorSpec("float32", (None,)), "params": TensorSpec("float32", (None, None))}
+        if header.get("kind") == "gradient":  # a lockstep contribution, its passes and the stage's parameters
+            return complaint_gradient_specs(manifest, header.get("stage"))
         return {"params": TensorSpec("float32", (None,))}
     return {}
+
+
+def complaint_gradient_specs(manifest: RunManifest, stage: Any) -> dict[str, TensorSpec]:
+    """Tensors of a ``kind = "gradient"`` complaint about a replica of ``stage``: the stage's flat
+    parameters, the accused's flat gradient, and its passes' backward tensors stacked (a leading
+    dimension per pass)."""
+    specs = {"params": TensorSpec("float32", (None,)), "grad": TensorSpec("float32", (None,))}
+    if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage < manifest.num_stages:
+        return specs  # the checker then refuses the pass tensors as unexpected
+    for name, spec in request_specs(manifest, stage, BACKWARD).items():
+        specs[f"pass_{name}"] = TensorSpec(spec.dtype, (None, *spec.shape))
+    return specs
 
 
 def checked_handlers(handlers: Mapping[str, Handler], *, checker: MessageChecker, manifest: RunManifest,

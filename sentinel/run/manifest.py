@@ -99,7 +99,7 @@ class TrainingConfig:
     # on another replica (the screening's ``spot_check``). "async", the measured baseline: each
     # replica steps its own optimizer after every ``accumulate`` passes and averages parameters
     # every ``average_every`` steps, so replicas agree only approximately and no check is exact.
-    sync: str = "async"
+    sync: str = "lockstep"
     eval_batches: int = 4  # validation micro-batches per evaluation
     eval_every: int = 50  # verifier steps between validation evaluations
     hop_timeout_min_s: float = 20.0  # floor of the adaptive per-hop timeout

@@ -116,12 +116,12 @@ class SimConfig:
     warmup_steps: int = OptimizerConfig.warmup_steps
     average_every: int = TrainingConfig.average_every
     averaging: str = TrainingConfig.averaging
-    #: ``lockstep`` (default): a stage's replicas accumulate
+    #: ``lockstep`` (the manifest's default, as the live swarm): a stage's replicas accumulate
     #: gradients over the step, aggregate them with ``averaging`` and apply the same optimizer
     #: update, so honest replicas stay bit-identical (docs/design.md, "Lockstep stages");
     #: ``async``, the baseline: each replica steps its own optimizer per micro-batch and averages
     #: parameters every ``average_every`` steps.
-    sync: str = "lockstep"
+    sync: str = TrainingConfig.sync
     #: Validation of the consensus model (see the module docstring).
     eval_every: int = 25
     eval_batches: int = 16

@@ -33,10 +33,19 @@ from typing import Any
 import torch
 
 from sentinel.metrics import METRICS
-from sentinel.protocol.aggregation import contribution_scores
+from sentinel.model.stages import (
+    StageModule,
+    arithmetic_signature,
+    build_stage,
+    parameters_digest,
+    recompute_gradient,
+)
+from sentinel.protocol.aggregation import contribution_scores, partition
 from sentinel.protocol.checks import MessageChecker, TensorSpec
 from sentinel.protocol.codec import Message
 from sentinel.protocol.errors import MalformedMessageError, ProtocolError
+from sentinel.protocol.rpc import BACKWARD, request_specs
+from sentinel.run.manifest import RunManifest
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +57,11 @@ FetchReplicas = Callable[[int, set[str], "tuple[int, int] | None"], Awaitable[li
 # ``params`` request, a slice it pushed to a butterfly reducer, or a reducer's own slice
 # (``sentinel.worker.butterfly``). All are signed by the accused; all say what it contributed.
 EVIDENCE_DIRECTIONS = ("params_result", "reduce", "slice")
+
+# A lockstep contribution recomputed on other arithmetic (another torch build, device model or
+# thread count) may differ by rounding: it is upheld as wrong only beyond this relative distance
+# (the exact spot checks' bound across devices, ``DriverConfig.spot_mixed_rtol``).
+MIXED_RTOL = 1e-3
 
 
 class ComplaintRejected(ProtocolError):
@@ -92,8 +106,12 @@ class ComplaintDesk:
 
     def __init__(self, run: str, ratio: float, floor: float, fetch_replicas: FetchReplicas,
                  now_step: Callable[[], int] = lambda: 0, stale_steps: int = 4, remember: int = 4096, min_interval_s: float = 1.0,
-                 burst: int = 4, clock: Callable[[], float] = time.monotonic, rule: str = "mean"):
+                 burst: int = 4, clock: Callable[[], float] = time.monotonic, rule: str = "mean",
+                 manifest: RunManifest | None = None, is_verifier: Callable[[str], bool] = lambda peer: False):
         self.run = run
+        self.manifest = manifest  # what a lockstep contribution is recomputed with (judge_gradient)
+        self.is_verifier = is_verifier  # signers a pass may come from
+        self._modules: dict[int, StageModule] = {}
         self.rule = rule  # the run's aggregation rule (TrainingConfig.averaging): how reductions are recomputed
         self.ratio = ratio
         self.floor = floor
@@ -242,12 +260,110 @@ class ComplaintDesk:
                        {"digest": bytes(rh["digest"]), "signature": bytes(rh["signature"]),
                         "evidence_step": rh["step"], "part": bounds}, reason="reduction")
 
+    def judge_gradient(self, msg: Message, complainer: str, live: Callable[[int], list[str]]) -> Verdict:
+        """Judge a complaint that a lockstep replica signed a contribution its own passes do not
+        compute (``sentinel.worker.lockstep``, rule 7): the accused's signed gradient replies
+        (headers as ``evidence``, the whole gradient as ``grad``), the backward requests it
+        claims (headers as ``passes``, tensors stacked as ``pass_x`` / ``pass_grad`` /
+        ``pass_targets``), each signed by a verifier of the run, and the stage's parameters at
+        that version (``params``), which must hash to the digest the accused signed. The verifier
+        recomputes the contribution itself: bit for bit on the accused's arithmetic, within
+        ``MIXED_RTOL`` on another. Nothing is fetched, and an honest replica cannot be framed: its
+        own signed digest pins the parameters, the verifiers' signatures pin the inputs, and those
+        recompute what it sent."""
+        if self.manifest is None:
+            raise ComplaintRejected("this verifier does not judge lockstep contributions", "not_screening")
+        m = self.manifest
+        h = msg.header
+        accused, evidence, heads, names, version = (h.get("accused"), h.get("evidence"), h.get("passes"),
+                                                    h.get("pass_tensors"), h.get("version"))
+        stage = h["stage"]
+        if not isinstance(accused, str) or not isinstance(version, int) or isinstance(version, bool) \
+                or not all(isinstance(v, list) and v for v in (evidence, heads, names)) \
+                or not all(isinstance(e, dict) for e in evidence):
+            raise MalformedMessageError("a gradient complaint carries 'accused', 'version', the accused's gradient "
+                                        "reply headers as 'evidence', and its passes' headers and tensor names")
+        _check_parties(complainer, accused, stage, live)
+        grad, params = msg.tensors["grad"], msg.tensors["params"]
+        bounds = partition(grad.numel(), 1, m.training.averaging_part_numel)
+        if len(bounds) != len(evidence):
+            raise ComplaintRejected("the evidence does not cover the gradient part by part", "not_gradient")
+        meta, steps = None, []
+        for head, (lo, hi) in zip(evidence, bounds, strict=True):
+            reply = Message(header=dict(head), tensors={"grad": grad[lo:hi].contiguous()})
+            self.checker.check(reply, expected_sender=accused, expected={"grad": TensorSpec("float32", (hi - lo,))},
+                               check_replay=False)
+            rh = reply.header
+            if rh.get("direction") != "gradient_result" or rh.get("have") is not True or rh.get("stage") != stage \
+                    or rh.get("version") != version:
+                raise ComplaintRejected("the evidence is not that replica's gradient for that version", "not_gradient")
+            one = (rh.get("count"), rh.get("params_digest"), rh.get("device"))
+            if meta is not None and one != meta:
+                raise ComplaintRejected("the evidence's parts disagree", "not_gradient")
+            meta = one
+            steps.append(rh["step"])
+        count, digest, device = meta
+        self._check_fresh(max(steps))
+        key = f"gradient@{accused}@{version}"
+        if key in self._seen:
+            raise ComplaintRejected(f"{accused[-8:]}'s contribution to version {version} was already judged",
+                                    "duplicate")
+        if len(heads) != count or len(names) != count:
+            raise ComplaintRejected(f"the accused averaged {count!r:.20} passes; the complaint shows {len(heads)}",
+                                    "not_gradient")
+        self._take_token(complainer)
+        specs = request_specs(m, stage, BACKWARD)
+        passes, seen = [], set()
+        for i, (head, tensor_names) in enumerate(zip(heads, names, strict=True)):
+            if not isinstance(head, dict) or not isinstance(tensor_names, list) \
+                    or not set(tensor_names) <= set(specs) or f"pass_{tensor_names[0]}" not in msg.tensors:
+                raise MalformedMessageError(f"pass {i} is malformed")
+            one = Message(header=dict(head), tensors={n: msg.tensors[f"pass_{n}"][i].contiguous()
+                                                       for n in tensor_names})
+            signer = head.get("sender")
+            self.checker.check(one, expected_sender=signer if isinstance(signer, str) else "", expected=specs,
+                               check_replay=False)
+            oh = one.header
+            if oh.get("direction") != "backward" or oh.get("mode", "train") != "train" or oh.get("stage") != stage \
+                    or not self.is_verifier(signer) or bytes(oh["digest"]) in seen:
+                raise ComplaintRejected(f"pass {i} is not a verifier's training backward of that stage, or "
+                                        "appears twice", "not_gradient")
+            seen.add(bytes(oh["digest"]))
+            t = one.tensors
+            passes.append((t["x"], t.get("grad"), t.get("targets")))
+        module = self._modules.get(stage)
+        if module is None:
+            module = self._modules[stage] = build_stage(m.model, stage, m.num_stages, seed=m.seed)
+        if params.numel() != sum(q.numel() for q in module.parameters()):
+            raise ComplaintRejected("the parameters are not that stage's", "wrong_params")
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(params, module.parameters())
+        if parameters_digest(module) != digest:
+            raise ComplaintRejected("the parameters do not hash to the digest the accused signed", "wrong_params")
+        recomputed, _ = recompute_gradient(module, passes, m.training.accumulate)
+        if device == arithmetic_signature(torch.device("cpu")):
+            upheld = not torch.equal(recomputed, grad)
+        else:
+            distance = float((recomputed - grad).norm() / recomputed.norm().clamp_min(1e-12))
+            upheld = not distance <= MIXED_RTOL
+        self._seen[key] = None
+        while len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
+        METRICS.inc("sentinel_averaging_complaints_received_total", outcome="upheld" if upheld else "dismissed")
+        first = evidence[0]
+        return Verdict(accused, stage, upheld, 1.0 if upheld else 0.0, 0.0, count,
+                       {"digest": bytes(first["digest"]), "signature": bytes(first["signature"]), "version": version,
+                        "evidence_step": max(steps)}, reason="gradient")
+
     async def handle(self, msg: Message, complainer: str, live: Callable[[int], list[str]],
                      on_verdict: Callable[[Verdict], Any]) -> None:
         """Admit and judge in one go (the verifier runs this as a task, after acknowledging)."""
         try:
             if msg.header.get("kind") == "reduction":  # signatures and a reduction: off the event loop
                 on_verdict(await asyncio.to_thread(self.judge_reduction, msg, complainer, live))
+                return
+            if msg.header.get("kind") == "gradient":  # signatures and a recomputation: off the event loop
+                on_verdict(await asyncio.to_thread(self.judge_gradient, msg, complainer, live))
                 return
             accused, stage, reply = self.admit(msg, complainer, live)
             verdict = await self.judge(accused, stage, reply)

@@ -112,7 +112,9 @@ class VerifierNode:
         # complaints about poisoned averaging contributions (``sentinel.verifier.complaints``)
         self.complaints = ComplaintDesk(self.run, self.screen_config.averaging_outlier_ratio,
                                         self.screen_config.averaging_outlier_floor, self._fetch_stage_params,
-                                        now_step=lambda: int(self.step), rule=manifest.training.averaging)
+                                        now_step=lambda: int(self.step), rule=manifest.training.averaging,
+                                        manifest=manifest, is_verifier=lambda peer: peer in self.verifier_peers)
+        self.verifier_peers: set[str] = {runtime.peer_id}  # announced (and stamped) verifiers of the run
         self.averaging_upheld: dict[str, int] = defaultdict(int)
         self._complaint_tasks: set[asyncio.Task] = set()
         self.val_batches = corpus.val_batches(t.micro_batch_size, manifest.model.seq_len, t.eval_batches)
@@ -178,7 +180,7 @@ class VerifierNode:
     async def _on_complaint(self, msg: Message, remote: str) -> Message:
         """Acknowledge at once, judge in the background: judging fetches the stage's replicas."""
         # a faked reduction is judged whatever the contribution screen's ratio: it is a proof
-        judged = self.screening and (self.complaints.ratio > 0 or msg.header.get("kind") == "reduction")
+        judged = self.screening and (self.complaints.ratio > 0 or msg.header.get("kind") in ("reduction", "gradient"))
         if judged:
             task = asyncio.create_task(self.complaints.handle(msg, remote, self.transport.replicas, self._on_verdict))
             self._complaint_tasks.add(task)
@@ -201,6 +203,9 @@ class VerifierNode:
         if v.reason == "reduction":
             found = (f"its reduction over {v.replicas} committed slices "
                      f"{'contradicts' if v.upheld else 'matches'} the recomputation")
+        elif v.reason == "gradient":
+            found = (f"its lockstep gradient over {v.replicas} passes "
+                     f"{'contradicts' if v.upheld else 'matches'} the recomputation")
         else:
             found = f"{v.score:.1f} x the spread of {v.replicas} replicas (bound {v.bound:.1f})"
         logger.info("%s complaint against %s (stage %d averaging): %s, %s, evidence of step %s judged at step %d",
@@ -210,13 +215,14 @@ class VerifierNode:
         self.averaging_upheld[v.accused] += 1
         self.flag_counts[f"stage{v.stage}/average"] += 1
         METRICS.inc("sentinel_flags_total", stage=str(v.stage), direction="average")
-        self.ledger.record(v.accused, True)
+        self.ledger.record(v.accused, True, proven=v.reason == "gradient")  # recomputed here: a proof
         self.evidence[v.accused].append({
             "step": self.step, "micro_batch": 0, "stage": v.stage, "direction": "average", "reasons": [v.reason],
             **v.evidence, "distances": {v.reason: _finite(v.score)}, "fences": {v.reason: v.bound},
         })
         self._vote_if_banned(v.accused, v.stage, "average", self.step,
-                             "averaging contributions" if v.reason == "contribution" else "a faked reduction")
+                             {"contribution": "averaging contributions", "reduction": "a faked reduction"}.get(
+                                 v.reason, "a lockstep gradient its passes do not compute"))
 
     def status(self) -> dict[str, Any]:
         return {"role": "verifier", "state": self.state, "step": int(self.step), "tokens": int(self.tokens),
@@ -238,6 +244,7 @@ class VerifierNode:
             METRICS.inc("sentinel_rejected_records_total", reason="verifier_stamp")
             logger.warning("verifier candidacy of %s refused: no valid %d-bit stamp", peer[-8:], bits)
         candidates[self.runtime.peer_id] = int(self.stamp)
+        self.verifier_peers = set(candidates)
         self.bans.elect(candidates)
         accused = set()
         for p, v in verifiers.items():

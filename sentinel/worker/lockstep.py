@@ -20,19 +20,26 @@ side (``TrainingConfig.sync = "lockstep"``):
    struck.
 6. A joining replica adopts the version most live replicas share.
 
-Gradient contributions are not screened as outliers here: measured in the simulator, an honest
-replica downstream of a corrupted hop carries the corruption in its gradient and was banned
-(BENCHMARKS.md, "Lockstep stages in the simulator").
+7. Every contribution that is an outlier of the round (``contribution_scores`` above the
+   screen's ``averaging_outlier_ratio``) is re-checked before it is applied: the replica fetches
+   the passes the contributor accumulated (``sentinel.passes``: the verifiers' own signed
+   backward requests, so nobody can invent an input) and recomputes them at its identical
+   version. Equal bits confirm the contribution; other bits, or passes it cannot produce, leave
+   it out of the round on every honest replica alike, and a proven difference goes to the
+   verifiers with its evidence (``kind = "gradient"`` complaint). Outliers are never struck for
+   being outliers: an honest replica downstream of a corrupted hop carries the corruption in its
+   gradient (BENCHMARKS.md, "Lockstep stages in the simulator"), and it recomputes to itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,7 +47,7 @@ from sentinel.metrics import METRICS
 from sentinel.model.stages import arithmetic_signature
 from sentinel.net.runtime import PeerCallError, SwarmRuntime
 from sentinel.protocol import rpc as wire
-from sentinel.protocol.aggregation import aggregate, partition
+from sentinel.protocol.aggregation import aggregate, contribution_outliers, partition
 from sentinel.protocol.checks import MessageChecker, TensorSpec
 from sentinel.protocol.codec import Message
 from sentinel.protocol.errors import MalformedMessageError, ProtocolError, WrongSenderError
@@ -68,6 +75,8 @@ class Snapshot:
     grad: torch.Tensor  # mean parameter gradient of its passes, flat float32
     count: int  # backward passes it averages (0: an empty contribution)
     digest: str  # of the parameters at ``version``
+    device: str = ""  # the arithmetic it was computed on (``arithmetic_signature``)
+    replies: list[Message] = field(default_factory=list)  # its signed gradient replies, one per part
 
 
 @dataclass
@@ -77,6 +86,9 @@ class LockstepStats:
     resyncs: int = 0
     left_out: int = 0  # replicas a round went without (no answer, behind)
     round_seconds: float = 0.0
+    contributions_checked: int = 0  # outlier contributions this replica re-checked
+    contributions_proven: int = 0  # of which its passes compute other bits (left out, reported)
+    contributions_unverified: int = 0  # of which left out unchecked: passes not produced, other arithmetic
 
 
 class NotReplicaError(WrongSenderError):
@@ -89,7 +101,9 @@ class Lockstep:
     def __init__(self, runtime: SwarmRuntime, checker: MessageChecker, manifest: RunManifest, replica: Replica,
                  run_blocking: Callable[..., Awaitable], replicas: Callable[[], Awaitable[list[str]]],
                  claimants: Callable[[], Awaitable[list[str]]],
-                 contribution: Callable[[torch.Tensor, str], torch.Tensor] | None = None):
+                 contribution: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
+                 is_verifier: Callable[[str], Awaitable[bool]] | None = None,
+                 report: Callable[[Message], None] | None = None):
         self.runtime = runtime
         self.checker = checker
         self.manifest = manifest
@@ -99,6 +113,12 @@ class Lockstep:
         self._live_replicas = replicas  # the other ONLINE, non-banned replicas of my stage
         self._claimants = claimants  # every peer claiming my stage (who may ask for my gradient)
         self._contribution = contribution  # what an averaging attacker makes of its gradient
+        self._is_verifier = is_verifier  # may this peer drive pipeline requests (their signer)?
+        self._report = report  # sends a signed complaint to the verifiers
+        # the signed backward requests accumulated at each kept version, in accumulation order
+        # (appended on the compute thread): what a replica re-checking my contribution recomputes
+        self._passes: dict[int, list[Message]] = {}
+        self._passes_lock = threading.Lock()
         self.open_step = 0  # the newest pipeline step this replica accumulates passes for
         self._snapshots: dict[int, asyncio.Future] = {}
         self._round: asyncio.Task | None = None
@@ -128,15 +148,22 @@ class Lockstep:
             self.open_step = step
         await self.settled()
 
+    def record_pass(self, version: int, request: Message) -> None:
+        """On the compute thread, right after a training backward accumulated at ``version``."""
+        with self._passes_lock:
+            self._passes.setdefault(version, []).append(request)
+
+    def _device(self) -> str:
+        if self._arithmetic is None:  # answers of equal (version, digest, arithmetic) must be bit-identical
+            self._arithmetic = arithmetic_signature(self.runner.device)
+        return self._arithmetic
+
     def stamp(self) -> dict[str, object]:
         """In the compute thread, right after a pass: the version it ran at and the digest of the
         parameters that computed it (``StageRunner.digest``: a replica changed between rounds,
         a fault, signs another digest, is re-synced, and is never taken for a liar by an exact
         check), for the signed reply."""
-        digest = self.runner.digest()
-        if self._arithmetic is None:  # answers of equal (version, digest, arithmetic) must be bit-identical
-            self._arithmetic = arithmetic_signature(self.runner.device)
-        return {"version": self.runner.version, "params_digest": digest, "device": self._arithmetic}
+        return {"version": self.runner.version, "params_digest": self.runner.digest(), "device": self._device()}
 
     async def settled(self) -> None:
         while self._round is not None and not self._round.done():
@@ -151,6 +178,8 @@ class Lockstep:
         if self._round is not None:
             self._round.cancel()
         self._round, self._state, self._snapshots = None, None, {}
+        with self._passes_lock:
+            self._passes = {}
         self.open_step = 0
 
     # -- closing a version and its round -----------------------------------------------------------
@@ -164,6 +193,9 @@ class Lockstep:
         self._state = None  # a served state copy is stale from this round on
         for old in [v for v in self._snapshots if v < version - KEPT_VERSIONS]:
             del self._snapshots[old]
+        with self._passes_lock:
+            for old in [v for v in self._passes if v < version - KEPT_VERSIONS]:
+                del self._passes[old]
         self._round = asyncio.create_task(self._run_round(version, snap, self._round))
         return snap
 
@@ -177,7 +209,7 @@ class Lockstep:
             return grad, count, runner.digest()
 
         grad, count, digest = await self._in_thread(take)
-        return Snapshot(version, grad, count, digest)
+        return Snapshot(version, grad, count, digest, self._device())
 
     async def _run_round(self, version: int, snap: asyncio.Future, previous: asyncio.Task | None) -> None:
         if previous is not None and not previous.done():
@@ -198,7 +230,8 @@ class Lockstep:
                     self.stats.left_out += 1
                     if answer is not None:
                         logger.info("version %d round without %s: it is at version %d", version, peer[-8:], answer)
-            await self._apply(version, contributions)
+            refused = await self._check_contributions(version, contributions)
+            await self._apply(version, {p: c for p, c in contributions.items() if p not in refused})
             source = self._resync_source(own.digest, contributions, ahead)
             if source:
                 await self._resync(source, at_least=version + 1)
@@ -209,6 +242,76 @@ class Lockstep:
             METRICS.inc("sentinel_lockstep_failures_total")
         finally:
             self.stats.round_seconds += time.perf_counter() - t0
+
+    async def _check_contributions(self, version: int, contributions: dict[str, Snapshot]) -> set[str]:
+        """Re-check the round's outlier contributions (rule 7); returns those left out."""
+        screen = self.manifest.screening
+        used = sorted(p for p, c in contributions.items() if c.count > 0)
+        flags = contribution_outliers([contributions[p].grad for p in used], screen.averaging_outlier_ratio,
+                                      screen.averaging_outlier_floor)
+        refused: set[str] = set()
+        for peer, flagged in zip(used, flags, strict=True):
+            if not flagged or peer == self.runtime.peer_id:
+                continue
+            self.stats.contributions_checked += 1
+            METRICS.inc("sentinel_lockstep_contribution_checks_total")
+            verdict = await self._recheck(version, peer, contributions[peer])
+            if verdict is not False:
+                refused.add(peer)
+                self.stats.contributions_proven += verdict is True
+                self.stats.contributions_unverified += verdict is None
+        return refused
+
+    async def _recheck(self, version: int, peer: str, snap: Snapshot) -> bool | None:
+        """Recompute ``peer``'s contribution from the passes it claims. False: the same bits;
+        True: other bits (reported to the verifiers); None: it could not be checked (its passes
+        not produced or not a verifier's, or another arithmetic: no exact comparison)."""
+        if snap.device != self._device():
+            logger.info("cannot re-check %s's contribution to version %d exactly: it computes on %s",
+                        peer[-8:], version, snap.device)
+            return None
+        if snap.digest != await self.digest():  # computed on other parameters: nothing to compare with
+            logger.info("outlier contribution of %s to version %d left out: it signs other parameters",
+                        peer[-8:], version)
+            return None
+        try:
+            passes = await self._fetch_passes(peer, version, snap.count)
+        except (PeerCallError, ProtocolError) as e:
+            logger.info("outlier contribution of %s to version %d left out: its passes did not check (%s)",
+                        peer[-8:], version, e)
+            return None
+        runner = self.runner
+
+        def recompute() -> tuple[torch.Tensor, torch.Tensor] | None:
+            if runner.version != version:
+                return None
+            grad, _ = runner.recompute_gradient([_pass_tensors(m) for m in passes])
+            return grad, runner.flat_parameters()
+
+        done = await self._in_thread(recompute)
+        if done is None:
+            return None
+        grad, params = done
+        if torch.equal(grad, snap.grad):
+            return False
+        logger.warning("contribution of %s to version %d is not what its own passes compute: left out, "
+                       "reported to the verifiers", peer[-8:], version)
+        METRICS.inc("sentinel_lockstep_contributions_proven_total")
+        if self._report is not None:
+            complaint = self._complaint(version, peer, snap, passes, params)
+            if complaint is not None:
+                self._report(complaint)
+        return True
+
+    def _complaint(self, version: int, peer: str, snap: Snapshot, passes: list[Message],
+                   params: torch.Tensor) -> Message | None:
+        req = gradient_complaint(self.run, self.replica.step, self.replica.stage, version, peer, snap.replies,
+                                 snap.grad, passes, params)
+        size = sum(t.numel() * t.element_size() for t in req.tensors.values())
+        if size > self.runtime.limits.max_payload_bytes:
+            logger.warning("cannot report %s: the evidence (%d MiB) exceeds one message", peer[-8:], size >> 20)
+            return None
+        return sign_message(req, self.runtime.identity)
 
     async def _apply(self, version: int, contributions: dict[str, Snapshot]) -> None:
         used = [contributions[p] for p in sorted(contributions) if contributions[p].count > 0]
@@ -301,7 +404,8 @@ class Lockstep:
         """``peer``'s version-``version`` gradient; the version it is at if it has none (an int);
         None when it did not answer properly."""
         n = self.runner.num_parameters()
-        parts, count, digest = [], 0, ""
+        parts, count, digest, device = [], 0, "", ""
+        replies: list[Message] = []
         for lo, hi in partition(n, 1, self.part_numel):
             try:
                 for attempt in range(2):  # a cut stream: try once more, or both replicas must re-sync
@@ -325,16 +429,51 @@ class Lockstep:
                     raise MalformedMessageError("gradient reply without an integer version")
                 if not have:
                     return at
-                c, d = h.get("count"), h.get("params_digest")
+                c, d, dev = h.get("count"), h.get("params_digest"), h.get("device", "")
                 if at != version or not isinstance(c, int) or c < 0 or not isinstance(d, str) or \
-                        (parts and (c, d) != (count, digest)):
-                    raise MalformedMessageError("gradient reply parts disagree on version, count or digest")
+                        not isinstance(dev, str) or (parts and (c, d, dev) != (count, digest, device)):
+                    raise MalformedMessageError("gradient reply parts disagree on version, count, digest or device")
             except (PeerCallError, ProtocolError) as e:
                 logger.info("gradient of version %d from %s failed: %s", version, peer[-8:], e)
                 return None
             parts.append(resp.tensors["grad"])
-            count, digest = c, d
-        return Snapshot(version, torch.cat(parts), count, digest)
+            replies.append(resp)
+            count, digest, device = c, d, dev
+        return Snapshot(version, torch.cat(parts), count, digest, device, replies)
+
+    async def _fetch_passes(self, peer: str, version: int, count: int) -> list[Message]:
+        """The ``count`` backward requests ``peer`` says it accumulated at ``version``, each checked
+        as what it claims to be: signed by an announced verifier, a training backward of my
+        stage with the manifest's tensors, none twice."""
+        out: list[Message] = []
+        seen: set[bytes] = set()
+        specs = wire.request_specs(self.manifest, self.replica.stage, wire.BACKWARD)
+        for index in range(count):
+            req = sign_message(wire.request(self.run, self.replica.step, 0, self.replica.stage, "passes", {},
+                                            version=version, index=index), self.runtime.identity)
+            resp = await self.runtime.call(peer, wire.PASSES, req, ROUND_TIMEOUT_S)
+            self.checker.check(resp, expected_sender=peer, expected=specs, check_replay=False)
+            h = resp.header
+            if h.get("in_reply_to") != req.header["digest"] or h.get("direction") != "passes_result":
+                raise ProtocolError("passes reply is not bound to this request")
+            header, names = h.get("request"), h.get("tensor_names")
+            if not isinstance(header, dict) or not isinstance(names, list) or sorted(names) != sorted(resp.tensors):
+                raise MalformedMessageError("passes reply without the request's header and tensor names")
+            original = Message(header=dict(header), tensors={n: resp.tensors[n] for n in names})
+            signer = header.get("sender")
+            self.checker.check(original, expected_sender=signer if isinstance(signer, str) else "",
+                               expected=specs, check_replay=False)
+            oh = original.header
+            if oh.get("direction") != "backward" or oh.get("mode", "train") != "train" or \
+                    oh.get("stage") != self.replica.stage or oh.get("run") != self.run:
+                raise ProtocolError("a claimed pass is not a training backward of this stage")
+            if self._is_verifier is not None and not await self._is_verifier(signer):
+                raise ProtocolError(f"a claimed pass was signed by {str(signer)[-8:]}, not a verifier of the run")
+            if oh["digest"] in seen:
+                raise ProtocolError("a claimed pass appears twice")
+            seen.add(oh["digest"])
+            out.append(original)
+        return out
 
     async def _fetch_state(self, peer: str) -> tuple[torch.Tensor, list[int], int, str]:
         n = self.runner.num_parameters()
@@ -406,8 +545,22 @@ class Lockstep:
         if self._contribution is not None:
             grad = self._contribution(grad, f"{version}|{lo}")
         return sign_message(wire.reply(msg, "gradient_result", {"grad": grad.contiguous()}, have=True,
-                                       version=version, count=s.count, params_digest=s.digest),
+                                       version=version, count=s.count, params_digest=s.digest, device=s.device),
                             self.runtime.identity)
+
+    async def on_passes(self, msg: Message, remote: str) -> Message:
+        """One backward request I accumulated at ``version``, as its verifier signed it."""
+        await self._check_replica(remote)
+        version, index = msg.header.get("version"), msg.header.get("index")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (version, index)):
+            raise MalformedMessageError(f"version and index must be integers >= 0, got {version!r:.20}, {index!r:.20}")
+        with self._passes_lock:
+            kept = self._passes.get(version, [])
+            original = kept[index] if index < len(kept) else None
+        if original is None:
+            raise ProtocolError(f"no pass {index} at version {version} here")
+        return sign_message(wire.reply(msg, "passes_result", dict(original.tensors), request=dict(original.header),
+                                       tensor_names=list(original.tensors)), self.runtime.identity)
 
     def _schedule_resync(self, peer: str, at_least: int) -> None:
         if self._round is None or self._round.done():
@@ -438,3 +591,25 @@ class Lockstep:
         flat, steps, version, digest = await self._in_thread(take)
         return sign_message(wire.reply(msg, "state_result", {"state": flat.contiguous()}, version=version,
                                        params_digest=digest, adam_steps=steps), self.runtime.identity)
+
+
+def gradient_complaint(run: str, step: int, stage: int, version: int, accused: str, replies: list[Message],
+                       grad: torch.Tensor, passes: list[Message], params: torch.Tensor) -> Message:
+    """The (unsigned) evidence that ``accused`` signed a contribution its own passes do not
+    compute: its signed gradient replies (headers; the whole gradient as ``grad``), the verifiers'
+    signed backward requests it accumulated (headers; tensors stacked as ``pass_x`` ...), and the
+    stage's parameters at ``version``, which must hash to the digest ``accused`` signed, so a
+    verifier recomputes the contribution itself (``ComplaintDesk.judge_gradient``)."""
+    tensors = {"params": params, "grad": grad}
+    for name in ("x", "grad", "targets"):
+        if passes and name in passes[0].tensors:
+            tensors[f"pass_{name}"] = torch.stack([m.tensors[name] for m in passes])
+    return wire.request(run, step, 0, stage, "complaint", tensors, kind="gradient", accused=accused,
+                        version=version, evidence=[dict(r.header) for r in replies],
+                        passes=[dict(m.header) for m in passes], pass_tensors=[list(m.tensors) for m in passes])
+
+
+def _pass_tensors(request: Message) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(x, grad_out, targets) of a backward request, as the stage's backward reads them."""
+    t = request.tensors
+    return t["x"], t.get("grad"), t.get("targets")

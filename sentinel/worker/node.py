@@ -144,7 +144,8 @@ class WorkerNode:
         self.lockstep = Lockstep(
             runtime=runtime, checker=self.checker, manifest=manifest, replica=self.replica,
             run_blocking=self._in_thread, replicas=self._live_replicas, claimants=self.stage_replicas,
-            contribution=self.poison_gradient) if manifest.training.sync == "lockstep" else None
+            contribution=self.poison_gradient, is_verifier=self._is_verifier,
+            report=self._report_later) if manifest.training.sync == "lockstep" else None
 
     @property
     def stage(self) -> int:
@@ -275,7 +276,8 @@ class WorkerNode:
                     wire.STATUS: self._on_status, wire.REDUCE: self.butterfly.on_reduce,
                     wire.REDUCE_AUDIT: self.butterfly.on_audit}
         if self.lockstep is not None:
-            handlers |= {wire.GRADIENT: self.lockstep.on_gradient, wire.STATE: self.lockstep.on_state}
+            handlers |= {wire.GRADIENT: self.lockstep.on_gradient, wire.STATE: self.lockstep.on_state,
+                         wire.PASSES: self.lockstep.on_passes}
         return wire.checked_handlers(handlers, checker=self.checker, manifest=self.manifest,
                                      stage=lambda: self.stage, admit=self._admit)
 
@@ -325,6 +327,29 @@ class WorkerNode:
             await self._hold_reply(ctx)
         return sign_message(wire.reply(msg, "forward_result", {"y": y.contiguous()}, **stamp), self.runtime.identity)
 
+    def _train_backward(self, msg: Message, key: tuple, hold: bool) -> torch.Tensor | None:
+        """In the compute thread: a training backward; in lockstep, the signed request is kept
+        with the version it accumulated into (a replica re-checking my contribution asks for it)."""
+        t = msg.tensors
+        version = self.runner.version
+        out = self.runner.backward(key, t["x"], t.get("grad"), t.get("targets"), hold)
+        if self.lockstep is not None:
+            self.lockstep.record_pass(version, msg)
+        return out
+
+    async def _is_verifier(self, peer: str) -> bool:
+        try:
+            await self._authorize(peer)
+        except ProtocolError:
+            return False
+        return True
+
+    def _report_later(self, complaint: Message) -> None:
+        """Send a signed complaint to the verifiers in the background."""
+        task = asyncio.create_task(self._send_complaint(complaint))
+        self._complaints.add(task)
+        task.add_done_callback(self._complaints.discard)
+
     def _stamped(self, fn, *args) -> tuple[Any, dict[str, Any]]:
         """In the compute thread: ``fn(*args)`` and, in lockstep, the version and parameter
         digest it ran at (signed into the reply: what an exact re-check compares against)."""
@@ -358,7 +383,7 @@ class WorkerNode:
         if h.get("mode", "train") == "probe":
             grad_x, stamp = await self._in_thread(self._stamped, self.runner.probe_backward, x, grad, targets)
         else:
-            grad_x, stamp = await self._in_thread(self._stamped, self.runner.backward, key, x, grad, targets, hold)
+            grad_x, stamp = await self._in_thread(self._stamped, self._train_backward, msg, key, hold)
         if self.lockstep is None:
             self._maybe_average()
         if self.checkpoint_dir is not None and self.checkpoint_every > 0 and \
@@ -400,20 +425,24 @@ class WorkerNode:
     def poison_gradient(self, grad: torch.Tensor, tag: str) -> torch.Tensor:
         """What this worker contributes to a lockstep round: its gradient, or an averaging
         attack's poison of it."""
-        return self.poison_contribution(grad, f"gradient|{tag}")
+        return self.poison_contribution(grad, f"gradient|{tag}", anchor=torch.zeros_like(grad))
 
-    def poison_contribution(self, flat: torch.Tensor, tag: str, part: tuple[int, int] | None = None) -> torch.Tensor:
+    def poison_contribution(self, flat: torch.Tensor, tag: str, part: tuple[int, int] | None = None,
+                            anchor: torch.Tensor | None = None) -> torch.Tensor:
         """What this worker contributes to averaging: ``flat`` itself, or an averaging attack's
-        poison of it (the whole parameters, or the reduced slice ``part`` it serves)."""
+        poison of it (the whole parameters, or the reduced slice ``part`` it serves). ``anchor``:
+        what the contribution is an update from (default: the aggregate of my last parameter
+        round; a lockstep gradient is an update from zero)."""
         if self.attack is None:
             return flat
         from sentinel.attacks.base import AttackContext
 
         seed = int.from_bytes(hashlib.blake2b(f"{self.attack_seed}|{tag}|{part}|average".encode(),
                                               digest_size=8).digest(), "big")
-        anchor = self._anchor
-        if anchor is not None and part is not None:
-            anchor = anchor[part[0]:part[1]]
+        if anchor is None:
+            anchor = self._anchor
+            if anchor is not None and part is not None:
+                anchor = anchor[part[0]:part[1]]
         ctx = AttackContext(step=int(self.max_step), stage=self.stage, worker=self.runtime.peer_id, micro_batch=-1,
                             direction="reduce" if part is not None else "average", generator=torch.Generator().manual_seed(seed % (2**63)),
                             num_stages=self.manifest.num_stages, anchor=anchor)
@@ -445,7 +474,9 @@ class WorkerNode:
             digest = self.runner.digest()
         return {"lockstep_version": self.runner.version, "params_digest": digest, "lockstep_rounds": ls.stats.rounds,
                 "lockstep_empty_rounds": ls.stats.empty_rounds, "resyncs": ls.stats.resyncs,
-                "lockstep_left_out": ls.stats.left_out, "lockstep_seconds": round(ls.stats.round_seconds, 3)}
+                "lockstep_left_out": ls.stats.left_out, "lockstep_seconds": round(ls.stats.round_seconds, 3),
+                "lockstep_checked": ls.stats.contributions_checked, "lockstep_proven": ls.stats.contributions_proven,
+                "lockstep_unverified": ls.stats.contributions_unverified}
 
     def params_summary(self) -> dict[str, Any]:
         """Norm and finiteness of this replica's parameters, for the node's report."""
@@ -532,9 +563,7 @@ class WorkerNode:
             logger.warning("cannot report reducer %s: the evidence (%d MiB) exceeds one message; it stays "
                            "distrusted here", reducer[-8:], size >> 20)
             return
-        task = asyncio.create_task(self._send_complaint(sign_message(req, self.runtime.identity)))
-        self._complaints.add(task)
-        task.add_done_callback(self._complaints.discard)
+        self._report_later(sign_message(req, self.runtime.identity))
 
     async def _complain(self, peer: str, reply: Message, score: float, timeout: float = 30.0) -> None:
         header = dict(reply.header)
