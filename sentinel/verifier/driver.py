@@ -407,7 +407,7 @@ class PipelineDriver:
         witness = self.router.pick(pool)
         if witness is None:
             return
-        answered = await self._recompute(call, witness, pool)
+        answered = await self._recompute(call, witness, pool, stage)
         if answered is None:
             return
         self.witness_hops += 1
@@ -427,15 +427,17 @@ class PipelineDriver:
                        {**meta, "cleared_by": witness, "disputed_by": accepted_by}, tensor, strike=False,
                        source=source)
 
-    async def _recompute(self, call: Callable[[str, float], Any], worker: str, pool: list[str]) -> HopResult | None:
+    async def _recompute(self, call: Callable[[str, float], Any], worker: str, pool: list[str],
+                         stage: int) -> HopResult | None:
         """One extra recomputation of the hop on ``worker`` (a witness or a spot checker), with
         the router's bookkeeping; None when it failed (an availability fault, never struck:
         the hop itself was already answered)."""
         timeout = self.router.timeout_for(pool)
-        hedge = self.router.hedge_after(pool) if self.config.hedge else None
+        # extra work on a hop already answered: a replica slower than the stage's hedge delay is
+        # not waited for (the check goes without it; the step must not wait out a hop timeout).
+        # The delay is the whole stage's: a pool of the straggler alone would set its own bar.
+        hedge = self.router.hedge_after(self.transport.replicas(stage)) if self.config.hedge else None
         if hedge is not None:
-            # extra work on a hop already answered: a replica slower than the hedge delay is not
-            # waited for (the check goes without it; the step must not wait out a hop timeout)
             timeout = min(timeout, hedge)
         self.router.started(worker)
         t0 = time.perf_counter()
@@ -498,7 +500,7 @@ class PipelineDriver:
             if checker is None:
                 break
             tried.add(checker)
-            answered = await self._recompute(call, checker, pool)
+            answered = await self._recompute(call, checker, pool, stage)
             if answered is None:
                 continue
             self.spot_hops += 1
@@ -612,7 +614,7 @@ class PipelineDriver:
                 break
             pool.remove(checker)
             tried.add(checker)
-            answered = await self._recompute(call, checker, [*pool, checker])
+            answered = await self._recompute(call, checker, [*pool, checker], stage)
             if answered is None or answered.tensor is None:
                 continue
             self.spot_hops += 1
