@@ -1,8 +1,9 @@
 """Complaints about averaging contributions: what a verifier accepts as evidence and how it judges.
 
-The live path (workers complaining over P2P, verifiers striking and banning) is exercised by
-``test_swarm_screening.py::test_poisoned_averaging_contributions_get_the_replica_banned``;
-here each rejection rule gets its own case, with real signatures.
+These are the asynchronous baseline's parameter contributions (``--sync async``); no live test
+drives that path over P2P any more (the live screening test runs the lockstep default, whose
+gradient complaints are ``test_gradient_complaints.py``). Here each rejection rule gets its own
+case, with real signatures.
 """
 
 from __future__ import annotations

@@ -160,18 +160,18 @@ def test_sigkill_verifier_mid_step_resumes_then_sigkill_bootstrap_training_goes_
 
 
 def test_silent_slow_and_trickling_workers_are_routed_around_without_stalling_a_step(tmp_path):
-    """Stragglers from step 5, one replica of every stage: a stage-0 worker answering 5 s late, a
+    """Stragglers from step 4, one replica of every stage: a stage-0 worker answering 5 s late, a
     stage-1 worker that sends its replies at 4 KiB/s (a live stream, a minute per activation) and
     a stage-2 worker that stops answering. Every hop they are given is hedged on their replica
     after a few typical latencies, so no step waits out the 20-s hop timeout, and no micro-batch
     is lost. Their tensors are honest: nobody is struck."""
     attacks = {0: "slow,delay=5", 1: "trickle", 2: "silent"}
-    cfg = SwarmConfig(stages=3, replicas=2, verifiers=2, steps=20, malicious=0, eval_every=1000,
+    cfg = SwarmConfig(stages=3, replicas=2, verifiers=2, steps=14, malicious=0, eval_every=1000,
                       micro_batches_per_step=2)
     swarm = LocalSwarm(cfg, tmp_path)
     for stage, attack in attacks.items():
         victim = next(w for w in swarm.workers if w.stage == stage)
-        victim.extra_args = ["--attack", attack, "--attack-start", "5"]
+        victim.extra_args = ["--attack", attack, "--attack-start", "4"]
     name = "+".join(a.split(",")[0] for a in attacks.values()) + "-worker"
     try:
         swarm.start()
