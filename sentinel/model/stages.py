@@ -162,15 +162,35 @@ def parameters_digest(module: nn.Module) -> str:
 Pass = tuple[Tensor, "Tensor | None", "Tensor | None"]
 
 
+def backward_seed(module: StageModule, out: Tensor, grad_out: Tensor | None,
+                  scale: float) -> tuple[Tensor, Tensor | None]:
+    """What back-propagation through ``module`` starts from, scaled by ``scale`` (1 / the passes
+    a step accumulates): the loss on the last stage, else the stage output with the gradient the
+    next stage sent back."""
+    if module.is_last:
+        return out * scale, None
+    if grad_out is None:
+        raise ValueError("backward on a non-last stage needs grad_out")
+    return out, grad_out.to(out.device) * scale
+
+
+def mean_gradient(module: nn.Module, passes: int, accumulate: int = 1) -> Tensor:
+    """The mean parameter gradient of the ``passes`` backward passes accumulated in ``module``,
+    flat float32 on the CPU (zeros where a parameter got none; each pass was scaled by
+    ``1 / accumulate``)."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
+                      for p in module.parameters()]).cpu().float()
+    return flat * (accumulate / max(1, passes))
+
+
 def recompute_gradient(module: StageModule, passes: Sequence[Pass], accumulate: int = 1) -> tuple[Tensor, int]:
-    """The mean parameter gradient of ``passes``, flat float32 on the CPU, as a replica holding
-    these parameters accumulates it (the same operations in the same order, so the same bits on
-    the same arithmetic), and how many passes it averages. The module's own accumulated
-    gradients are left as they were: this is the re-check of another replica's contribution."""
+    """:func:`mean_gradient` of ``passes`` as a replica holding these parameters accumulates them
+    (the same operations in the same order, so the same bits on the same arithmetic), and how
+    many passes it averages. The module's own accumulated gradients are left as they were: this
+    is the re-check of another replica's contribution."""
     params = list(module.parameters())
     device = params[0].device
     saved = [q.grad for q in params]
-    scale = 1.0 / accumulate
     for q in params:
         q.grad = None
     try:
@@ -178,16 +198,8 @@ def recompute_gradient(module: StageModule, passes: Sequence[Pass], accumulate: 
             x = x.to(device)
             leaf = x if module.is_first else x.detach().requires_grad_(True)
             out = module(leaf, targets.to(device) if module.is_last and targets is not None else None)
-            if module.is_last:
-                torch.autograd.backward(out * scale)
-            elif grad_out is None:
-                raise ValueError("a pass on a non-last stage needs the gradient from the next stage")
-            else:
-                torch.autograd.backward(out, grad_out.to(device) * scale)
-        n = max(1, len(passes))
-        flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).detach().reshape(-1)
-                          for q in params]).cpu().float()
-        return flat * (accumulate / n), len(passes)
+            torch.autograd.backward(*backward_seed(module, out, grad_out, 1.0 / accumulate))
+        return mean_gradient(module, len(passes), accumulate), len(passes)
     finally:
         for q, g in zip(params, saved, strict=True):
             q.grad = g

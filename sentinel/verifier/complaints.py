@@ -174,15 +174,19 @@ class ComplaintDesk:
             METRICS.inc("sentinel_averaging_complaints_received_total", outcome="undecided")
             return None
         version = reply.header.get("version", 0)
-        self._seen[state] = None
-        while len(self._seen) > self._remember:
-            self._seen.popitem(last=False)
+        self._judged(state)
         scores = contribution_scores([contribution, *(t for _, t, _ in others)], self.floor)
         upheld = scores[0] > self.ratio
         METRICS.inc("sentinel_averaging_complaints_received_total", outcome="upheld" if upheld else "dismissed")
         return Verdict(accused, stage, upheld, scores[0], self.ratio, len(others),
                        {"digest": digest, "signature": bytes(reply.header["signature"]), "version": version,
                         "evidence_step": reply.header["step"], **({"part": part} if part is not None else {})})
+
+    def _judged(self, key: str) -> None:
+        """Remember that the evidence ``key`` names was judged (the last ``remember`` of them)."""
+        self._seen[key] = None
+        while len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
 
     def _check_fresh(self, step: int) -> None:
         """Evidence dated more than ``stale_steps`` pipeline steps ago is refused."""
@@ -251,9 +255,7 @@ class ComplaintDesk:
                     or one.header.get("stage") != stage:
                 raise ComplaintRejected(f"slice {i} is not the one the reducer committed to", "not_params")
             inputs.append(one.tensors["params"])
-        self._seen[key] = None
-        while len(self._seen) > self._remember:
-            self._seen.popitem(last=False)
+        self._judged(key)
         upheld = not same_reduction(part, inputs, self.rule)
         METRICS.inc("sentinel_averaging_complaints_received_total", outcome="upheld" if upheld else "dismissed")
         return Verdict(accused, stage, upheld, 1.0 if upheld else 0.0, 0.0, len(inputs),
@@ -346,9 +348,7 @@ class ComplaintDesk:
         else:
             distance = float((recomputed - grad).norm() / recomputed.norm().clamp_min(1e-12))
             upheld = not distance <= MIXED_RTOL
-        self._seen[key] = None
-        while len(self._seen) > self._remember:
-            self._seen.popitem(last=False)
+        self._judged(key)
         METRICS.inc("sentinel_averaging_complaints_received_total", outcome="upheld" if upheld else "dismissed")
         first = evidence[0]
         return Verdict(accused, stage, upheld, 1.0 if upheld else 0.0, 0.0, count,

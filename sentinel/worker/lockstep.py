@@ -114,7 +114,7 @@ class Lockstep:
         self._claimants = claimants  # every peer claiming my stage (who may ask for my gradient)
         self._contribution = contribution  # what an averaging attacker makes of its gradient
         self._is_verifier = is_verifier  # may this peer drive pipeline requests (their signer)?
-        self._report = report  # sends a signed complaint to the verifiers
+        self._report = report  # signs a complaint and sends it to the verifiers
         # the signed backward requests accumulated at each kept version, in accumulation order
         # (appended on the compute thread): what a replica re-checking my contribution recomputes
         self._passes: dict[int, list[Message]] = {}
@@ -298,20 +298,9 @@ class Lockstep:
                        "reported to the verifiers", peer[-8:], version)
         METRICS.inc("sentinel_lockstep_contributions_proven_total")
         if self._report is not None:
-            complaint = self._complaint(version, peer, snap, passes, params)
-            if complaint is not None:
-                self._report(complaint)
+            self._report(gradient_complaint(self.run, self.replica.step, self.replica.stage, version, peer,
+                                            snap.replies, snap.grad, passes, params))
         return True
-
-    def _complaint(self, version: int, peer: str, snap: Snapshot, passes: list[Message],
-                   params: torch.Tensor) -> Message | None:
-        req = gradient_complaint(self.run, self.replica.step, self.replica.stage, version, peer, snap.replies,
-                                 snap.grad, passes, params)
-        size = sum(t.numel() * t.element_size() for t in req.tensors.values())
-        if size > self.runtime.limits.max_payload_bytes:
-            logger.warning("cannot report %s: the evidence (%d MiB) exceeds one message", peer[-8:], size >> 20)
-            return None
-        return sign_message(req, self.runtime.identity)
 
     async def _apply(self, version: int, contributions: dict[str, Snapshot]) -> None:
         used = [contributions[p] for p in sorted(contributions) if contributions[p].count > 0]
@@ -448,10 +437,18 @@ class Lockstep:
         out: list[Message] = []
         seen: set[bytes] = set()
         specs = wire.request_specs(self.manifest, self.replica.stage, wire.BACKWARD)
-        for index in range(count):
+
+        async def fetch(index: int) -> tuple[Message, Message]:
             req = sign_message(wire.request(self.run, self.replica.step, 0, self.replica.stage, "passes", {},
                                             version=version, index=index), self.runtime.identity)
-            resp = await self.runtime.call(peer, wire.PASSES, req, ROUND_TIMEOUT_S)
+            return req, await self.runtime.call(peer, wire.PASSES, req, ROUND_TIMEOUT_S)
+
+        # all at once: requests wait while this round is in flight
+        got = await asyncio.gather(*(fetch(i) for i in range(count)), return_exceptions=True)
+        for answer in got:
+            if isinstance(answer, BaseException):
+                raise answer
+        for req, resp in got:
             self.checker.check(resp, expected_sender=peer, expected=specs, check_replay=False)
             h = resp.header
             if h.get("in_reply_to") != req.header["digest"] or h.get("direction") != "passes_result":

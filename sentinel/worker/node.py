@@ -345,8 +345,14 @@ class WorkerNode:
         return True
 
     def _report_later(self, complaint: Message) -> None:
-        """Send a signed complaint to the verifiers in the background."""
-        task = asyncio.create_task(self._send_complaint(complaint))
+        """Sign a complaint and send it to the verifiers in the background, unless its evidence
+        exceeds one message (then it is only logged)."""
+        size = sum(t.numel() * t.element_size() for t in complaint.tensors.values())
+        if size > self.runtime.limits.max_payload_bytes:
+            logger.warning("cannot report %s: the evidence (%d MiB) exceeds one message",
+                           str(complaint.header.get("accused"))[-8:], size >> 20)
+            return
+        task = asyncio.create_task(self._send_complaint(sign_message(complaint, self.runtime.identity)))
         self._complaints.add(task)
         task.add_done_callback(self._complaints.discard)
 
@@ -558,12 +564,7 @@ class WorkerNode:
                             "params": torch.stack([m.tensors["params"] for m in inputs])},
                            kind="reduction", accused=reducer, evidence=dict(result.header),
                            contributions=[dict(m.header) for m in inputs])
-        size = sum(t.numel() * t.element_size() for t in req.tensors.values())
-        if size > self.runtime.limits.max_payload_bytes:
-            logger.warning("cannot report reducer %s: the evidence (%d MiB) exceeds one message; it stays "
-                           "distrusted here", reducer[-8:], size >> 20)
-            return
-        self._report_later(sign_message(req, self.runtime.identity))
+        self._report_later(req)  # too large to send: the reducer stays distrusted here all the same
 
     async def _complain(self, peer: str, reply: Message, score: float, timeout: float = 30.0) -> None:
         header = dict(reply.header)

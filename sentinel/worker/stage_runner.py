@@ -20,7 +20,15 @@ from typing import Any
 
 import torch
 
-from sentinel.model.stages import Pass, StageModule, build_stage, parameters_digest, recompute_gradient
+from sentinel.model.stages import (
+    Pass,
+    StageModule,
+    backward_seed,
+    build_stage,
+    mean_gradient,
+    parameters_digest,
+    recompute_gradient,
+)
 from sentinel.run.manifest import RunManifest
 
 
@@ -143,14 +151,7 @@ class StageRunner:
         return self._on_cpu(grad)
 
     def _seed(self, out: torch.Tensor, grad_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What back-propagation starts from, scaled by ``1 / accumulate``: the loss on the last
-        stage, else the stage output with the gradient the next stage sent back."""
-        scale = 1.0 / self.manifest.training.accumulate
-        if self.is_last:
-            return out * scale, None
-        if grad_out is None:
-            raise ValueError("backward on a non-last stage needs grad_out")
-        return out, self._on_device(grad_out) * scale
+        return backward_seed(self.module, out, grad_out, 1.0 / self.manifest.training.accumulate)
 
     def step_if_due(self) -> bool:
         """Apply the gradients of held passes (one optimizer step for all of them)."""
@@ -181,11 +182,7 @@ class StageRunner:
     def accumulated_gradient(self) -> tuple[torch.Tensor, int]:
         """The mean parameter gradient of the backward passes held since the last step, flat on
         the CPU (zeros where a parameter got none), and how many passes it averages."""
-        n = max(1, self.pending)
-        acc = self.manifest.training.accumulate
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
-                          for p in self.module.parameters()]).cpu().float()
-        return flat * (acc / n), self.pending  # backward scaled each pass by 1/accumulate
+        return mean_gradient(self.module, self.pending, self.manifest.training.accumulate), self.pending
 
     def recompute_gradient(self, passes: list[Pass]) -> tuple[torch.Tensor, int]:
         """What :meth:`accumulated_gradient` returns on a replica at this version that served
